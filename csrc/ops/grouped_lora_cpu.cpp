@@ -1,0 +1,109 @@
+// CPU implementation of the grouped LoRA ops: argument checks, layout fix-ups and
+// dtype dispatch around the kernels in kernels/cpu.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "kernels/cpu/grouped_lora_cpu.h"
+#include "ops/grouped_lora.h"
+
+namespace moa::ops {
+namespace {
+
+// BLAS needs a unit column stride and rows that do not overlap.
+bool blas_ready(const at::Tensor& t) {
+  return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+}
+at::Tensor as_blas_ready(const at::Tensor& t) { return blas_ready(t) ? t : t.contiguous(); }
+int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
+
+cpu::Plan make_plan(const at::Tensor& expert_ids, int64_t num_experts) {
+  const at::Tensor ids = expert_ids.contiguous();
+  const int64_t T = ids.size(0);
+  if (ids.scalar_type() == at::kInt) {
+    return cpu::make_plan(ids.const_data_ptr<int32_t>(), T, num_experts);
+  }
+  return cpu::make_plan(ids.const_data_ptr<int64_t>(), T, num_experts);
+}
+
+// y += grouped update; arguments already checked.
+void add_update(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
+                const at::Tensor& lora_b, const at::Tensor& expert_ids,
+                const at::Tensor& scales) {
+  const int64_t T = x.size(0), in = x.size(1);
+  const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
+  if (T == 0 || r == 0 || in == 0 || out == 0) return;
+  const cpu::Plan plan = make_plan(expert_ids, E);
+  const at::Tensor xr = as_blas_ready(x);
+  const at::Tensor a = lora_a.contiguous();
+  const at::Tensor b = lora_b.contiguous();
+  const at::Tensor s = scales.contiguous();
+  const at::Tensor target = blas_ready(y) ? y : y.contiguous();
+  const at::Tensor v = at::empty({T, r}, x.options());  // V: [T, r]
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora", [&] {
+    cpu::shrink<scalar_t>(plan, xr.const_data_ptr<scalar_t>(), row_stride(xr),
+                          a.const_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), in, r);
+    cpu::expand_add<scalar_t>(plan, v.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                              s.const_data_ptr<float>(), target.mutable_data_ptr<scalar_t>(),
+                              row_stride(target), out, r);
+  });
+  if (!target.is_same(y)) y.copy_(target);
+}
+
+}  // namespace
+
+at::Tensor grouped_lora_cpu(const at::Tensor& x, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, const at::Tensor& expert_ids,
+                            const at::Tensor& scales) {
+  constexpr const char* op = "moa.grouped_lora";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales);
+  check_expert_ids_range(op, expert_ids, lora_a.size(0));
+  at::Tensor y = at::zeros({x.size(0), lora_b.size(1)}, x.options());
+  add_update(y, x, lora_a, lora_b, expert_ids, scales);
+  return y;
+}
+
+void grouped_lora_add_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
+                          const at::Tensor& lora_b, const at::Tensor& expert_ids,
+                          const at::Tensor& scales) {
+  constexpr const char* op = "moa.grouped_lora_add_";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &y);
+  check_expert_ids_range(op, expert_ids, lora_a.size(0));
+  add_update(y, x, lora_a, lora_b, expert_ids, scales);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales) {
+  constexpr const char* op = "moa._grouped_lora_weight_grads";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
+  check_expert_ids_range(op, expert_ids, lora_a.size(0));
+  at::Tensor grad_a = at::zeros(lora_a.sizes(), lora_a.options());  // [E, r, in]
+  at::Tensor grad_b = at::zeros(lora_b.sizes(), lora_b.options());  // [E, out, r]
+  const int64_t T = x.size(0), in = x.size(1);
+  const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
+  if (T == 0 || r == 0 || in == 0 || out == 0) return {grad_a, grad_b};
+  const cpu::Plan plan = make_plan(expert_ids, E);
+  const at::Tensor xr = as_blas_ready(x);
+  const at::Tensor g = as_blas_ready(grad);
+  const at::Tensor a = lora_a.contiguous();
+  const at::Tensor bt = lora_b.transpose(1, 2).contiguous();  // B^T: [E, r, out]
+  const at::Tensor s = scales.contiguous();
+  const at::Tensor v = at::empty({T, r}, x.options());  // V = x A^T: [T, r]
+  const at::Tensor u = at::empty({T, r}, x.options());  // U = g B:   [T, r]
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_weight_grads", [&] {
+    cpu::shrink<scalar_t>(plan, xr.const_data_ptr<scalar_t>(), row_stride(xr),
+                          a.const_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), in, r);
+    cpu::shrink<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
+                          bt.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), out, r);
+    // dA[e] = s_e U_e^T X_e: [r, in];   dB[e] = s_e G_e^T V_e: [out, r]
+    cpu::weight_grad<scalar_t>(plan, u.const_data_ptr<scalar_t>(), r, xr.const_data_ptr<scalar_t>(),
+                               row_stride(xr), s.const_data_ptr<float>(),
+                               grad_a.mutable_data_ptr<scalar_t>(), r, in);
+    cpu::weight_grad<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
+                               v.const_data_ptr<scalar_t>(), r, s.const_data_ptr<float>(),
+                               grad_b.mutable_data_ptr<scalar_t>(), out, r);
+  });
+  return {grad_a, grad_b};
+}
+
+}  // namespace moa::ops

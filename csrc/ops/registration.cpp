@@ -1,0 +1,56 @@
+// Schemas and per-dispatch-key registrations of the torch.ops.moa namespace.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include "ops/grouped_lora.h"
+
+TORCH_LIBRARY(moa, m) {
+  m.def(
+      "grouped_lora(Tensor x, Tensor lora_a, Tensor lora_b, Tensor expert_ids, Tensor scales)"
+      " -> Tensor");
+  m.def(
+      "grouped_lora_add_(Tensor(a!) y, Tensor x, Tensor lora_a, Tensor lora_b,"
+      " Tensor expert_ids, Tensor scales) -> ()");
+  // The device-generic implementation under its own name, so tests can run it on CPU.
+  m.def(
+      "_grouped_lora_generic(Tensor x, Tensor lora_a, Tensor lora_b, Tensor expert_ids,"
+      " Tensor scales) -> Tensor");
+  // Backward of grouped_lora for the weights: (grad_lora_a, grad_lora_b).
+  m.def(
+      "_grouped_lora_weight_grads(Tensor grad, Tensor x, Tensor lora_a, Tensor lora_b,"
+      " Tensor expert_ids, Tensor scales) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moa, CPU, m) {
+  m.impl("grouped_lora", &moa::ops::grouped_lora_cpu);
+  m.impl("grouped_lora_add_", &moa::ops::grouped_lora_add_cpu);
+  m.impl("_grouped_lora_weight_grads", &moa::ops::grouped_lora_weight_grads_cpu);
+}
+
+// Every other device: ATen ops. A device-specific registration (CPU above, CUDA
+// kernels later) takes precedence over these.
+TORCH_LIBRARY_IMPL(moa, CompositeExplicitAutograd, m) {
+  m.impl("grouped_lora", &moa::ops::grouped_lora_generic);
+  m.impl("grouped_lora_add_", &moa::ops::grouped_lora_add_generic);
+  m.impl("_grouped_lora_generic", &moa::ops::grouped_lora_generic);
+  m.impl("_grouped_lora_weight_grads", &moa::ops::grouped_lora_weight_grads_generic);
+}
+
+TORCH_LIBRARY_IMPL(moa, Meta, m) {
+  m.impl("grouped_lora", &moa::ops::grouped_lora_meta);
+  m.impl("grouped_lora_add_", &moa::ops::grouped_lora_add_meta);
+  m.impl("_grouped_lora_generic", &moa::ops::grouped_lora_meta);
+  m.impl("_grouped_lora_weight_grads", &moa::ops::grouped_lora_weight_grads_meta);
+}
+
+TORCH_LIBRARY_IMPL(moa, Autograd, m) {
+  m.impl("grouped_lora", &moa::ops::grouped_lora_autograd);
+  // Inference-only ops: fine without grad; backward through them raises a clear error.
+  m.impl("grouped_lora_add_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_grouped_lora_generic", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_grouped_lora_weight_grads", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(moa, ADInplaceOrView, m) {
+  m.impl("grouped_lora_add_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}

@@ -1,0 +1,18 @@
+// The Python extension module moa_engine._C. Importing it registers the
+// torch.ops.moa.* operators (see ops/registration.cpp); the ops are reached only
+// through torch.ops, never bound a second time here.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moa_engine's compiled core. The ops are registered as torch.ops.moa.*.";
+  m.def(
+      "built_with_cuda",
+      []() {
+#ifdef MOA_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether this build of moa_engine._C compiled the CUDA sources.");
+}

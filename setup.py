@@ -1,0 +1,84 @@
+"""Build and packaging for moa_engine.
+
+The C++ sources (csrc/sources.txt, shared with CMakeLists.txt) are always built into
+the extension moa_engine._C. The CUDA sources are built when a CUDA toolkit is found
+and the installed torch has CUDA; MOA_ENGINE_CUDA=0|1|auto overrides that choice.
+
+Build against the installed torch:  pip install --no-build-isolation -e .
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "moa_engine: building needs PyTorch installed first, and a build that can see it:\n"
+        "    pip install torch==2.13.0\n"
+        "    pip install --no-build-isolation -e ."
+    )
+
+
+def read_sources():
+    """Sources listed in csrc/sources.txt, relative to the project root."""
+    lines = (CSRC / "sources.txt").read_text().splitlines()
+    entries = [line.split("#", 1)[0].strip() for line in lines]
+    return [str(Path("csrc") / entry) for entry in entries if entry]
+
+
+def build_cuda():
+    """Decide whether to compile the CUDA sources (MOA_ENGINE_CUDA=0|1|auto)."""
+    mode = os.environ.get("MOA_ENGINE_CUDA", "auto").strip().lower()
+    if mode not in ("0", "1", "auto"):
+        sys.exit(f"moa_engine: MOA_ENGINE_CUDA must be 0, 1 or auto, got {mode!r}")
+    torch_has_cuda = torch.version.cuda is not None
+    toolkit = CUDA_HOME is not None
+    if mode == "1" and not (torch_has_cuda and toolkit):
+        sys.exit(
+            "moa_engine: MOA_ENGINE_CUDA=1 but "
+            + ("the installed torch has no CUDA" if not torch_has_cuda else "no CUDA toolkit was found")
+            + f" (torch {torch.__version__}, CUDA_HOME={CUDA_HOME})"
+        )
+    return mode == "1" or (mode == "auto" and torch_has_cuda and toolkit)
+
+
+def extension():
+    sources = read_sources()
+    cxx = [s for s in sources if not s.endswith(".cu")]
+    cu = [s for s in sources if s.endswith(".cu")]
+    with_cuda = build_cuda()
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    macros = [("MOA_WITH_CUDA", None)] if with_cuda else []
+    common = dict(
+        name="moa_engine._C",
+        sources=cxx + ["csrc/python/module.cpp"] + (cu if with_cuda else []),
+        include_dirs=[str(CSRC), str(CSRC / "include")],
+        define_macros=macros,
+        extra_link_args=["-fopenmp"],
+    )
+    if with_cuda:
+        return CUDAExtension(**common, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]})
+    return CppExtension(**common, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    name="moa_engine",
+    version="0.1.0",
+    description="Mixture-of-LoRAs engine: expert-grouped LoRA kernels, training and serving",
+    packages=find_packages(include=["moa_engine", "moa_engine.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"test": ["pytest>=8", "expecttest"]},
+    entry_points={"console_scripts": ["moa=moa_engine.cli:main"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    zip_safe=False,
+)
