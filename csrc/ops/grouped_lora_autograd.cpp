@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "moa/ops.h"
 #include "ops/grouped_lora.h"
 
 namespace moa::ops {
@@ -13,15 +14,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_grouped_lora(const at::Tensor& x, const at::Tensor& lora_a,
-                             const at::Tensor& lora_b, const at::Tensor& expert_ids,
-                             const at::Tensor& scales) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("moa::grouped_lora", "")
-                             .typed<decltype(grouped_lora_cpu)>();
-  return op.call(x, lora_a, lora_b, expert_ids, scales);
-}
 
 std::tuple<at::Tensor, at::Tensor> call_weight_grads(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
@@ -38,7 +30,7 @@ struct GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunctio
                             const at::Tensor& scales) {
     ctx->save_for_backward({x, lora_a, lora_b, expert_ids, scales});
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_grouped_lora(x, lora_a, lora_b, expert_ids, scales);
+    return moa::grouped_lora(x, lora_a, lora_b, expert_ids, scales);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -49,7 +41,7 @@ struct GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunctio
     at::Tensor grad_x, grad_a, grad_b;
     if (ctx->needs_input_grad(0)) {
       // lora_b^T: [E, r, out] plays A, lora_a^T: [E, in, r] plays B.
-      grad_x = call_grouped_lora(grad, lora_b.transpose(1, 2), lora_a.transpose(1, 2),
+      grad_x = moa::grouped_lora(grad, lora_b.transpose(1, 2), lora_a.transpose(1, 2),
                                  expert_ids, scales);
     }
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
