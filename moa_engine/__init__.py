@@ -4,6 +4,8 @@ Importing the package loads the compiled core, which registers the operators und
 ``torch.ops.moa``; :mod:`moa_engine.ops` is their documented Python face.
 """
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 try:
     from moa_engine import _C
 except ImportError as exc:  # pragma: no cover - only on a broken install
