@@ -3,6 +3,8 @@
 // the dimension legend and the three paths.
 #include "kernels/cpu/grouped_lora_cpu.h"
 
+#include "kernels/cpu/expand_avx512.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
@@ -135,6 +137,7 @@ struct SmallArgs {
   const float* scales;  // expand only
   int64_t slice;     // weight rows per item
   int64_t splits;    // items per group
+  bool use_avx512 = false;  // expand: take the AVX-512 kernel (expand_avx512.h)
 };
 
 // out[q] = dot(w, xs[q]) for q < NT; w and xs[q] have k elements.
@@ -190,6 +193,12 @@ MOA_INLINE void small_items_impl(const SmallArgs<T>& a, int64_t begin, int64_t e
         srcs[q] = a.src + tok * a.ld_src;
         dsts[q] = a.dst + tok * a.ld_dst;
       }
+      if constexpr (kExpand && !std::is_same_v<T, double>) {
+        if (a.use_avx512) {
+          expand_block_avx512(w_expert, a.k, row0, row1, srcs, dsts, nt, scale);
+          continue;
+        }
+      }
       acc_t<T> acc[4];
       for (int64_t row = row0; row < row1; ++row) {
         dot_tokens(nt, w_expert + row * a.k, srcs, a.k, acc);
@@ -243,6 +252,7 @@ void run_small_groups(SmallArgs<T> a) {
   const int64_t groups = static_cast<int64_t>(a.plan->small_groups.size());
   if (groups == 0 || a.rows == 0) return;
   const int64_t splits = pick_splits(groups, a.rows, a.k * static_cast<int64_t>(sizeof(T)));
+  a.use_avx512 = kExpand && expand_avx512_available() && a.k <= kExpandAvx512MaxRank;
   a.slice = (a.rows + splits - 1) / splits;
   a.splits = (a.rows + a.slice - 1) / a.slice;
   at::parallel_for(0, groups * a.splits, 1, [&](int64_t begin, int64_t end) {
