@@ -3,7 +3,7 @@
 // the dimension legend and the three paths.
 #include "kernels/cpu/grouped_lora_cpu.h"
 
-#include "kernels/cpu/expand_avx512.h"
+#include "kernels/cpu/decode_avx512.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
@@ -137,7 +137,7 @@ struct SmallArgs {
   const float* scales;  // expand only
   int64_t slice;     // weight rows per item
   int64_t splits;    // items per group
-  bool use_avx512 = false;  // expand: take the AVX-512 kernel (expand_avx512.h)
+  bool use_avx512 = false;  // take the AVX-512 kernels (decode_avx512.h)
 };
 
 // out[q] = dot(w, xs[q]) for q < NT; w and xs[q] have k elements.
@@ -193,9 +193,13 @@ MOA_INLINE void small_items_impl(const SmallArgs<T>& a, int64_t begin, int64_t e
         srcs[q] = a.src + tok * a.ld_src;
         dsts[q] = a.dst + tok * a.ld_dst;
       }
-      if constexpr (kExpand && !std::is_same_v<T, double>) {
+      if constexpr (!std::is_same_v<T, double>) {
         if (a.use_avx512) {
-          expand_block_avx512(w_expert, a.k, row0, row1, srcs, dsts, nt, scale);
+          if constexpr (kExpand) {
+            expand_block_avx512(w_expert, a.k, row0, row1, srcs, dsts, nt, scale);
+          } else {
+            shrink_block_avx512(w_expert, a.k, row0, row1, srcs, dsts, nt);
+          }
           continue;
         }
       }
@@ -252,7 +256,7 @@ void run_small_groups(SmallArgs<T> a) {
   const int64_t groups = static_cast<int64_t>(a.plan->small_groups.size());
   if (groups == 0 || a.rows == 0) return;
   const int64_t splits = pick_splits(groups, a.rows, a.k * static_cast<int64_t>(sizeof(T)));
-  a.use_avx512 = kExpand && expand_avx512_available() && a.k <= kExpandAvx512MaxRank;
+  a.use_avx512 = decode_avx512_available() && (!kExpand || a.k <= kDecodeAvx512MaxRank);
   a.slice = (a.rows + splits - 1) / splits;
   a.splits = (a.rows + a.slice - 1) / a.slice;
   at::parallel_for(0, groups * a.splits, 1, [&](int64_t begin, int64_t end) {

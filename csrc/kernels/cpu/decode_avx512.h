@@ -1,0 +1,33 @@
+// AVX-512 kernels for the small-group (decode) path: one or a few tokens per expert,
+// each reading its expert's weights once. Optional fast path: callers use the
+// portable kernel when decode_avx512_available() is false.
+//   shrink: vs[q][j]  = sum_i A[j * k + i] * xs[q][i]        (A: one expert's [r, in])
+//   expand: ys[q][o] += scale * sum_j B[o * r + j] * vs[q][j]  (B: one expert's [out, r])
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace moa::cpu {
+
+// Largest rank the AVX-512 expand takes (its v registers are sized for it).
+constexpr int64_t kDecodeAvx512MaxRank = 256;
+
+// True when this CPU has AVX-512 F/BW/VL/DQ and the build has the kernels.
+bool decode_avx512_available();
+
+// For q < nt (nt <= 4) and rows j in [row0, row1) of A [*, k]:
+//   vs[q][j] = sum_i A[j * k + i] * xs[q][i], accumulated in float, rounded to T.
+template <typename T>
+void shrink_block_avx512(const T* A, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
+                         T* const* vs, int nt);
+
+// For q < nt (nt <= 4) and rows o in [row0, row1) of B [*, r], r <= kDecodeAvx512MaxRank:
+//   ys[q][o] += scale * sum_j B[o * r + j] * vs[q][j], in float, each y rounded once.
+template <typename T>
+void expand_block_avx512(const T* B, int64_t r, int64_t row0, int64_t row1,
+                         const T* const* vs, T* const* ys, int nt, float scale);
+
+}  // namespace moa::cpu
