@@ -16,13 +16,15 @@ bool blas_ready(const at::Tensor& t) {
 at::Tensor as_blas_ready(const at::Tensor& t) { return blas_ready(t) ? t : t.contiguous(); }
 int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
 
+template <typename scalar_t>
 cpu::Plan make_plan(const at::Tensor& expert_ids, int64_t num_experts) {
   const at::Tensor ids = expert_ids.contiguous();
   const int64_t T = ids.size(0);
+  const cpu::PlanOptions options = cpu::plan_options<scalar_t>();
   if (ids.scalar_type() == at::kInt) {
-    return cpu::make_plan(ids.const_data_ptr<int32_t>(), T, num_experts);
+    return cpu::make_plan(ids.const_data_ptr<int32_t>(), T, num_experts, options);
   }
-  return cpu::make_plan(ids.const_data_ptr<int64_t>(), T, num_experts);
+  return cpu::make_plan(ids.const_data_ptr<int64_t>(), T, num_experts, options);
 }
 
 // y += grouped update; arguments already checked.
@@ -32,7 +34,6 @@ void add_update(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora
   const int64_t T = x.size(0), in = x.size(1);
   const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
   if (T == 0 || r == 0 || in == 0 || out == 0) return;
-  const cpu::Plan plan = make_plan(expert_ids, E);
   const at::Tensor xr = as_blas_ready(x);
   const at::Tensor a = lora_a.contiguous();
   const at::Tensor b = lora_b.contiguous();
@@ -40,6 +41,7 @@ void add_update(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora
   const at::Tensor target = blas_ready(y) ? y : y.contiguous();
   const at::Tensor v = at::empty({T, r}, x.options());  // V: [T, r]
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora", [&] {
+    const cpu::Plan plan = make_plan<scalar_t>(expert_ids, E);
     cpu::shrink<scalar_t>(plan, xr.const_data_ptr<scalar_t>(), row_stride(xr),
                           a.const_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), in, r);
     cpu::expand_add<scalar_t>(plan, v.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
@@ -82,7 +84,6 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
   const int64_t T = x.size(0), in = x.size(1);
   const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
   if (T == 0 || r == 0 || in == 0 || out == 0) return {grad_a, grad_b};
-  const cpu::Plan plan = make_plan(expert_ids, E);
   const at::Tensor xr = as_blas_ready(x);
   const at::Tensor g = as_blas_ready(grad);
   const at::Tensor a = lora_a.contiguous();
@@ -91,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
   const at::Tensor v = at::empty({T, r}, x.options());  // V = x A^T: [T, r]
   const at::Tensor u = at::empty({T, r}, x.options());  // U = g B:   [T, r]
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_weight_grads", [&] {
+    const cpu::Plan plan = make_plan<scalar_t>(expert_ids, E);
     cpu::shrink<scalar_t>(plan, xr.const_data_ptr<scalar_t>(), row_stride(xr),
                           a.const_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), in, r);
     cpu::shrink<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),

@@ -7,9 +7,12 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
+#include <ATen/cpu/Utils.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 // The SIMD loops are compiled for several x86 levels and picked at load time, so
@@ -118,6 +121,22 @@ void scatter_rows(const T* src, int64_t count, int64_t width, const int64_t* row
       std::memcpy(dst + rows[i] * ld, src + i * width, width * sizeof(T));
     }
   });
+}
+
+// A tuning knob from the environment (read once per process), or `fallback`.
+int64_t env_int(const char* name, int64_t fallback, int64_t min_value = 1) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  TORCH_CHECK(end != value && *end == '\0' && parsed >= min_value, name,
+              " must be an integer >= ", min_value, ", got '", value, "'");
+  return parsed;
+}
+
+bool use_avx512_kernels() {
+  static const bool use = decode_avx512_available() && env_int("MOA_ENGINE_CPU_AVX512", 1, 0) != 0;
+  return use;
 }
 
 // ---------------------------------------------------------------------------
@@ -256,7 +275,7 @@ void run_small_groups(SmallArgs<T> a) {
   const int64_t groups = static_cast<int64_t>(a.plan->small_groups.size());
   if (groups == 0 || a.rows == 0) return;
   const int64_t splits = pick_splits(groups, a.rows, a.k * static_cast<int64_t>(sizeof(T)));
-  a.use_avx512 = decode_avx512_available() && (!kExpand || a.k <= kDecodeAvx512MaxRank);
+  a.use_avx512 = use_avx512_kernels() && (!kExpand || a.k <= kDecodeAvx512MaxRank);
   a.slice = (a.rows + splits - 1) / splits;
   a.splits = (a.rows + a.slice - 1) / a.slice;
   at::parallel_for(0, groups * a.splits, 1, [&](int64_t begin, int64_t end) {
@@ -268,6 +287,40 @@ void run_small_groups(SmallArgs<T> a) {
 
 // ---------------------------------------------------------------------------
 // Planning: runs, then a counting sort of the remaining tokens by expert.
+
+namespace {
+// Whether the CPU has native matmul instructions for T (then BLAS beats our FMA kernels).
+template <typename T>
+bool native_matmul() {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return false;
+  const auto caps = at::cpu::get_cpu_capabilities();  // cpuinfo's view of this CPU
+  auto has = [&](const char* name) {
+    const auto it = caps.find(name);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return has("amx_bf16") || has("avx512_bf16");
+  return has("amx_fp16") || has("avx512_fp16");
+}
+
+}  // namespace
+
+template <typename scalar_t>
+PlanOptions plan_options() {
+  static const PlanOptions options = [] {
+    PlanOptions o;
+    const bool simd = use_avx512_kernels() && !std::is_same_v<scalar_t, double>;
+    if (simd && !native_matmul<scalar_t>()) o.min_gemm_group = std::numeric_limits<int64_t>::max();
+    o.min_run = env_int("MOA_ENGINE_CPU_MIN_RUN", o.min_run);
+    o.min_gemm_group = env_int("MOA_ENGINE_CPU_MIN_GATHER", o.min_gemm_group);
+    return o;
+  }();
+  return options;
+}
+
+template PlanOptions plan_options<double>();
+template PlanOptions plan_options<float>();
+template PlanOptions plan_options<c10::BFloat16>();
+template PlanOptions plan_options<c10::Half>();
 
 template <typename Id>
 Plan make_plan(const Id* ids, int64_t T, int64_t E, const PlanOptions& options) {
@@ -295,8 +348,13 @@ Plan make_plan(const Id* ids, int64_t T, int64_t E, const PlanOptions& options) 
   for (int64_t e = 0; e < E; ++e) {
     cursor[e] = total;
     if (count[e] == 0) continue;
-    auto& groups = count[e] >= options.min_gemm_group ? plan.gemm_groups : plan.small_groups;
-    groups.push_back({e, total, count[e]});
+    if (count[e] >= options.min_gemm_group) {
+      plan.gemm_groups.push_back({e, total, count[e]});
+    } else {  // in chunks, so a large group still spreads over the threads
+      for (int64_t i = 0; i < count[e]; i += options.small_group_chunk) {
+        plan.small_groups.push_back({e, total + i, std::min(options.small_group_chunk, count[e] - i)});
+      }
+    }
     total += count[e];
   }
   plan.perm.resize(total);

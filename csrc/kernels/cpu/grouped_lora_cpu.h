@@ -16,8 +16,15 @@
 //   gemm groups   an expert's other tokens, when there are >= min_gemm_group of them:
 //                 gathered into scratch, then BLAS GEMMs;
 //   small groups  the rest (decode: one or a few tokens per expert): a SIMD kernel
-//                 that reads each used expert's A and B once, parallel over experts
-//                 and over slices of r / out.
+//                 that reads each used expert's A and B once and the tokens' rows in
+//                 place, parallel over experts, chunks of tokens and slices of r / out.
+// plan_options<T>() picks the thresholds for the dtype and the CPU: with the AVX-512
+// kernels, scattered tokens of any count take the SIMD path (no gather), unless the CPU
+// multiplies T natively (AMX / AVX512-BF16 / AVX512-FP16), where GEMMs win.
+// Environment overrides, read once per process (tuning and tests):
+//   MOA_ENGINE_CPU_AVX512=0      use the portable SIMD kernels even on AVX-512 CPUs
+//   MOA_ENGINE_CPU_MIN_RUN=N     min_run
+//   MOA_ENGINE_CPU_MIN_GATHER=N  min_gemm_group
 // Tokens with expert id -1 are on no path: their rows of V are not written and their
 // rows of y are left as they are.
 //
@@ -40,6 +47,7 @@ namespace moa::cpu {
 struct PlanOptions {
   int64_t min_run = 16;         // shortest run of one expert handled by GEMMs on views
   int64_t min_gemm_group = 16;  // fewest scattered tokens of one expert worth gathering
+  int64_t small_group_chunk = 64;  // most tokens in one small-group work item
 };
 
 struct Plan {
@@ -54,6 +62,10 @@ struct Plan {
   std::vector<Group> small_groups;
   std::vector<int64_t> perm;  // scattered tokens, grouped by expert, ascending within one
 };
+
+// Thresholds for the dtype on this CPU (see the legend above).
+template <typename scalar_t>
+PlanOptions plan_options();
 
 // ids: [T], each in [-1, E) (unchecked here).
 template <typename Id>

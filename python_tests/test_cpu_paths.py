@@ -1,0 +1,58 @@
+"""Every CPU execution path, whatever this machine's defaults pick.
+
+The plan's thresholds depend on the CPU (AVX-512, native bf16 matmul), so on any one
+machine some paths are idle by default. These tests rerun the correctness checks in a
+subprocess with the environment knobs that force each path (read once per process):
+
+- MOA_ENGINE_CPU_MIN_GATHER=16: an expert's scattered tokens, 16 or more, are gathered
+  and run as GEMMs (the default on CPUs without AVX-512, or with AMX);
+- MOA_ENGINE_CPU_AVX512=0: the portable SIMD kernel instead of the AVX-512 one;
+- MOA_ENGINE_CPU_MIN_RUN=1000000: no token takes the GEMM-on-runs path, so long runs go
+  through the small-group kernel in chunks.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKS = "matches_reference or poisoned or grads_match or weight_grads_op or heterogeneous or rounding_contract"
+
+
+def run_pytest_subset(env_overrides):
+    env = dict(os.environ, **env_overrides)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", CHECKS,
+           str(ROOT / "python_tests" / "test_grouped_lora.py")]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MOA_ENGINE_CPU_MIN_GATHER": "16"},
+        {"MOA_ENGINE_CPU_AVX512": "0"},
+        {"MOA_ENGINE_CPU_AVX512": "0", "MOA_ENGINE_CPU_MIN_GATHER": "1000000"},
+        {"MOA_ENGINE_CPU_MIN_RUN": "1000000"},
+    ],
+    ids=lambda env: ",".join(f"{k}={v}" for k, v in env.items()),
+)
+def test_forced_path_matches_reference(env):
+    result = run_pytest_subset(env)
+    tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+    assert result.returncode == 0, f"checks failed with {env}:\n{tail}"
+    assert " passed" in result.stdout and " failed" not in result.stdout, tail
+
+
+def test_bad_knob_is_a_clear_error():
+    code = (
+        "import torch, moa_engine\n"
+        "moa_engine.ops.grouped_lora(torch.randn(3, 4), torch.randn(2, 1, 4), torch.randn(2, 5, 1),"
+        " torch.tensor([0, 1, 0]), torch.ones(2))\n"
+    )
+    env = dict(os.environ, MOA_ENGINE_CPU_MIN_GATHER="lots")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "MOA_ENGINE_CPU_MIN_GATHER must be an integer >= 1, got 'lots'" in result.stderr
