@@ -5,8 +5,8 @@
 
 #include "kernels/cpu/decode_avx512.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
 
 #include <algorithm>
@@ -75,9 +75,9 @@ MOA_INLINE T from_acc(acc_t<T> v) {
 }
 
 // ---------------------------------------------------------------------------
-// BLAS through ATen (MKL for float, oneDNN / AMX for bfloat16) on row-major views
-// of raw buffers. C[M, N] = alpha * op(A) @ op(B) + beta * C, op(A): [M, K],
-// op(B): [K, N]; beta is 0 (C is not read) or 1.
+// BLAS through ATen (MKL for float, oneDNN for bfloat16 / float16) on row-major
+// views of raw buffers. op(A) is [M, K] (A itself, or A^T when trans_a), op(B) is
+// [K, N]; lda / ldb / ldc are row strides.
 
 template <typename T>
 at::Tensor view2d(const T* data, int64_t rows, int64_t cols, int64_t ld) {
@@ -86,17 +86,24 @@ at::Tensor view2d(const T* data, int64_t rows, int64_t cols, int64_t ld) {
 }
 
 template <typename T>
-void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
-             const T* A, int64_t lda, const T* B, int64_t ldb, int beta, T* C, int64_t ldc) {
-  const at::Tensor a = trans_a ? view2d(A, K, M, lda).t() : view2d(A, M, K, lda);
-  const at::Tensor b = trans_b ? view2d(B, N, K, ldb).t() : view2d(B, K, N, ldb);
+at::Tensor op_view(bool trans, const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return trans ? view2d(data, cols, rows, ld).t() : view2d(data, rows, cols, ld);
+}
+
+// C = op(A) @ op(B); C is not read.
+template <typename T>
+void gemm_set(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+              int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
   at::Tensor c = view2d(C, M, N, ldc);
-  if (beta == 0 && alpha == 1.0) {
-    at::mm_out(c, a, b);
-  } else {
-    if (beta == 0) c.zero_();
-    c.addmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
-  }
+  at::mm_out(c, op_view(trans_a, A, M, K, lda), op_view(trans_b, B, K, N, ldb));
+}
+
+// C += alpha * op(A) @ op(B), accumulated in float and rounded once into C.
+template <typename T>
+void gemm_add(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
+              const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  view2d(C, M, N, ldc).addmm_(op_view(trans_a, A, M, K, lda), op_view(trans_b, B, K, N, ldb),
+                              /*beta=*/1, /*alpha=*/alpha);
 }
 
 // Copies rows[i] of src (row stride ld) into row i of dst [count, width].
@@ -376,8 +383,8 @@ void shrink(const Plan& plan, const T* x, int64_t ldx, const T* A, T* V, int64_t
             int64_t r) {
   for (const auto& run : plan.runs) {
     // V[run] = x[run] @ A[e]^T        [len, in] x [in, r]
-    gemm_rm(false, true, run.len, r, in, 1.0, x + run.begin * ldx, ldx,
-            A + run.expert * r * in, in, 0, V + run.begin * r, r);
+    gemm_set(false, true, run.len, r, in, x + run.begin * ldx, ldx, A + run.expert * r * in, in,
+             V + run.begin * r, r);
   }
   if (!plan.gemm_groups.empty()) {
     std::vector<T> xg, vg;
@@ -386,8 +393,7 @@ void shrink(const Plan& plan, const T* x, int64_t ldx, const T* A, T* V, int64_t
       xg.resize(g.count * in);
       vg.resize(g.count * r);
       gather_rows(x, ldx, rows, g.count, in, xg.data());
-      gemm_rm(false, true, g.count, r, in, 1.0, xg.data(), in, A + g.expert * r * in, in, 0,
-              vg.data(), r);
+      gemm_set(false, true, g.count, r, in, xg.data(), in, A + g.expert * r * in, in, vg.data(), r);
       scatter_rows(vg.data(), g.count, r, rows, V, r);
     }
   }
@@ -399,8 +405,8 @@ void expand_add(const Plan& plan, const T* V, const T* B, const float* scales, T
                 int64_t ldy, int64_t out, int64_t r) {
   for (const auto& run : plan.runs) {
     // y[run] += s * V[run] @ B[e]^T   [len, r] x [r, out]
-    gemm_rm(false, true, run.len, out, r, scales[run.expert], V + run.begin * r, r,
-            B + run.expert * out * r, r, 1, y + run.begin * ldy, ldy);
+    gemm_add(false, true, run.len, out, r, scales[run.expert], V + run.begin * r, r,
+             B + run.expert * out * r, r, y + run.begin * ldy, ldy);
   }
   if (!plan.gemm_groups.empty()) {
     // Gather the rows of y too, so each element is still rounded once (by the GEMM).
@@ -411,8 +417,8 @@ void expand_add(const Plan& plan, const T* V, const T* B, const float* scales, T
       yg.resize(g.count * out);
       gather_rows(V, r, rows, g.count, r, vg.data());
       gather_rows(y, ldy, rows, g.count, out, yg.data());
-      gemm_rm(false, true, g.count, out, r, scales[g.expert], vg.data(), r,
-              B + g.expert * out * r, r, 1, yg.data(), out);
+      gemm_add(false, true, g.count, out, r, scales[g.expert], vg.data(), r,
+               B + g.expert * out * r, r, yg.data(), out);
       scatter_rows(yg.data(), g.count, out, rows, y, ldy);
     }
   }
@@ -459,7 +465,7 @@ void weight_grad(const Plan& plan, const T* L, int64_t ldl, const T* R, int64_t 
       l = lg.data(), rr = rg.data(), ld_l = m, ld_r = n;
     }
     // dW[e] += s * L_e^T @ R_e      [m, count] x [count, n]
-    gemm_rm(true, false, m, n, count, scales[e], l, ld_l, rr, ld_r, 1, dW + e * m * n, n);
+    gemm_add(true, false, m, n, count, scales[e], l, ld_l, rr, ld_r, dW + e * m * n, n);
   }
 }
 
