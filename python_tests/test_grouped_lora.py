@@ -467,54 +467,36 @@ OPCHECK_SHAPES = [
 ]
 
 
+OPCHECK_FIELDS = ("in_features", "out_features", "rank", "experts", "pattern", "tokens")
+
+
+def opcheck_inputs(gen, shape, **kwargs):
+    """make_inputs for one OPCHECK_SHAPES row."""
+    return make_inputs(gen, **dict(zip(OPCHECK_FIELDS, shape)), **kwargs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("in_features,out_features,rank,experts,pattern,tokens", OPCHECK_SHAPES)
-def test_opcheck_grouped_lora(in_features, out_features, rank, experts, pattern, tokens, dtype, gen):
-    inputs = make_inputs(
-        gen,
-        in_features=in_features,
-        out_features=out_features,
-        rank=rank,
-        experts=experts,
-        pattern=pattern,
-        tokens=tokens,
-        dtype=dtype,
-    )
+@pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=str)
+def test_opcheck_grouped_lora(shape, dtype, gen):
+    inputs = opcheck_inputs(gen, shape, dtype=dtype)
     for t in (inputs.x, inputs.lora_a, inputs.lora_b):
         t.requires_grad_(True)
     torch.library.opcheck(OPS.grouped_lora.default, inputs.args())
 
 
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64], ids=str)
-@pytest.mark.parametrize("in_features,out_features,rank,experts,pattern,tokens", OPCHECK_SHAPES)
-def test_opcheck_grouped_lora_add_(in_features, out_features, rank, experts, pattern, tokens, ids_dtype, gen):
-    inputs = make_inputs(
-        gen,
-        in_features=in_features,
-        out_features=out_features,
-        rank=rank,
-        experts=experts,
-        pattern=pattern,
-        tokens=tokens,
-        ids_dtype=ids_dtype,
-    )
+@pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=str)
+def test_opcheck_grouped_lora_add_(shape, ids_dtype, gen):
+    inputs = opcheck_inputs(gen, shape, ids_dtype=ids_dtype)
     y = poisoned_y(inputs, gen)
     torch.library.opcheck(OPS.grouped_lora_add_.default, (y, *inputs.args()))
 
 
-@pytest.mark.parametrize("in_features,out_features,rank,experts,pattern,tokens", OPCHECK_SHAPES[:1])
-def test_opcheck_private_ops(in_features, out_features, rank, experts, pattern, tokens, gen):
-    inputs = make_inputs(
-        gen,
-        in_features=in_features,
-        out_features=out_features,
-        rank=rank,
-        experts=experts,
-        pattern=pattern,
-        tokens=tokens,
-    )
+@pytest.mark.parametrize("shape", OPCHECK_SHAPES[:1], ids=str)
+def test_opcheck_private_ops(shape, gen):
+    inputs = opcheck_inputs(gen, shape)
     torch.library.opcheck(OPS._grouped_lora_generic.default, inputs.args())
-    grad_out = randn((tokens, out_features), gen, torch.float32)
+    grad_out = randn((inputs.x.shape[0], inputs.out_features), gen, torch.float32)
     torch.library.opcheck(OPS._grouped_lora_weight_grads.default, (grad_out, *inputs.args()))
 
 
