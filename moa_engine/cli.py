@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from moa_engine.data.cli import add_data_subcommand
+
 
 def _add_demo(subparsers):
     p = subparsers.add_parser(
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moa", description="moa_engine: Mixture-of-LoRAs engine")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
+    add_data_subcommand(subparsers)
     return parser
 
 
