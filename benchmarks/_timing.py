@@ -9,11 +9,9 @@
 - `write_json_atomic`, `format_table`: output.
 """
 
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -250,22 +248,10 @@ def environment(device):
 
 
 def write_json_atomic(path, payload):
-    """Write `payload` as JSON to `path` via a temp file in the same folder and os.replace,
-    so a reader never sees a half-written file. Creates the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `payload` as JSON to `path` atomically (moa_engine._io); creates the folder."""
+    from moa_engine._io import atomic_write_json
+
+    atomic_write_json(path, payload)
 
 
 def format_table(headers, rows):

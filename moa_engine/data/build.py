@@ -12,11 +12,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 
+from moa_engine._io import atomic_copy, atomic_write_json, atomic_write_text
+
 from .corpora import CORPORA, CorpusUnavailable
-from .records import Record, atomic_write_text, records_to_jsonl, split_records
+from .records import Record, records_to_jsonl, split_records
 
 FORMAT_VERSION = 1  # bump when the output of a build changes for the same arguments
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "manifest.json")  # manifest last: it marks completeness
@@ -81,12 +82,6 @@ def _cache_complete(entry: str) -> bool:
     return all(os.path.isfile(os.path.join(entry, name)) for name in OUTPUT_FILES)
 
 
-def _copy_atomic(src: str, dst: str) -> None:
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -141,7 +136,7 @@ def build_corpora(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     for name in OUTPUT_FILES:
-        _copy_atomic(os.path.join(entry, name), os.path.join(out_dir, name))
+        atomic_copy(os.path.join(entry, name), os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
     return {**manifest, "cache_hit": cache_hit, "cache_entry": entry, "out_dir": out_dir}
@@ -176,7 +171,7 @@ def _build_into(entry, names, skipped, sources, max_per_domain, seed, val_fracti
     os.makedirs(entry, exist_ok=True)
     atomic_write_text(os.path.join(entry, "train.jsonl"), records_to_jsonl(train))
     atomic_write_text(os.path.join(entry, "val.jsonl"), records_to_jsonl(val))
-    atomic_write_text(os.path.join(entry, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(os.path.join(entry, "manifest.json"), manifest)
 
 
 __all__ = ["build_corpora", "collect_domain", "default_cache_dir", "parse_domains", "CorpusUnavailable"]

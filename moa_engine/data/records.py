@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+from moa_engine._io import atomic_write_text
 
 CHAT_FIELDS = ("domain", "prompt", "response")
 TEXT_FIELDS = ("domain", "text")
@@ -105,31 +105,12 @@ def read_records(path) -> list[Record]:
     return records
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and os.replace, so
-    readers see the old file or the whole new one, never a partial one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def records_to_jsonl(records: Iterable[Record]) -> str:
     return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)
 
 
 def write_records(path, records: Iterable[Record]) -> None:
-    """Write records as JSONL, atomically (see atomic_write_text)."""
+    """Write records as JSONL, atomically (moa_engine._io)."""
     atomic_write_text(path, records_to_jsonl(records))
 
 
