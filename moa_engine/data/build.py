@@ -15,6 +15,7 @@ import random
 import sys
 
 from moa_engine._io import atomic_copy, atomic_write_json, atomic_write_text
+from moa_engine.models import cache_root
 
 from .corpora import CORPORA, CorpusUnavailable
 from .records import Record, records_to_jsonl, split_records
@@ -26,8 +27,7 @@ OUTPUT_FILES = ("train.jsonl", "val.jsonl", "manifest.json")  # manifest last: i
 def default_cache_dir() -> str:
     """The data cache: $MOA_ENGINE_CACHE/data, else ~/.cache/moa_engine/data.
     ($MOA_ENGINE_CACHE is moa_engine's cache root, shared with the converted default model.)"""
-    root = os.environ.get("MOA_ENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moa_engine")
-    return os.path.join(root, "data")
+    return os.path.join(cache_root(), "data")
 
 
 def parse_domains(domains) -> list[str] | None:

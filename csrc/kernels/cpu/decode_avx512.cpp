@@ -10,57 +10,13 @@
 #include <algorithm>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define MOA_HAVE_AVX512_DECODE 1
-#define MOA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#else
-#define MOA_HAVE_AVX512_DECODE 0
-#endif
+#include "kernels/cpu/avx512_util.h"
 
 namespace moa::cpu {
 
-#if MOA_HAVE_AVX512_DECODE
+#if MOA_HAVE_AVX512
 namespace {
-
-constexpr __mmask16 kAll = 0xffff;
-
-inline __mmask16 first_n(int64_t n) {
-  return n >= 16 ? kAll : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-
-MOA_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-MOA_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-MOA_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-MOA_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-MOA_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  // Round to nearest even; NaN stays a (quiet) NaN.
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
-MOA_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// Scalar float -> T with round to nearest even (c10's conversions).
-template <typename T>
-inline T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return T(v);
-  }
-}
+using namespace avx512;
 
 // ---------------------------------------------------------------------------
 // shrink
@@ -91,43 +47,44 @@ MOA_AVX512 inline void dot_tile(const T* A, int64_t k, const T* const* xs, float
     for (int q = 0; q < NT; ++q) out[q * RB + rr] = _mm512_reduce_add_ps(acc[rr][q]);
 }
 
+// ys[q][j + rr] = dot(W row j + rr, xs[q]) (+ bias[j + rr]), rounded to T, for rr < RB, q < NT.
 template <int RB, int NT, typename T>
-MOA_AVX512 void shrink_rows(const T* A, int64_t k, int64_t row0, int64_t row1,
-                            const T* const* xs, T* const* vs) {
+MOA_AVX512 inline void tile_store(const T* W, int64_t k, int64_t j, const T* const* xs,
+                                  T* const* ys, const T* bias) {
   float out[RB * NT];
+  dot_tile<RB, NT>(W + j * k, k, xs, out);
+  for (int q = 0; q < NT; ++q)
+    for (int rr = 0; rr < RB; ++rr) {
+      const float b = bias != nullptr ? static_cast<float>(bias[j + rr]) : 0.0f;
+      ys[q][j + rr] = from_float<T>(out[q * RB + rr] + b);
+    }
+}
+
+// One block of RB rows of W against all m tokens, 4 tokens a tile: the block stays in
+// L1 while the token groups pass over it.
+template <int RB, typename T>
+MOA_AVX512 inline void tile_tokens(const T* W, int64_t k, int64_t j, const T* const* xs,
+                                   T* const* ys, int64_t m, const T* bias) {
+  int64_t q = 0;
+  for (; q + 4 <= m; q += 4) tile_store<RB, 4>(W, k, j, xs + q, ys + q, bias);
+  switch (m - q) {
+    case 1: return tile_store<RB, 1>(W, k, j, xs + q, ys + q, bias);
+    case 2: return tile_store<RB, 2>(W, k, j, xs + q, ys + q, bias);
+    case 3: return tile_store<RB, 3>(W, k, j, xs + q, ys + q, bias);
+    default: return;
+  }
+}
+
+template <int RB, typename T>
+MOA_AVX512 void rows_times_tokens(const T* W, int64_t k, int64_t row0, int64_t row1,
+                                  const T* const* xs, T* const* ys, int64_t m, const T* bias) {
   int64_t j = row0;
-  for (; j + RB <= row1; j += RB) {
-    dot_tile<RB, NT>(A + j * k, k, xs, out);
-    for (int q = 0; q < NT; ++q)
-      for (int rr = 0; rr < RB; ++rr) vs[q][j + rr] = from_float<T>(out[q * RB + rr]);
-  }
-  for (; j < row1; ++j) {
-    dot_tile<1, NT>(A + j * k, k, xs, out);
-    for (int q = 0; q < NT; ++q) vs[q][j] = from_float<T>(out[q]);
-  }
+  for (; j + RB <= row1; j += RB) tile_tokens<RB>(W, k, j, xs, ys, m, bias);
+  for (; j < row1; ++j) tile_tokens<1>(W, k, j, xs, ys, m, bias);
 }
 
 // ---------------------------------------------------------------------------
 // expand
-
-// Returns s with s[i] = sum of the 16 lanes of p[i], for i < 16.
-MOA_AVX512 inline __m512 reduce16(const __m512 (&p)[16]) {
-  __m512 q[8], w[4], z[2];
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    q[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]),
-                         _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {  // per lane: the lane sums of 4 consecutive rows
-    w[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  }
-  for (int i = 0; i < 2; ++i) {  // add lane pairs
-    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
 
 // Rows [o, o + n) (n <= 16) for one token; C16 > 0 fixes the chunk count at compile
 // time (unrolled), C16 == 0 reads it from `chunks`.
@@ -176,14 +133,17 @@ bool decode_avx512_available() {
 }
 
 template <typename T>
+void linear_rows_avx512(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
+                        T* const* ys, int64_t m, const T* bias) {
+  // 8 to 16 accumulator chains per tile: 8 rows for one or two tokens, else 4.
+  if (m <= 2) return rows_times_tokens<8>(W, k, row0, row1, xs, ys, m, bias);
+  return rows_times_tokens<4>(W, k, row0, row1, xs, ys, m, bias);
+}
+
+template <typename T>
 void shrink_block_avx512(const T* A, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
                          T* const* vs, int nt) {
-  switch (nt) {  // 8 to 16 accumulator chains per tile
-    case 1: return shrink_rows<8, 1>(A, k, row0, row1, xs, vs);
-    case 2: return shrink_rows<8, 2>(A, k, row0, row1, xs, vs);
-    case 3: return shrink_rows<4, 3>(A, k, row0, row1, xs, vs);
-    default: return shrink_rows<4, 4>(A, k, row0, row1, xs, vs);
-  }
+  linear_rows_avx512(A, k, row0, row1, xs, vs, nt, static_cast<const T*>(nullptr));
 }
 
 template <typename T>
@@ -203,6 +163,10 @@ void expand_block_avx512(const T* B, int64_t r, int64_t row0, int64_t row1, cons
 bool decode_avx512_available() { return false; }
 
 template <typename T>
+void linear_rows_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int64_t,
+                        const T*) {}
+
+template <typename T>
 void shrink_block_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int) {}
 
 template <typename T>
@@ -212,6 +176,8 @@ void expand_block_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T
 #endif
 
 #define MOA_INSTANTIATE(T)                                                                      \
+  template void linear_rows_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*,     \
+                                      T* const*, int64_t, const T*);                            \
   template void shrink_block_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*,    \
                                        T* const*, int);                                         \
   template void expand_block_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*,    \

@@ -18,6 +18,14 @@ constexpr int64_t kDecodeAvx512MaxRank = 256;
 // True when this CPU has AVX-512 F/BW/VL/DQ and the build has the kernels.
 bool decode_avx512_available();
 
+// A dense linear for a few tokens (decode): for q < m and rows j in [row0, row1) of
+// W [*, k]: ys[q][j] = sum_i W[j * k + i] * xs[q][i] (+ bias[j] when bias is not null),
+// accumulated in float, rounded to T once. Tokens are taken 4 at a time per block of
+// W rows, so W is read from memory once for any m.
+template <typename T>
+void linear_rows_avx512(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
+                        T* const* ys, int64_t m, const T* bias);
+
 // For q < nt (nt <= 4) and rows j in [row0, row1) of A [*, k]:
 //   vs[q][j] = sum_i A[j * k + i] * xs[q][i], accumulated in float, rounded to T.
 template <typename T>

@@ -295,8 +295,6 @@ void run_small_groups(SmallArgs<T> a) {
 // ---------------------------------------------------------------------------
 // Planning: runs, then a counting sort of the remaining tokens by expert.
 
-namespace {
-// Whether the CPU has native matmul instructions for T (then BLAS beats our FMA kernels).
 template <typename T>
 bool native_matmul() {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return false;
@@ -309,7 +307,10 @@ bool native_matmul() {
   return has("amx_fp16") || has("avx512_fp16");
 }
 
-}  // namespace
+template bool native_matmul<float>();
+template bool native_matmul<double>();
+template bool native_matmul<c10::BFloat16>();
+template bool native_matmul<c10::Half>();
 
 template <typename scalar_t>
 PlanOptions plan_options() {

@@ -63,6 +63,11 @@ struct Plan {
   std::vector<int64_t> perm;  // scattered tokens, grouped by expert, ascending within one
 };
 
+// Whether this CPU multiplies T natively (AMX, AVX512-BF16 / -FP16): then BLAS GEMMs
+// beat the FMA kernels. Always false for float and double.
+template <typename T>
+bool native_matmul();
+
 // Thresholds for the dtype on this CPU (see the legend above).
 template <typename scalar_t>
 PlanOptions plan_options();

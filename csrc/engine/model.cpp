@@ -1,0 +1,296 @@
+// The Llama-family forward (see model.h). Per layer, in transformers' order:
+//   h += o_proj(attention(rope(q), rope(k), v))       on rms_norm(h)
+//   h += down_proj(silu(gate) * up)                     on rms_norm(h)
+// q/k/v and gate/up are single fused GEMMs; each target linear then passes its block
+// of columns through adapt(), the LoRA hook.
+#include "engine/model.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/cpu/decode_avx512.h"
+#include "kernels/cpu/grouped_lora_cpu.h"
+#include "kernels/cpu/transformer_cpu.h"
+
+// The engine's dtypes: float32, bfloat16 and float16.
+#define MOA_DISPATCH_ENGINE_TYPES(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)      \
+                             AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace moa::engine {
+namespace {
+
+// Most tokens for which a linear takes the SIMD kernel instead of BLAS. Above it BLAS
+// reuses W across more rows than the kernel's 4-token tiles. MOA_ENGINE_SMALL_M overrides.
+int64_t small_m_limit() {
+  static const int64_t limit = [] {
+    const char* v = std::getenv("MOA_ENGINE_SMALL_M");
+    return v != nullptr ? std::atoll(v) : int64_t{32};
+  }();
+  return limit;
+}
+
+template <typename T>
+void linear_small_m(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<const T*> xs(M);
+  std::vector<T*> ys(M);
+  for (int64_t m = 0; m < M; ++m) {
+    xs[m] = x.data_ptr<T>() + m * x.stride(0);
+    ys[m] = y.data_ptr<T>() + m * y.stride(0);
+  }
+  const T* W = w.data_ptr<T>();
+  const T* bias = b.defined() ? b.data_ptr<T>() : nullptr;
+  // Blocks of 8 rows of W per task, at least ~32 KB of W each.
+  const int64_t rows_per_task = std::max<int64_t>(8, (32768 / (K * int64_t(sizeof(T))) + 7) / 8 * 8);
+  const int64_t blocks = (N + 7) / 8;
+  at::parallel_for(0, blocks, rows_per_task / 8, [&](int64_t b0, int64_t b1) {
+    cpu::linear_rows_avx512(W, K, b0 * 8, std::min(N, b1 * 8), xs.data(), ys.data(), M, bias);
+  });
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  // x: [M, K], w: [N, K], b: [N] -> y: [M, N]
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, w.size(0)}, x.options());
+  if (M == 0) return y;
+  if (x.is_cpu() && M <= small_m_limit() && cpu::decode_avx512_available() && x.stride(1) == 1) {
+    MOA_DISPATCH_ENGINE_TYPES(x.scalar_type(), "moa_linear", [&] {
+      linear_small_m<scalar_t>(x, w, b, y);
+    });
+    return y;
+  }
+  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  bool native = true;
+  if (reduced && x.is_cpu()) {
+    native = x.scalar_type() == at::kBFloat16 ? cpu::native_matmul<c10::BFloat16>()
+                                              : cpu::native_matmul<c10::Half>();
+  }
+  if (!native) {
+    // Without bf16/fp16 matmul instructions BLAS emulates them slowly: multiply in
+    // float32 (same products, float accumulation as the native path) and round once.
+    at::Tensor xf = x.to(at::kFloat), wf = w.to(at::kFloat);
+    y.copy_(b.defined() ? at::addmm(b.to(at::kFloat), xf, wf.t()) : at::mm(xf, wf.t()));
+  } else if (b.defined()) {
+    at::addmm_out(y, b, x, w.t());
+  } else {
+    at::mm_out(y, x, w.t());
+  }
+  return y;
+}
+
+at::Tensor make_rope_table(const ModelConfig& c, int64_t max_positions) {
+  // inv_freq, cos and sin exactly as transformers' default / llama3 rope init (float32).
+  const int64_t D = c.head_dim;
+  at::Tensor exponent = at::arange(0, D, 2, at::kLong).to(at::kFloat) / static_cast<double>(D);
+  at::Tensor inv_freq = 1.0 / at::pow(c.rope_theta, exponent);
+  if (c.rope_llama3_factor > 0) {
+    const double factor = c.rope_llama3_factor;
+    const double low = c.rope_llama3_low_freq_factor, high = c.rope_llama3_high_freq_factor;
+    const double old_len = static_cast<double>(c.rope_llama3_original_max_position);
+    const double low_wavelen = old_len / low, high_wavelen = old_len / high;
+    at::Tensor wavelen = 2 * M_PI / inv_freq;
+    at::Tensor scaled = at::where(wavelen > low_wavelen, inv_freq / factor, inv_freq);
+    at::Tensor smooth = (old_len / wavelen - low) / (high - low);
+    at::Tensor smoothed = (1 - smooth) * scaled / factor + smooth * scaled;
+    at::Tensor medium = at::logical_not(wavelen < high_wavelen) & at::logical_not(wavelen > low_wavelen);
+    inv_freq = at::where(medium, smoothed, scaled);
+  }
+  at::Tensor pos = at::arange(max_positions, at::kLong).to(at::kFloat);
+  at::Tensor freqs = at::outer(pos, inv_freq);  // [P, D/2]
+  return at::cat({freqs.cos(), freqs.sin()}, 1).contiguous();
+}
+
+Model::Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions)
+    : config_(std::move(config)), weights_(std::move(weights)), dtype_(dtype),
+      max_positions_(max_positions), rope_table_(make_rope_table(config_, max_positions)) {}
+
+KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
+  KvCache cache;
+  cache.slots = slots;
+  cache.capacity = capacity;
+  const auto opts = weights_.embed.options();
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    // Never read before written, so left uninitialised (and untouched pages cost nothing).
+    cache.k.push_back(at::empty({slots, config_.num_kv_heads, capacity, config_.head_dim}, opts));
+    cache.v.push_back(at::empty({slots, config_.num_kv_heads, capacity, config_.head_dim}, opts));
+  }
+  return cache;
+}
+
+void Model::adapt(int64_t, Target, const at::Tensor&, const at::Tensor&) const {}
+
+at::Tensor Model::project(int64_t layer, const at::Tensor& x, const at::Tensor& w,
+                          const at::Tensor& b, std::initializer_list<Target> targets) const {
+  at::Tensor y = linear(x, w, b);
+  const int64_t block = y.size(1) / static_cast<int64_t>(targets.size());
+  int64_t offset = 0;
+  for (Target t : targets) {
+    // q/k/v blocks differ in width under GQA.
+    int64_t width = block;
+    if (t == Target::q) width = config_.num_heads * config_.head_dim;
+    if (t == Target::k || t == Target::v) width = config_.num_kv_heads * config_.head_dim;
+    adapt(layer, t, x, y.narrow(1, offset, width));
+    offset += width;
+  }
+  return y;
+}
+
+// Keys and values of the sequences that have no slot (scoring): [S, nkv, T, D] per layer.
+struct Model::Scratch {
+  at::Tensor k, v;
+  std::vector<int64_t> index;  // sequence -> row of k / v, or -1
+};
+
+void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch,
+                            const at::Tensor& positions, KvCache* cache, Scratch& scratch) const {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = weights_.layers[layer];
+  const int64_t N = h.size(0), H = c.hidden_size, D = c.head_dim;
+  const int64_t Q = c.num_heads * D, KV = c.num_kv_heads * D;
+  at::Tensor xn = at::empty_like(h);
+  at::Tensor qkv;
+  MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_attn", [&] {
+    using T = scalar_t;
+    cpu::rms_norm<T>(h.data_ptr<T>(), H, w.attn_norm.data_ptr<T>(), xn.data_ptr<T>(), H, N, H,
+                     static_cast<float>(c.rms_norm_eps));
+    qkv = project(layer, xn, w.wqkv, w.bqkv, {Target::q, Target::k, Target::v});  // [N, Q + 2 KV]
+    T* q = qkv.data_ptr<T>();
+    const int64_t ld = qkv.stride(0);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    cpu::rope<T>(q, ld, N, c.num_heads, D, pos, rope_table_.data_ptr<float>());
+    cpu::rope<T>(q + Q, ld, N, c.num_kv_heads, D, pos, rope_table_.data_ptr<float>());
+
+    // Store the new keys and values, then attend over each sequence's store.
+    std::vector<cpu::AttentionSeq<T>> seqs(batch.seqs.size());
+    int64_t row = 0;
+    for (size_t s = 0; s < batch.seqs.size(); ++s) {
+      const Batch::Seq& sq = batch.seqs[s];
+      T *kbase, *vbase;
+      int64_t head_stride, pos_stride;
+      if (sq.slot >= 0) {
+        const at::Tensor& kc = cache->k[layer];
+        kbase = kc.data_ptr<T>() + sq.slot * kc.stride(0);
+        vbase = cache->v[layer].data_ptr<T>() + sq.slot * kc.stride(0);
+        head_stride = kc.stride(1), pos_stride = kc.stride(2);
+      } else {
+        const int64_t r = scratch.index[s];
+        kbase = scratch.k.data_ptr<T>() + r * scratch.k.stride(0);
+        vbase = scratch.v.data_ptr<T>() + r * scratch.k.stride(0);
+        head_stride = scratch.k.stride(1), pos_stride = scratch.k.stride(2);
+      }
+      for (int64_t i = 0; i < sq.len; ++i) {
+        const T* src = q + (row + i) * ld;
+        for (int64_t g = 0; g < c.num_kv_heads; ++g) {
+          const int64_t off = g * head_stride + (sq.start + i) * pos_stride;
+          std::memcpy(kbase + off, src + Q + g * D, D * sizeof(T));
+          std::memcpy(vbase + off, src + Q + KV + g * D, D * sizeof(T));
+        }
+      }
+      seqs[s] = {row, sq.len, sq.start, kbase, vbase};
+      row += sq.len;
+    }
+    at::Tensor attn = at::empty({N, Q}, h.options());
+    cpu::AttentionShape shape;
+    shape.n_heads = c.num_heads;
+    shape.n_kv_heads = c.num_kv_heads;
+    shape.head_dim = D;
+    shape.kv_pos_stride = D;
+    shape.window = c.sliding_window;
+    shape.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    // Slots and scratch share the [.., nkv, capacity, D] layout but not the capacity:
+    // attend in two calls when a batch mixes them.
+    std::vector<cpu::AttentionSeq<T>> cached, loose;
+    for (size_t s = 0; s < seqs.size(); ++s) (batch.seqs[s].slot >= 0 ? cached : loose).push_back(seqs[s]);
+    if (!cached.empty()) {
+      shape.kv_head_stride = cache->k[layer].stride(1);
+      cpu::attention<T>(q, ld, attn.data_ptr<T>(), Q, cached.data(), cached.size(), shape);
+    }
+    if (!loose.empty()) {
+      shape.kv_head_stride = scratch.k.stride(1);
+      cpu::attention<T>(q, ld, attn.data_ptr<T>(), Q, loose.data(), loose.size(), shape);
+    }
+    h.add_(project(layer, attn, w.wo, at::Tensor(), {Target::o}));
+  });
+}
+
+void Model::mlp_block(int64_t layer, at::Tensor& h) const {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = weights_.layers[layer];
+  const int64_t N = h.size(0), H = c.hidden_size, I = c.intermediate_size;
+  at::Tensor xn = at::empty_like(h);
+  at::Tensor act = at::empty({N, I}, h.options());
+  MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_mlp", [&] {
+    using T = scalar_t;
+    cpu::rms_norm<T>(h.data_ptr<T>(), H, w.mlp_norm.data_ptr<T>(), xn.data_ptr<T>(), H, N, H,
+                     static_cast<float>(c.rms_norm_eps));
+    at::Tensor gu = project(layer, xn, w.w_gate_up, at::Tensor(), {Target::gate, Target::up});
+    cpu::silu_mul<T>(gu.data_ptr<T>(), gu.stride(0), act.data_ptr<T>(), I, N, I);
+  });
+  h.add_(project(layer, act, w.w_down, at::Tensor(), {Target::down}));
+}
+
+at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
+  const ModelConfig& c = config_;
+  const int64_t N = static_cast<int64_t>(batch.tokens.size());
+  const int64_t S = static_cast<int64_t>(batch.seqs.size());
+  // Positions of the packed tokens, and the scratch stores of slot-less sequences.
+  at::Tensor positions = at::empty({N}, at::kLong);
+  Scratch scratch;
+  scratch.index.assign(S, -1);
+  int64_t loose = 0, longest = 0;
+  {
+    int64_t* p = positions.data_ptr<int64_t>();
+    int64_t row = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const Batch::Seq& sq = batch.seqs[s];
+      TORCH_CHECK(sq.start + sq.len <= max_positions_, "moa engine: position out of range");
+      for (int64_t i = 0; i < sq.len; ++i) p[row++] = sq.start + i;
+      if (sq.slot < 0) {
+        scratch.index[s] = loose++;
+        longest = std::max(longest, sq.start + sq.len);
+      }
+    }
+    TORCH_CHECK(row == N, "moa engine: batch sequences cover ", row, " tokens, expected ", N);
+  }
+  if (loose > 0) {
+    const auto opts = weights_.embed.options();
+    scratch.k = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
+    scratch.v = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
+  }
+  at::Tensor ids = at::from_blob(const_cast<int64_t*>(batch.tokens.data()), {N}, at::kLong);
+  at::Tensor h = weights_.embed.index_select(0, ids);  // [N, H]
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    attention_block(l, h, batch, positions, cache, scratch);
+    mlp_block(l, h);
+  }
+  // Final norm and lm_head on the rows that need logits.
+  at::Tensor rows = h;
+  if (!batch.all_logits) {
+    std::vector<int64_t> last(S);
+    int64_t row = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      row += batch.seqs[s].len;
+      last[s] = row - 1;
+    }
+    rows = h.index_select(0, at::tensor(last, at::kLong));
+  }
+  at::Tensor normed = at::empty_like(rows);
+  MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_final", [&] {
+    using T = scalar_t;
+    cpu::rms_norm<T>(rows.data_ptr<T>(), rows.stride(0), weights_.final_norm.data_ptr<T>(),
+                     normed.data_ptr<T>(), c.hidden_size, rows.size(0), c.hidden_size,
+                     static_cast<float>(c.rms_norm_eps));
+  });
+  return linear(normed, weights_.lm_head, at::Tensor()).to(at::kFloat);
+}
+
+}  // namespace moa::engine

@@ -1,0 +1,78 @@
+// The Llama-family forward over a packed batch of sequences, with a slot-based KV
+// cache. One forward serves prefill, decode (both in the same batch) and scoring.
+//
+// Dimension legend: N tokens in the packed batch, S sequences, H hidden size,
+// D head dim, nh / nkv heads, Q = nh * D, KV = nkv * D, I intermediate, V vocabulary.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "engine/weights.h"
+#include "moa/engine.h"
+
+namespace moa::engine {
+
+// K and V for every layer, one slot per running sequence.
+struct KvCache {
+  std::vector<at::Tensor> k, v;  // per layer: [slots, nkv, capacity, D]
+  int64_t slots = 0;
+  int64_t capacity = 0;  // positions per slot
+};
+
+// One forward: S sequences whose new tokens are packed row after row.
+struct Batch {
+  struct Seq {
+    int64_t slot = -1;  // KV-cache slot; -1: a one-off sequence (scoring), kept in scratch
+    int64_t start = 0;  // tokens already in the slot (position of the first new token)
+    int64_t len = 0;    // new tokens
+  };
+  std::vector<int64_t> tokens;  // [N]
+  std::vector<Seq> seqs;        // [S]; sum of len == N
+  bool all_logits = false;      // logits for every token (scoring), else each sequence's last
+};
+
+// The linears of a layer that the LoRA experts can target.
+enum class Target { q, k, v, o, gate, up, down };
+
+class Model {
+ public:
+  Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions);
+
+  // Logits, float32: [N, V] with all_logits, else [S, V]. Writes the new tokens' K and V
+  // into their slots.
+  at::Tensor forward(const Batch& batch, KvCache* cache) const;
+
+  KvCache make_cache(int64_t slots, int64_t capacity) const;
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return weights_; }
+  at::ScalarType dtype() const { return dtype_; }
+
+ private:
+  struct Scratch;
+  // y = x W^T (+ b), then each target's adapter hook on its block of columns of y.
+  at::Tensor project(int64_t layer, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                     std::initializer_list<Target> targets) const;
+  // The adapter hook every target linear passes through. The base model has none;
+  // the Mixture-of-LoRAs experts add their grouped update to y here.
+  void adapt(int64_t layer, Target target, const at::Tensor& x, const at::Tensor& y) const;
+  void attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
+                       KvCache* cache, Scratch& scratch) const;
+  void mlp_block(int64_t layer, at::Tensor& h) const;
+
+  ModelConfig config_;
+  ModelWeights weights_;
+  at::ScalarType dtype_;
+  int64_t max_positions_;
+  at::Tensor rope_table_;  // [max_positions, D] float32: cos in [:, :D/2], sin in [:, D/2:]
+};
+
+// rope_table_ as transformers computes it (float32, llama3 scaling when configured).
+at::Tensor make_rope_table(const ModelConfig& config, int64_t max_positions);
+
+// y = x W^T (+ b) for a dense linear in the engine's dtype; picks the small-M SIMD
+// kernel (decode) or BLAS.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+
+}  // namespace moa::engine

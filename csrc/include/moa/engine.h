@@ -1,0 +1,138 @@
+// Public C++ API of moa_core's inference engine: a Llama-family model (llama, mistral,
+// qwen2) loaded from an HF folder (config.json + safetensors), a slot-based KV cache,
+// continuous batching and sampling. The Python class moa_engine.Engine wraps this one
+// and adds tokenization.
+//
+//   moa::Engine engine("/path/to/model", {.dtype = "auto", .max_batch = 16});
+//   moa::GenerationRequest r;
+//   r.prompt = {1, 2, 3};
+//   r.max_new_tokens = 32;
+//   auto results = engine.generate({r});   // results[0].token_ids
+//
+// Errors are moa::InvalidArgument, moa::FormatError or moa::FileNotFound (moa/errors.h).
+// One Engine serves one caller at a time: its public methods lock an internal mutex.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moa/errors.h"
+
+namespace moa {
+
+// The architecture, as read from config.json.
+struct ModelConfig {
+  std::string model_type;  // "llama", "mistral" or "qwen2"
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;  // given, or hidden_size / num_heads
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  // llama3 rope scaling (rope_scaling.rope_type == "llama3"); factor 0 means none.
+  double rope_llama3_factor = 0.0;
+  double rope_llama3_low_freq_factor = 1.0;
+  double rope_llama3_high_freq_factor = 4.0;
+  int64_t rope_llama3_original_max_position = 8192;
+  int64_t max_position_embeddings = 0;
+  int64_t sliding_window = 0;  // 0: full causal attention
+  bool attention_bias = false;  // q/k/v projections have biases (qwen2)
+  bool tie_word_embeddings = false;
+  std::string torch_dtype;  // the checkpoint's dtype as config.json names it ("" if absent)
+  std::vector<int64_t> eos_token_ids;  // from generation_config.json, else config.json
+  int64_t bos_token_id = -1;
+};
+
+struct SamplingParams {
+  float temperature = 0.0f;  // 0: greedy
+  int64_t top_k = 0;         // 0: no limit
+  float top_p = 1.0f;        // 1: no nucleus cut
+  std::optional<uint64_t> seed;  // none: a random seed
+};
+
+struct GenerationRequest {
+  std::vector<int64_t> prompt;  // token ids, not empty
+  int64_t max_new_tokens = 256;
+  SamplingParams sampling;
+  // Generation stops when the generated ids end with one of these sequences
+  // (the ids stay in the output).
+  std::vector<std::vector<int64_t>> stop_sequences;
+  bool ignore_eos = false;  // do not stop on the model's EOS ids
+};
+
+enum class FinishReason {
+  kStop,       // an EOS id, a stop sequence, or the callback asked to stop
+  kLength,     // max_new_tokens generated
+  kCancelled,  // cancel() was called
+};
+const char* to_string(FinishReason reason);  // "stop", "length", "cancelled"
+
+struct GenerationResult {
+  std::vector<int64_t> token_ids;  // generated ids only, EOS and stop ids included
+  FinishReason finish_reason = FinishReason::kLength;
+};
+
+struct EngineOptions {
+  std::string dtype = "auto";  // "auto" (the checkpoint's), "float32", "bfloat16", "float16"
+  std::string device = "cpu";
+  int64_t max_batch = 16;      // KV-cache slots: sequences decoded together
+  int64_t max_seq_len = 2048;  // prompt + generated tokens, per sequence
+  int64_t max_prefill_tokens = 4096;  // prompt tokens admitted in one step (at least one prompt)
+};
+
+// One scheduler event: a token generated for a request, or its end.
+struct StepEvent {
+  int64_t request_id = -1;
+  int64_t token = -1;  // -1 when no token came with the event (cancelled)
+  bool finished = false;
+  FinishReason finish_reason = FinishReason::kLength;  // valid when finished
+};
+
+class Engine {
+ public:
+  explicit Engine(const std::string& model_dir, const EngineOptions& options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelConfig& config() const;
+  const EngineOptions& options() const;
+  at::ScalarType dtype() const;
+  int64_t weight_bytes() const;  // bytes of the weights as held in memory
+
+  // Called with (index into requests, token id) as each token is generated; return
+  // false to finish that request now (finish reason "stop").
+  using TokenCallback = std::function<bool(size_t index, int64_t token)>;
+
+  // Runs the requests to completion with continuous batching: at most max_batch at a
+  // time, a finished request's slot taken by the next waiting one at the next step.
+  // Results are in request order. Requests submitted before and not yet finished are
+  // served alongside.
+  std::vector<GenerationResult> generate(const std::vector<GenerationRequest>& requests,
+                                         const TokenCallback& on_token = nullptr);
+
+  // Scores whole sequences with the generation forward: input_ids [B, T] (integer)
+  // -> logits [B, T, vocab] float32. Uses no KV-cache slot.
+  at::Tensor forward(const at::Tensor& input_ids);
+
+  // The step-wise interface generate() runs on.
+  int64_t submit(const GenerationRequest& request);  // checks it, queues it; returns its id
+  std::vector<StepEvent> step();  // admits waiting requests, prefills them, decodes one token
+  void cancel(int64_t request_id);  // finishes it at the next step (no-op if unknown)
+  bool idle() const;                // nothing waiting or running
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moa

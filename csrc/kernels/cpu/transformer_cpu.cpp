@@ -1,0 +1,241 @@
+// CPU kernels for the engine's transformer forward (see transformer_cpu.h).
+// Attention has an AVX-512 path (16 keys' scores reduced at once, a vectorised exp)
+// and a portable one; the elementwise kernels are plain loops.
+#include "kernels/cpu/transformer_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/cpu/avx512_util.h"
+#include "kernels/cpu/decode_avx512.h"
+
+namespace moa::cpu {
+namespace {
+
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(from_float<T>(v));
+}
+
+// Rows per parallel task for the elementwise kernels: enough work to pay for a task.
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+
+// ---------------------------------------------------------------------------
+// attention, portable
+
+template <typename T>
+void attend_portable(const T* qh, const T* k, const T* v, int64_t lo, int64_t hi,
+                     const AttentionShape& s, float* scores, T* out) {
+  const int64_t D = s.head_dim;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = lo; j <= hi; ++j) {
+    const T* kj = k + j * s.kv_pos_stride;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(qh[d]) * static_cast<float>(kj[d]);
+    scores[j - lo] = dot * s.scale;
+    mx = std::max(mx, scores[j - lo]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j <= hi - lo; ++j) {
+    scores[j] = std::exp(scores[j] - mx);
+    sum += scores[j];
+  }
+  std::vector<float> acc(D, 0.0f);
+  for (int64_t j = lo; j <= hi; ++j) {
+    const T* vj = v + j * s.kv_pos_stride;
+    const float p = scores[j - lo];
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(vj[d]);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(acc[d] / sum);
+}
+
+// ---------------------------------------------------------------------------
+// attention, AVX-512
+
+#if MOA_HAVE_AVX512
+using namespace avx512;
+constexpr int64_t kMaxChunks = 16;  // head_dim <= 256 on this path
+
+template <typename T>
+MOA_AVX512 void attend_avx512(const T* qh, const T* k, const T* v, int64_t lo, int64_t hi,
+                              const AttentionShape& s, float* scores, T* out) {
+  const int64_t D = s.head_dim;
+  const int64_t C = (D + 15) / 16;
+  __mmask16 masks[kMaxChunks];
+  __m512 qv[kMaxChunks];
+  const __m512 scale = _mm512_set1_ps(s.scale);
+  for (int64_t c = 0; c < C; ++c) {
+    masks[c] = first_n(D - 16 * c);
+    qv[c] = _mm512_mul_ps(load16(qh + 16 * c, masks[c]), scale);
+  }
+  const int64_t n = hi - lo + 1;
+  // Pass 1: scores, 16 keys per shuffle-tree reduction.
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n - j0);
+    __m512 p[16];
+    for (int i = 0; i < 16; ++i) {
+      __m512 acc = _mm512_setzero_ps();
+      if (i < nk) {
+        const T* kj = k + (lo + j0 + i) * s.kv_pos_stride;
+        for (int64_t c = 0; c < C; ++c) acc = _mm512_fmadd_ps(load16(kj + 16 * c, masks[c]), qv[c], acc);
+      }
+      p[i] = acc;
+    }
+    const __mmask16 m = first_n(nk);
+    const __m512 sc = reduce16(p);
+    _mm512_mask_storeu_ps(scores + j0, m, sc);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, sc);
+  }
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  // Pass 2: exp and sum.
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const __mmask16 m = first_n(n - j0);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j0), mx));
+    _mm512_mask_storeu_ps(scores + j0, m, e);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  // Pass 3: the probability-weighted sum of V rows.
+  __m512 acc[kMaxChunks];
+  for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 pj = _mm512_set1_ps(scores[j]);
+    const T* vj = v + (lo + j) * s.kv_pos_stride;
+    for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(load16(vj + 16 * c, masks[c]), pj, acc[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv), masks[c]);
+}
+#endif
+
+bool attention_avx512(int64_t head_dim) {
+#if MOA_HAVE_AVX512
+  return decode_avx512_available() && head_dim <= 16 * kMaxChunks;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
+}  // namespace
+
+template <typename T>
+void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t rows, int64_t H,
+              float eps) {
+  at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * ldx;
+      T* yr = y + r * ldy;
+      float ss = 0.0f;
+      for (int64_t i = 0; i < H; ++i) {
+        const float v = static_cast<float>(xr[i]);
+        ss += v * v;
+      }
+      const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+      for (int64_t i = 0; i < H; ++i) {
+        const float normed = round_to<T>(static_cast<float>(xr[i]) * rstd);
+        yr[i] = from_float<T>(static_cast<float>(w[i]) * normed);
+      }
+    }
+  });
+}
+
+template <typename T>
+void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64_t* positions,
+          const float* table) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, rows, row_grain(heads * D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* cs = table + positions[r] * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* xh = x + r * ldx + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float c = round_to<T>(cs[i]);
+          const float s = round_to<T>(cs[half + i]);
+          const float a = static_cast<float>(xh[i]);
+          const float b = static_cast<float>(xh[half + i]);
+          xh[i] = from_float<T>(round_to<T>(a * c) - round_to<T>(b * s));
+          xh[half + i] = from_float<T>(round_to<T>(b * c) + round_to<T>(a * s));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_mul(const T* gu, int64_t ldgu, T* out, int64_t ldo, int64_t rows, int64_t I) {
+  at::parallel_for(0, rows, row_grain(I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = gu + r * ldgu;
+      const T* u = g + I;
+      T* o = out + r * ldo;
+      for (int64_t i = 0; i < I; ++i) {
+        const float gv = static_cast<float>(g[i]);
+        const float act = round_to<T>(gv / (1.0f + std::exp(-gv)));
+        o[i] = from_float<T>(act * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+template <typename T>
+void attention(const T* q, int64_t ldq, T* out, int64_t ldo, const AttentionSeq<T>* seqs,
+               int64_t n_seqs, const AttentionShape& shape) {
+  // Work items: (sequence, head, block of up to 16 queries).
+  constexpr int64_t kQueryBlock = 16;
+  struct Item {
+    int64_t seq, head, q0, q1;
+  };
+  std::vector<Item> items;
+  int64_t max_keys = 0;
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    max_keys = std::max(max_keys, seqs[s].start + seqs[s].n_q);
+    for (int64_t h = 0; h < shape.n_heads; ++h)
+      for (int64_t q0 = 0; q0 < seqs[s].n_q; q0 += kQueryBlock)
+        items.push_back({s, h, q0, std::min(seqs[s].n_q, q0 + kQueryBlock)});
+  }
+  const int64_t group = shape.n_heads / shape.n_kv_heads;
+  const bool fast = attention_avx512(shape.head_dim);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(static_cast<size_t>(max_keys) + 16);
+    for (int64_t it = i0; it < i1; ++it) {
+      const Item& item = items[it];
+      const AttentionSeq<T>& sq = seqs[item.seq];
+      const int64_t kvh = item.head / group;
+      const T* k = sq.k + kvh * shape.kv_head_stride;
+      const T* v = sq.v + kvh * shape.kv_head_stride;
+      for (int64_t i = item.q0; i < item.q1; ++i) {
+        const int64_t row = sq.q_row + i;
+        const int64_t hi = sq.start + i;
+        const int64_t lo = shape.window > 0 ? std::max<int64_t>(0, hi - shape.window + 1) : 0;
+        const T* qh = q + row * ldq + item.head * shape.head_dim;
+        T* oh = out + row * ldo + item.head * shape.head_dim;
+#if MOA_HAVE_AVX512
+        if (fast) {
+          attend_avx512(qh, k, v, lo, hi, shape, scores.data(), oh);
+          continue;
+        }
+#endif
+        attend_portable(qh, k, v, lo, hi, shape, scores.data(), oh);
+      }
+    }
+  });
+}
+
+#define MOA_INSTANTIATE(T)                                                                        \
+  template void rms_norm<T>(const T*, int64_t, const T*, T*, int64_t, int64_t, int64_t, float);  \
+  template void rope<T>(T*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const float*);   \
+  template void silu_mul<T>(const T*, int64_t, T*, int64_t, int64_t, int64_t);                   \
+  template void attention<T>(const T*, int64_t, T*, int64_t, const AttentionSeq<T>*, int64_t,    \
+                             const AttentionShape&);
+MOA_INSTANTIATE(float)
+MOA_INSTANTIATE(c10::BFloat16)
+MOA_INSTANTIATE(c10::Half)
+#undef MOA_INSTANTIATE
+
+}  // namespace moa::cpu

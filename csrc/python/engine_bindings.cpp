@@ -1,0 +1,130 @@
+// Python bindings of moa::Engine (include/moa/engine.h) as moa_engine._C.Engine. The
+// Python class moa_engine.Engine wraps it with tokenization; this layer only converts
+// types, releases the GIL while the engine works, and maps moa's exceptions to
+// ValueError / FileNotFoundError / RuntimeError.
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+
+#include "moa/engine.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void register_exceptions() {
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const moa::FileNotFound& e) {
+      PyErr_SetString(PyExc_FileNotFoundError, e.what());
+    } catch (const moa::InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const moa::FormatError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const moa::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+}
+
+py::dict config_dict(const moa::ModelConfig& c) {
+  py::dict d;
+  d["model_type"] = c.model_type;
+  d["vocab_size"] = c.vocab_size;
+  d["hidden_size"] = c.hidden_size;
+  d["intermediate_size"] = c.intermediate_size;
+  d["num_layers"] = c.num_layers;
+  d["num_heads"] = c.num_heads;
+  d["num_kv_heads"] = c.num_kv_heads;
+  d["head_dim"] = c.head_dim;
+  d["rms_norm_eps"] = c.rms_norm_eps;
+  d["rope_theta"] = c.rope_theta;
+  d["sliding_window"] = c.sliding_window;
+  d["attention_bias"] = c.attention_bias;
+  d["tie_word_embeddings"] = c.tie_word_embeddings;
+  d["torch_dtype"] = c.torch_dtype;
+  d["eos_token_ids"] = c.eos_token_ids;
+  d["bos_token_id"] = c.bos_token_id;
+  return d;
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  register_exceptions();
+
+  py::class_<moa::SamplingParams>(m, "SamplingParams", "Sampling settings of one request.")
+      .def(py::init<>())
+      .def_readwrite("temperature", &moa::SamplingParams::temperature)
+      .def_readwrite("top_k", &moa::SamplingParams::top_k)
+      .def_readwrite("top_p", &moa::SamplingParams::top_p)
+      .def_readwrite("seed", &moa::SamplingParams::seed);
+
+  py::class_<moa::GenerationRequest>(m, "GenerationRequest", "One prompt (token ids) to generate from.")
+      .def(py::init<>())
+      .def_readwrite("prompt", &moa::GenerationRequest::prompt)
+      .def_readwrite("max_new_tokens", &moa::GenerationRequest::max_new_tokens)
+      .def_readwrite("sampling", &moa::GenerationRequest::sampling)
+      .def_readwrite("stop_sequences", &moa::GenerationRequest::stop_sequences)
+      .def_readwrite("ignore_eos", &moa::GenerationRequest::ignore_eos);
+
+  py::class_<moa::GenerationResult>(m, "GenerationResult", "Generated token ids and why generation ended.")
+      .def_readonly("token_ids", &moa::GenerationResult::token_ids)
+      .def_property_readonly("finish_reason", [](const moa::GenerationResult& r) { return moa::to_string(r.finish_reason); });
+
+  py::class_<moa::StepEvent>(m, "StepEvent", "A token generated for a request, or its end.")
+      .def_readonly("request_id", &moa::StepEvent::request_id)
+      .def_readonly("token", &moa::StepEvent::token)
+      .def_readonly("finished", &moa::StepEvent::finished)
+      .def_property_readonly("finish_reason", [](const moa::StepEvent& e) -> py::object {
+        if (!e.finished) return py::none();
+        return py::str(moa::to_string(e.finish_reason));
+      });
+
+  py::class_<moa::Engine>(m, "Engine",
+                          "The C++ inference engine: an HF Llama-family folder, a KV cache of max_batch "
+                          "slots, continuous batching. Token ids in, token ids out.")
+      .def(py::init([](const std::string& model_dir, const std::string& dtype, const std::string& device,
+                       int64_t max_batch, int64_t max_seq_len, int64_t max_prefill_tokens) {
+             moa::EngineOptions o;
+             o.dtype = dtype;
+             o.device = device;
+             o.max_batch = max_batch;
+             o.max_seq_len = max_seq_len;
+             o.max_prefill_tokens = max_prefill_tokens;
+             return std::make_unique<moa::Engine>(model_dir, o);
+           }),
+           py::arg("model_dir"), py::arg("dtype") = "auto", py::arg("device") = "cpu", py::arg("max_batch") = 16,
+           py::arg("max_seq_len") = 2048, py::arg("max_prefill_tokens") = 4096,
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("config", [](const moa::Engine& e) { return config_dict(e.config()); })
+      .def_property_readonly("dtype", [](const moa::Engine& e) {
+        return std::string(c10::getDtypeNames(e.dtype()).first);
+      })
+      .def_property_readonly("weight_bytes", &moa::Engine::weight_bytes)
+      .def_property_readonly("max_batch", [](const moa::Engine& e) { return e.options().max_batch; })
+      .def_property_readonly("max_seq_len", [](const moa::Engine& e) { return e.options().max_seq_len; })
+      .def(
+          "generate",
+          [](moa::Engine& e, const std::vector<moa::GenerationRequest>& requests, py::object on_token) {
+            moa::Engine::TokenCallback cb;
+            if (!on_token.is_none()) {
+              cb = [on_token](size_t index, int64_t token) {
+                py::gil_scoped_acquire gil;
+                py::object keep = on_token(index, token);
+                return keep.is_none() || keep.cast<bool>();
+              };
+            }
+            py::gil_scoped_release release;
+            return e.generate(requests, cb);
+          },
+          py::arg("requests"), py::arg("on_token") = py::none(),
+          "Runs the requests to completion; on_token(index, token) -> False stops that request.")
+      .def("forward", &moa::Engine::forward, py::arg("input_ids"), py::call_guard<py::gil_scoped_release>(),
+           "input_ids [B, T] -> logits [B, T, vocab] float32.")
+      .def("submit", &moa::Engine::submit, py::arg("request"), py::call_guard<py::gil_scoped_release>())
+      .def("step", &moa::Engine::step, py::call_guard<py::gil_scoped_release>())
+      .def("cancel", &moa::Engine::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
+      .def("idle", &moa::Engine::idle);
+}

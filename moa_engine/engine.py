@@ -1,0 +1,321 @@
+"""The inference engine's Python face: tokenization, chat templates, stop strings and
+streaming around the C++ engine (moa_engine._C.Engine), which owns the model forward,
+the KV cache, continuous batching and sampling.
+
+    from moa_engine import Engine
+    engine = Engine()                       # the embedded default model, SmolLM2-135M-Instruct
+    [c] = engine.generate(["What is the capital of France?"], chat=True, max_new_tokens=32)
+    c.text, c.token_ids, c.finish_reason
+
+The C++ engine works while the GIL is released, so other Python threads run meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from moa_engine import _C
+from moa_engine.models import resolve_model
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated sequence.
+
+    text: the decoded generated text (special tokens skipped, cut before a stop string),
+        or None when the model folder has no tokenizer.
+    token_ids: the generated token ids, EOS and stop-sequence ids included.
+    finish_reason: "stop" (EOS id or stop string) or "length" (max_new_tokens reached).
+    prompt_token_ids: the prompt as the engine saw it (after the chat template).
+    """
+
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+def _load_tokenizer(folder: Path):
+    if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+class Engine:
+    """A Llama-family model (llama, mistral, qwen2) served by the C++ engine.
+
+    Args:
+        model: a local HF folder (config.json + safetensors), a .gguf file (converted once
+            and cached), or None for the embedded default model.
+        dtype: "auto" (the checkpoint's), "float32" or "bfloat16" ("float16" on CUDA).
+        device: "cpu".
+        max_batch: KV-cache slots, i.e. sequences decoded together. More prompts than
+            slots are queued and take a slot as soon as one frees (continuous batching).
+        max_seq_len: the longest prompt + generation, per sequence.
+        max_prefill_tokens: the most prompt tokens admitted in one step (at least one
+            prompt is always admitted).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_batch: int = 16,
+        max_seq_len: int = 2048,
+        max_prefill_tokens: int = 4096,
+    ):
+        self.model_path = resolve_model(model)
+        self._core = _C.Engine(
+            str(self.model_path),
+            dtype=dtype,
+            device=device,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+        self.tokenizer = _load_tokenizer(self.model_path)
+
+    # -- properties ---------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """The architecture as the engine read it from config.json."""
+        return self._core.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self._core.dtype)
+
+    @property
+    def max_batch(self) -> int:
+        return self._core.max_batch
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._core.max_seq_len
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in memory (a tied embedding counted once)."""
+        return self._core.weight_bytes
+
+    # -- scoring --------------------------------------------------------------------
+    def forward(self, input_ids) -> torch.Tensor:
+        """Scores whole sequences with the generation forward.
+
+        input_ids: [B, T] integer tensor (or [T], or a list of equal-length id lists)
+        -> logits [B, T, vocab] float32 ([T, vocab] for a 1-D input).
+        """
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            return self._core.forward(ids.unsqueeze(0))[0]
+        return self._core.forward(ids)
+
+    # -- generation -----------------------------------------------------------------
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+    ) -> list[Completion]:
+        """Generates a completion for every prompt, batched continuously.
+
+        prompts: a list of strings, or a list of token-id lists (a single string is taken
+            as a list of one). With chat=True, each string is a user message and the
+            model's chat template is applied; a prompt may also be a list of
+            {"role", "content"} messages.
+        temperature: 0 is greedy; otherwise sampling after temperature, top_k (0: off)
+            and top_p (1: off), in that order.
+        seed: every request's random stream starts from it, so a prompt's output does not
+            depend on what else is in the batch; None draws a random seed.
+        stop: strings that end a completion; the text is cut before the first one.
+        ignore_eos: keep generating past the model's EOS ids.
+        Returns a Completion per prompt, in order.
+        """
+        stops = self._stop_strings(stop)
+        prompt_ids = [self._encode(p, chat) for p in self._prompt_list(prompts)]
+        requests = [
+            self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos)
+            for ids in prompt_ids
+        ]
+        on_token = self._stop_watcher(len(requests), stops) if stops else None
+        results = self._core.generate(requests, on_token)
+        return [
+            Completion(self._text(r.token_ids, stops), list(r.token_ids), r.finish_reason, ids)
+            for r, ids in zip(results, prompt_ids)
+        ]
+
+    def stream(
+        self,
+        prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+    ) -> Iterator[str]:
+        """Yields the completion of one prompt as text pieces, as tokens are decoded.
+
+        Same arguments as generate(), for a single prompt. The pieces join to the
+        Completion.text that generate() would return. Closing the iterator early cancels
+        the request and frees its slot.
+        """
+        if self.tokenizer is None:
+            raise ValueError(f"stream() needs a tokenizer, and {self.model_path} has none")
+        stops = self._stop_strings(stop)
+        ids = self._encode(prompt, chat)
+        request = self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos)
+        rid = self._core.submit(request)
+        tokens: list[int] = []
+        sent = ""
+        finished = False
+        try:
+            while not finished:
+                for event in self._core.step():
+                    if event.request_id != rid:
+                        continue
+                    if event.token >= 0:
+                        tokens.append(event.token)
+                    finished = finished or event.finished
+                text = self._text(tokens, stops)
+                if stops and self._find_stop(self._decode(tokens), stops) is not None:
+                    finished = True
+                # Hold back an incomplete multi-byte character until its last token comes.
+                if not finished and text.endswith("\ufffd"):
+                    continue
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+                    sent = text
+        finally:
+            if not finished:
+                self._cancel(rid)
+
+    # -- helpers --------------------------------------------------------------------
+    def _cancel(self, rid: int) -> None:
+        self._core.cancel(rid)
+        while True:  # the next step retires it and frees the slot
+            if any(e.request_id == rid and e.finished for e in self._core.step()):
+                return
+
+    @staticmethod
+    def _prompt_list(prompts) -> list:
+        if isinstance(prompts, (str, bytes)):
+            return [prompts]
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: pass a list of strings or of token-id lists")
+        if all(isinstance(p, int) for p in prompts):
+            raise ValueError(
+                "prompts is a flat list of ints: pass a list of token-id lists, e.g. [[1, 2, 3]]"
+            )
+        return prompts
+
+    def _encode(self, prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"text prompts need a tokenizer, and {self.model_path} has none; pass token ids")
+            if not prompt:
+                raise ValueError("prompt is empty: a request needs at least one token")
+            if chat:
+                return self._chat_ids([{"role": "user", "content": prompt}])
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if chat and isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            return self._chat_ids(list(prompt))
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"each prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("prompt is empty: a request needs at least one token")
+        if chat:
+            raise ValueError("chat=True needs text prompts or message lists, not token ids")
+        return list(prompt)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"chat=True needs a chat template, and {self.model_path} has none")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _request(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos):
+        r = _C.GenerationRequest()
+        r.prompt = ids
+        r.max_new_tokens = int(max_new_tokens)
+        r.sampling.temperature = float(temperature)
+        r.sampling.top_k = int(top_k)
+        r.sampling.top_p = float(top_p)
+        if seed is not None:
+            if not 0 <= int(seed) < 2**64:
+                raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+            r.sampling.seed = int(seed)
+        r.stop_sequences = self._stop_sequences(stops)
+        r.ignore_eos = bool(ignore_eos)
+        return r
+
+    def _stop_strings(self, stop) -> list[str]:
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if stops and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer, and {self.model_path} has none")
+        return stops
+
+    def _stop_sequences(self, stops: list[str]) -> list[list[int]]:
+        # The C++ loop stops on these token sequences at once; the text check in
+        # _stop_watcher catches a stop string tokenized differently in context.
+        return [list(self.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops]
+
+    def _stop_watcher(self, n: int, stops: list[str]):
+        generated: list[list[int]] = [[] for _ in range(n)]
+
+        def on_token(index: int, token: int) -> bool:
+            generated[index].append(token)
+            return self._find_stop(self._decode(generated[index]), stops) is None
+
+        return on_token
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _find_stop(text: str, stops: list[str]) -> int | None:
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _text(self, ids, stops: list[str]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self._decode(list(ids))
+        cut = self._find_stop(text, stops)
+        return text if cut is None else text[:cut]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Engine({str(self.model_path)!r}, {c['model_type']}, {c['num_layers']} layers, "
+            f"dtype={self._core.dtype}, max_batch={self.max_batch}, max_seq_len={self.max_seq_len})"
+        )
