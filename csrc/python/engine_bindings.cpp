@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include "engine/model.h"
 #include "moa/engine.h"
 
 namespace py = pybind11;
@@ -127,4 +128,16 @@ void bind_engine(py::module_& m) {
       .def("step", &moa::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("cancel", &moa::Engine::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
       .def("idle", &moa::Engine::idle);
+
+  m.def(
+      "_linear",
+      [](const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+        TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && w.is_contiguous() &&
+                              x.scalar_type() == w.scalar_type() && x.is_cpu() && w.is_cpu(),
+                          "_linear: expected CPU x [M, K] and contiguous w [N, K] of one dtype");
+        at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
+        return moa::engine::linear(x, w, bias);
+      },
+      py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::call_guard<py::gil_scoped_release>(),
+      "Internal (tests, benchmarks): the engine's dense linear, x [M, K] @ w [N, K]^T (+ b).");
 }
