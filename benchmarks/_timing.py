@@ -3,7 +3,8 @@
 - `time_fns` / `time_fn`: warm up, repeat, take the median; variants are interleaved so that
   slow drift on a noisy machine hits every variant alike and ratios stay meaningful.
 - `make_cache_flush`: evict the last-level cache before each timed call (cold-cache timing).
-- `measure_copy_bandwidth`: the measured memory ceiling that achieved GB/s is quoted against.
+- `measure_copy_bandwidth`: the measured memory ceiling that achieved GB/s is quoted against;
+  `copy_ceiling` / `combine_copy_ceilings`: measured before and after the figures, the higher kept.
 - `OtherLoad`: how busy other processes kept the CPU while a figure was taken.
 - `environment`: torch version, threads, device name, for the JSON header.
 - `write_json_atomic`, `format_table`: output.
@@ -157,6 +158,27 @@ def measure_copy_bandwidth(device, *, nbytes=256 << 20, warmup=3, repeats=10):
         "bytes_per_tensor": numel * 4,
         "definition": COPY_BANDWIDTH_DEFINITION,
         **timing.to_json(),
+    }
+
+
+def copy_ceiling(device, *, repeats=10):
+    """`measure_copy_bandwidth`, with how many cores other processes kept busy meanwhile
+    (`other_load_cores`, see OtherLoad)."""
+    with OtherLoad() as other_load:
+        copy = measure_copy_bandwidth(device, repeats=repeats)
+    copy["other_load_cores"] = other_load.cores
+    return copy
+
+
+def combine_copy_ceilings(start, end):
+    """One ceiling from copy bandwidths measured before and after the figures: bandwidth drifts
+    with the machine's neighbours, so take the higher (the conservative choice for a fraction
+    of the ceiling). `gb_per_s` counts read + write bytes, as in measure_copy_bandwidth."""
+    return {
+        "gb_per_s": max(start["gb_per_s"], end["gb_per_s"]),
+        "definition": COPY_BANDWIDTH_DEFINITION + "; the higher of the start and end runs",
+        "start": start,
+        "end": end,
     }
 
 
