@@ -83,9 +83,19 @@ class Engine:
             max_seq_len=max_seq_len,
             max_prefill_tokens=max_prefill_tokens,
         )
-        self.tokenizer = _load_tokenizer(self.model_path)
+        self._tokenizer = None
+        self._tokenizer_loaded = False
 
     # -- properties ---------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The model folder's HF tokenizer (None if it has none), loaded on first use:
+        token-id users never pay its ~150 MB."""
+        if not self._tokenizer_loaded:
+            self._tokenizer = _load_tokenizer(self.model_path)
+            self._tokenizer_loaded = True
+        return self._tokenizer
+
     @property
     def config(self) -> dict:
         """The architecture as the engine read it from config.json."""
@@ -186,26 +196,27 @@ class Engine:
         rid = self._core.submit(request)
         tokens: list[int] = []
         sent = ""
-        finished = False
+        retired = False  # the engine has finished the request and freed its slot
         try:
-            while not finished:
+            while True:
                 for event in self._core.step():
                     if event.request_id != rid:
                         continue
                     if event.token >= 0:
                         tokens.append(event.token)
-                    finished = finished or event.finished
+                    retired = retired or event.finished
                 text = self._text(tokens, stops)
-                if stops and self._find_stop(self._decode(tokens), stops) is not None:
-                    finished = True
+                done = retired or (stops and self._find_stop(self._decode(tokens), stops) is not None)
                 # Hold back an incomplete multi-byte character until its last token comes.
-                if not finished and text.endswith("\ufffd"):
+                if not done and text.endswith("\ufffd"):
                     continue
                 if len(text) > len(sent):
                     yield text[len(sent):]
                     sent = text
+                if done:
+                    return
         finally:
-            if not finished:
+            if not retired:  # a stop string, or the caller closed the iterator
                 self._cancel(rid)
 
     # -- helpers --------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <type_traits>
 
 namespace moa::engine {
 namespace {
@@ -36,11 +37,18 @@ template <typename T>
 T field(const json& j, const char* name, const std::string& source, T fallback) {
   auto it = j.find(name);
   if (it == j.end() || it->is_null()) return fallback;
-  try {
-    return it->get<T>();
-  } catch (const json::exception&) {
-    throw_error<FormatError>(source, ": field '", name, "' has the wrong type (", it->dump(), ")");
+  bool ok;
+  if constexpr (std::is_same_v<T, bool>) {
+    ok = it->is_boolean();
+  } else if constexpr (std::is_integral_v<T>) {
+    ok = it->is_number_integer();  // 300.5 is not a size
+  } else if constexpr (std::is_floating_point_v<T>) {
+    ok = it->is_number();
+  } else {
+    ok = it->is_string();
   }
+  if (!ok) throw_error<FormatError>(source, ": field '", name, "' has the wrong type (", it->dump(), ")");
+  return it->get<T>();
 }
 
 template <typename T>

@@ -58,10 +58,11 @@ int64_t Sampler::sample(const float* logits, int64_t V, const SamplingParams& p,
     candidates_[i] = {e, static_cast<int32_t>(i)};
     total += e;
   }
-  int64_t keep = p.top_k > 0 ? std::min<int64_t>(p.top_k, V) : V;
+  const bool cut_k = p.top_k > 0 && p.top_k < V;  // top_k >= V cuts nothing, like 0
+  int64_t keep = cut_k ? p.top_k : V;
   int64_t sorted = std::min<int64_t>(keep, 64);
   std::partial_sort(candidates_.begin(), candidates_.begin() + sorted, candidates_.end(), before);
-  if (p.top_k > 0) {
+  if (cut_k) {
     if (sorted < keep) {
       std::partial_sort(candidates_.begin(), candidates_.begin() + keep, candidates_.end(), before);
       sorted = keep;

@@ -105,23 +105,17 @@ class Loader {
       : dir_(dir), config_(c), ckpt_(Checkpoint::open(dir)),
         options_(at::TensorOptions().dtype(dtype).device(device)) {}
 
-  // Copies one checkpoint tensor into its block of the engine tensor.
-  void load(const TensorSpec& spec, int64_t layer, ModelWeights& w) {
+  // Throws FormatError unless the tensor exists with the shape config.json implies.
+  // Run over the whole table before anything is allocated, so a config.json that does
+  // not match the checkpoint fails on the first tensor, not in an allocation.
+  void check(const TensorSpec& spec, int64_t layer) const {
     if (!wanted(spec.part, config_)) return;
     const std::string name = name_for(spec.hf_name, layer);
-    const Layout lay = layout_of(spec.part, config_);
-    at::Tensor& dst = slot(spec.part, w, layer);
-    if (!dst.defined()) {
-      int64_t rows = 0;
-      for (int64_t b : lay.blocks) rows += b;
-      dst = lay.cols ? at::empty({rows, lay.cols}, options_) : at::empty({rows}, options_);
-    }
     if (!ckpt_.contains(name))
       throw_error<FormatError>(dir_, ": missing tensor '", name, "' (needed by ", config_.model_type,
                                " with this config.json)");
     const TensorRecord& rec = ckpt_.record(name);
-    int64_t offset = 0;
-    for (int b = 0; b < spec.block; ++b) offset += lay.blocks[b];
+    const Layout lay = layout_of(spec.part, config_);
     const int64_t rows = lay.blocks[spec.block];
     const std::vector<int64_t> expected = lay.cols ? std::vector<int64_t>{rows, lay.cols}
                                                    : std::vector<int64_t>{rows};
@@ -132,7 +126,23 @@ class Loader {
     }
     if (!at::isFloatingType(rec.dtype))
       throw_error<FormatError>(ckpt_.file_of(name), ": tensor '", name, "' is not floating point");
-    dst.narrow(0, offset, rows).copy_(ckpt_.view(name));
+  }
+
+  // Copies one (checked) checkpoint tensor into its block of the engine tensor, then
+  // releases its mapped pages.
+  void load(const TensorSpec& spec, int64_t layer, ModelWeights& w) {
+    if (!wanted(spec.part, config_)) return;
+    const std::string name = name_for(spec.hf_name, layer);
+    const Layout lay = layout_of(spec.part, config_);
+    at::Tensor& dst = slot(spec.part, w, layer);
+    if (!dst.defined()) {
+      int64_t rows = 0;
+      for (int64_t b : lay.blocks) rows += b;
+      dst = lay.cols ? at::empty({rows, lay.cols}, options_) : at::empty({rows}, options_);
+    }
+    int64_t offset = 0;
+    for (int b = 0; b < spec.block; ++b) offset += lay.blocks[b];
+    dst.narrow(0, offset, lay.blocks[spec.block]).copy_(ckpt_.view(name));
     ckpt_.release(name);
   }
 
@@ -163,6 +173,9 @@ int64_t ModelWeights::bytes() const {
 ModelWeights load_weights(const std::string& model_dir, const ModelConfig& config,
                           at::ScalarType dtype, at::Device device) {
   Loader loader(model_dir, config, dtype, device);
+  for (const auto& spec : kModelTensors) loader.check(spec, 0);
+  for (int64_t l = 0; l < config.num_layers; ++l)
+    for (const auto& spec : kLayerTensors) loader.check(spec, l);
   ModelWeights w;
   w.layers.resize(static_cast<size_t>(config.num_layers));
   for (const auto& spec : kModelTensors) loader.load(spec, 0, w);
