@@ -12,6 +12,7 @@ The C++ engine works while the GIL is released, so other Python threads run mean
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Iterator, Sequence
 import torch
 
 from moa_engine import _C
-from moa_engine.models import resolve_model
+from moa_engine.models import DEFAULT_MODEL, resolve_model
+from moa_engine.moa_format import MoADir, load_peft_adapter
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -34,12 +36,30 @@ class Completion:
     token_ids: the generated token ids, EOS and stop-sequence ids included.
     finish_reason: "stop" (EOS id or stop string) or "length" (max_new_tokens reached).
     prompt_token_ids: the prompt as the engine saw it (after the chat template).
+    domain: the expert that served it ("base" for none; "mixed" when per-layer routing
+        chose different experts in different layers).
+    layer_domains: the expert per decoder layer.
+    router_probs: when routed, the routers' probabilities per layer, over
+        Engine.router_domains; None when the request named its domain.
     """
 
     text: str | None
     token_ids: list[int]
     finish_reason: str
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)
+    domain: str = "base"
+    layer_domains: list[str] = field(default_factory=list, repr=False)
+    router_probs: list[list[float]] | None = field(default=None, repr=False)
+
+
+def _base_model_of(moa_dir) -> str | Path | None:
+    """The base model a MoA directory names: the default model's name, or a folder
+    (relative paths are taken from the MoA directory)."""
+    base = moa_dir.config.base_model
+    if base in (DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}"):
+        return None
+    path = Path(base)
+    return path if path.is_absolute() else (moa_dir.path / path)
 
 
 def _load_tokenizer(folder: Path):
@@ -68,12 +88,19 @@ class Engine:
     def __init__(
         self,
         model: str | os.PathLike | None = None,
+        experts=None,
         dtype: str = "auto",
         device: str = "cpu",
         max_batch: int = 16,
         max_seq_len: int = 2048,
         max_prefill_tokens: int = 4096,
+        routing: str | None = None,
     ):
+        moa_dir = None
+        if experts is not None and not isinstance(experts, dict):
+            moa_dir = MoADir.load(experts)
+            if model is None:
+                model = _base_model_of(moa_dir)
         self.model_path = resolve_model(model)
         self._core = _C.Engine(
             str(self.model_path),
@@ -85,6 +112,45 @@ class Engine:
         )
         self._tokenizer = None
         self._tokenizer_loaded = False
+        with open(self.model_path / "config.json", encoding="utf-8") as f:
+            self._base_config = json.load(f)
+        self.moa_dir = moa_dir
+        if moa_dir is not None:
+            for expert in moa_dir.load_experts(self._base_config):
+                self._load_expert(expert)
+            if moa_dir.router is not None:
+                strategy = routing or moa_dir.config.router.strategy
+                self._core.set_router(list(moa_dir.config.domains), moa_dir.router, strategy)
+        elif experts:
+            for name, path in experts.items():
+                self.add_expert(name, path)
+        if routing is not None and not self._core.router_domains:
+            raise ValueError(f"routing={routing!r} was given, but the engine has no router")
+
+    # -- experts --------------------------------------------------------------------
+    @property
+    def experts(self) -> list[str]:
+        """The loaded experts' names."""
+        return list(self._core.experts)
+
+    @property
+    def router_domains(self) -> list[str]:
+        """The routers' domains, in the order of Completion.router_probs (empty: no router)."""
+        return list(self._core.router_domains)
+
+    def add_expert(self, name: str, path) -> None:
+        """Loads a PEFT LoRA folder as the expert `name`, while the engine runs: requests
+        from the next step on can name it (and routers that know the name choose it)."""
+        self._load_expert(load_peft_adapter(path, name, self._base_config))
+
+    def remove_expert(self, name: str) -> None:
+        """Unloads an expert. Requests already using it finish with it; new ones cannot
+        name it, and routers stop choosing it."""
+        self._core.remove_expert(name)
+
+    def _load_expert(self, expert) -> None:
+        pieces = [(layer, module, A, B, float(scale)) for (layer, module), (A, B, scale) in expert.targets.items()]
+        self._core.add_expert(expert.name, pieces)
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -119,16 +185,35 @@ class Engine:
         return self._core.weight_bytes
 
     # -- scoring --------------------------------------------------------------------
-    def forward(self, input_ids) -> torch.Tensor:
-        """Scores whole sequences with the generation forward.
+    def forward(self, input_ids, domain=None, return_routing: bool = False):
+        """Scores whole sequences with the generation forward, experts and routing included.
 
         input_ids: [B, T] integer tensor (or [T], or a list of equal-length id lists)
         -> logits [B, T, vocab] float32 ([T, vocab] for a 1-D input).
+        domain: as in generate(): one value or one per row; None routes each row over its
+            tokens (or runs the base model when there are no experts).
+        return_routing: also return each row's routing, as (logits, [RoutingInfo]).
         """
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            return self._core.forward(ids.unsqueeze(0))[0]
-        return self._core.forward(ids)
+        one = ids.dim() == 1
+        if one:
+            ids = ids.unsqueeze(0)
+        logits, routing = self._core.forward(ids, self._domains(domain, ids.shape[0] if ids.dim() else 0))
+        if one:
+            logits = logits[0]
+        return (logits, routing) if return_routing else logits
+
+    @staticmethod
+    def _domains(domain, n: int) -> list[str]:
+        """generate()'s domain argument as one string per request ("" routes)."""
+        if domain is None or isinstance(domain, str):
+            return [domain or ""] * n
+        domains = list(domain)
+        if len(domains) != n:
+            raise ValueError(f"domain: expected one value or one per prompt ({n}), got {len(domains)}")
+        if any(d is not None and not isinstance(d, str) for d in domains):
+            raise ValueError(f"domain: expected names, 'base' or None, got {domain!r}")
+        return [d or "" for d in domains]
 
     # -- generation -----------------------------------------------------------------
     def generate(
@@ -142,6 +227,8 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         chat: bool = False,
         ignore_eos: bool = False,
+        domain=None,
+        routing: str | None = None,
     ) -> list[Completion]:
         """Generates a completion for every prompt, batched continuously.
 
@@ -155,6 +242,11 @@ class Engine:
             depend on what else is in the batch; None draws a random seed.
         stop: strings that end a completion; the text is cut before the first one.
         ignore_eos: keep generating past the model's EOS ids.
+        domain: the expert for every prompt or one per prompt: an expert's name, "base"
+            (no expert) or None (the routers choose at prefill; with no experts loaded,
+            the base model). One batch may mix all of these.
+        routing: the routing strategy for routed prompts ("per_layer", "last", "vote");
+            None uses the MoA directory's.
         Returns a Completion per prompt, in order.
         """
         stops = self._stop_strings(stop)
@@ -163,10 +255,21 @@ class Engine:
             self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos)
             for ids in prompt_ids
         ]
+        for r, d in zip(requests, self._domains(domain, len(requests))):
+            r.domain = d
+            r.routing = routing or ""
         on_token = self._stop_watcher(len(requests), stops) if stops else None
         results = self._core.generate(requests, on_token)
         return [
-            Completion(self._text(r.token_ids, stops), list(r.token_ids), r.finish_reason, ids)
+            Completion(
+                self._text(r.token_ids, stops),
+                list(r.token_ids),
+                r.finish_reason,
+                ids,
+                r.routing.domain,
+                list(r.routing.layer_domains),
+                [list(p) for p in r.routing.router_probs] or None,
+            )
             for r, ids in zip(results, prompt_ids)
         ]
 
@@ -181,6 +284,8 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         chat: bool = False,
         ignore_eos: bool = False,
+        domain: str | None = None,
+        routing: str | None = None,
     ) -> Iterator[str]:
         """Yields the completion of one prompt as text pieces, as tokens are decoded.
 
@@ -193,6 +298,8 @@ class Engine:
         stops = self._stop_strings(stop)
         ids = self._encode(prompt, chat)
         request = self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos)
+        request.domain = self._domains(domain, 1)[0]
+        request.routing = routing or ""
         rid = self._core.submit(request)
         tokens: list[int] = []
         sent = ""

@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <deque>
+#include <map>
 #include <mutex>
+#include <set>
 #include <random>
 #include <unordered_map>
 
@@ -59,6 +61,12 @@ struct Sequence {
   int64_t cached = 0;  // tokens in the slot's KV cache
   std::vector<int64_t> generated;
   bool cancel = false;
+  // Experts: the slot per layer (fixed at submit for a named domain, at prefill when
+  // routed), or empty for the base model.
+  std::vector<int64_t> experts;
+  std::string routing;           // "" (not routed), "per_layer", "last" or "vote"
+  std::vector<float> router_probs;  // [num_layers * n_domains] when routed
+  bool reported = false;         // routing info sent with the first event
 };
 
 bool ends_with(const std::vector<int64_t>& ids, const std::vector<int64_t>& tail) {
@@ -67,7 +75,7 @@ bool ends_with(const std::vector<int64_t>& ids, const std::vector<int64_t>& tail
 
 }  // namespace
 
-
+using engine::Batch;
 
 struct Engine::Impl {
   std::string model_dir;
@@ -85,7 +93,19 @@ struct Engine::Impl {
   // Events of requests that generate() ran alongside its own; the next step() returns them.
   std::vector<StepEvent> pending;
 
+  std::shared_ptr<const engine::AdapterTable> adapters;
+  std::set<int64_t> retiring;  // removed experts' slots, freed once no sequence uses them
+  std::vector<std::string> router_domains;
+  std::vector<at::Tensor> router;
+  std::string strategy = "last";
+
   void validate(const GenerationRequest& r) const;
+  void resolve_domain(Sequence& s) const;
+  void publish_adapters(std::shared_ptr<const engine::AdapterTable> table);
+  void free_retired();
+  void route_first(const std::vector<std::shared_ptr<Sequence>>& seqs);
+  std::shared_ptr<const RoutingInfo> routing_info(const Sequence& s) const;
+  std::vector<std::string> known_domains() const;
   std::vector<StepEvent> step();
   void finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token);
   void release_all(const std::vector<int64_t>& ids);
@@ -114,7 +134,8 @@ void Engine::Impl::validate(const GenerationRequest& r) const {
 }
 
 void Engine::Impl::finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token) {
-  events.push_back({s.id, token, true, reason});
+  events.push_back({s.id, token, true, reason, s.reported ? nullptr : routing_info(s)});
+  s.reported = true;
   if (s.slot >= 0) slots[s.slot].reset();
   s.slot = -1;
 }
@@ -136,12 +157,14 @@ std::vector<StepEvent> Engine::Impl::step() {
   // The batch: one token of every running sequence, then the prompts admitted now.
   engine::Batch batch;
   std::vector<std::shared_ptr<Sequence>> order;
+  free_retired();
   for (auto& s : slots) {
     if (!s) continue;
     batch.tokens.push_back(s->generated.back());
-    batch.seqs.push_back({s->slot, s->cached, 1});
+    batch.seqs.push_back({s->slot, s->cached, 1, s->experts.empty() ? nullptr : s->experts.data()});
     order.push_back(s);
   }
+  std::vector<std::shared_ptr<Sequence>> admitted;
   int64_t budget = options.max_prefill_tokens;
   bool admitted_any = false;
   for (int64_t slot = 0; slot < options.max_batch && !waiting.empty(); ++slot) {
@@ -154,8 +177,18 @@ std::vector<StepEvent> Engine::Impl::step() {
     budget -= n;
     s->slot = slot;
     slots[slot] = s;
+    admitted.push_back(s);
+  }
+  route_first(admitted);  // "last" / "vote": a routing pass decides all layers up front
+  for (auto& s : admitted) {
     batch.tokens.insert(batch.tokens.end(), s->request.prompt.begin(), s->request.prompt.end());
-    batch.seqs.push_back({slot, 0, n});
+    Batch::Seq seq{s->slot, 0, static_cast<int64_t>(s->request.prompt.size()),
+                   s->experts.empty() ? nullptr : s->experts.data()};
+    if (s->routing == "per_layer") {
+      seq.route = true;
+      seq.router_probs = s->router_probs.data();
+    }
+    batch.seqs.push_back(seq);
     order.push_back(s);
   }
   if (order.empty()) return events;
@@ -176,7 +209,8 @@ std::vector<StepEvent> Engine::Impl::step() {
     } else if (static_cast<int64_t>(s.generated.size()) >= r.max_new_tokens) {
       finish(s, FinishReason::kLength, events, token);
     } else {
-      events.push_back({s.id, token, false, FinishReason::kLength});
+      events.push_back({s.id, token, false, FinishReason::kLength, s.reported ? nullptr : routing_info(s)});
+      s.reported = true;
     }
   }
   return events;
@@ -206,6 +240,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   engine::ModelWeights weights = engine::load_weights(model_dir, m.config, m.dtype, at::Device(options.device));
   m.model = std::make_unique<engine::Model>(m.config, std::move(weights), m.dtype, options.max_seq_len);
   m.cache = m.model->make_cache(options.max_batch, options.max_seq_len);
+  m.adapters = std::make_shared<engine::AdapterTable>(m.config, m.dtype);
+  m.model->set_adapters(m.adapters);
   m.slots.resize(options.max_batch);
 }
 
@@ -223,6 +259,7 @@ int64_t Engine::submit(const GenerationRequest& request) {
   s->id = impl_->next_id++;
   s->request = request;
   s->rng = engine::Rng(request.sampling.seed ? *request.sampling.seed : std::random_device{}());
+  impl_->resolve_domain(*s);
   impl_->waiting.push_back(s);
   return s->id;
 }
@@ -252,7 +289,12 @@ bool Engine::idle() const {
 std::vector<GenerationResult> Engine::generate(const std::vector<GenerationRequest>& requests,
                                                const TokenCallback& on_token) {
   std::lock_guard<std::recursive_mutex> lock(impl_->mu);
-  for (const auto& r : requests) impl_->validate(r);  // all or nothing
+  for (const auto& r : requests) {  // all or nothing
+    impl_->validate(r);
+    Sequence probe;
+    probe.request = r;
+    impl_->resolve_domain(probe);
+  }
   std::unordered_map<int64_t, size_t> index;
   std::vector<int64_t> ids;
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -272,6 +314,7 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
         }
         GenerationResult& r = results[it->second];
         if (e.token >= 0) r.token_ids.push_back(e.token);
+        if (e.routing) r.routing = *e.routing;
         bool done = e.finished;
         r.finish_reason = e.finish_reason;
         if (!done && on_token && !on_token(it->second, e.token)) {
@@ -294,7 +337,196 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
   return results;
 }
 
-at::Tensor Engine::forward(const at::Tensor& input_ids) {
+std::vector<std::string> Engine::Impl::known_domains() const {
+  std::vector<std::string> out;
+  for (int64_t i = 0; i < adapters->slots(); ++i)
+    if (!adapters->names()[i].empty() && !retiring.count(i)) out.push_back(adapters->names()[i]);
+  return out;
+}
+
+void Engine::Impl::resolve_domain(Sequence& s) const {
+  const std::string& d = s.request.domain;
+  const int64_t L = config.num_layers;
+  s.experts.clear();
+  s.routing.clear();
+  if (d == "base" || (d.empty() && router.empty() && known_domains().empty())) return;
+  if (d.empty()) {
+    if (router.empty()) {
+      std::string known;
+      for (const auto& n : known_domains()) known += (known.empty() ? "" : ", ") + n;
+      throw_error<InvalidArgument>("the request names no domain and the engine has no router to choose one: "
+                                   "name a domain (known: ", known, ") or 'base'");
+    }
+    s.routing = s.request.routing.empty() ? strategy : s.request.routing;
+    if (s.routing != "per_layer" && s.routing != "last" && s.routing != "vote")
+      throw_error<InvalidArgument>("routing '", s.routing, "' is not a strategy (per_layer, last, vote)");
+    s.experts.assign(L, -1);
+    s.router_probs.assign(L * static_cast<int64_t>(router_domains.size()), 0.0f);
+    return;
+  }
+  const int64_t slot = adapters->slot_of(d);
+  if (slot < 0 || retiring.count(slot)) {
+    std::string known = "base";
+    for (const auto& n : known_domains()) known += ", " + n;
+    throw_error<InvalidArgument>("unknown domain '", d, "' (known: ", known, ")");
+  }
+  s.experts.assign(L, slot);
+}
+
+void Engine::Impl::publish_adapters(std::shared_ptr<const engine::AdapterTable> table) {
+  adapters = std::move(table);
+  model->set_adapters(adapters);
+  if (!router.empty()) {
+    std::vector<int64_t> slots_of;
+    for (const auto& d : router_domains) {
+      const int64_t slot = adapters->slot_of(d);
+      slots_of.push_back(slot >= 0 && !retiring.count(slot) ? slot : -1);
+    }
+    model->set_router(router, slots_of);
+  }
+}
+
+void Engine::Impl::free_retired() {
+  if (retiring.empty()) return;
+  std::set<int64_t> used;
+  auto mark = [&](const std::shared_ptr<Sequence>& s) {
+    if (s)
+      for (int64_t e : s->experts) used.insert(e);
+  };
+  for (const auto& s : slots) mark(s);
+  for (const auto& s : waiting) mark(s);
+  for (auto it = retiring.begin(); it != retiring.end();) {
+    if (used.count(*it)) {
+      ++it;
+      continue;
+    }
+    const int64_t slot = *it;
+    it = retiring.erase(it);
+    publish_adapters(adapters->without_slot(slot));
+  }
+}
+
+void Engine::Impl::route_first(const std::vector<std::shared_ptr<Sequence>>& seqs) {
+  // A routing pass for "last" / "vote": the prompts through every layer with per-layer
+  // routing, no KV cache and no logits; then one expert for all layers.
+  Batch pass;
+  pass.want_logits = false;
+  std::vector<Sequence*> routed;
+  for (const auto& s : seqs) {
+    if (s->routing != "last" && s->routing != "vote") continue;
+    pass.tokens.insert(pass.tokens.end(), s->request.prompt.begin(), s->request.prompt.end());
+    Batch::Seq seq{-1, 0, static_cast<int64_t>(s->request.prompt.size()), s->experts.data()};
+    seq.route = true;
+    seq.router_probs = s->router_probs.data();
+    pass.seqs.push_back(seq);
+    routed.push_back(s.get());
+  }
+  if (routed.empty()) return;
+  model->forward(pass, nullptr);
+  for (Sequence* s : routed) {
+    int64_t choice = s->experts.back();  // "last"
+    if (s->routing == "vote") {  // the most frequent choice; a tie goes to the later layer's
+      std::map<int64_t, int64_t> votes;
+      for (int64_t e : s->experts) ++votes[e];
+      for (auto it = s->experts.rbegin(); it != s->experts.rend(); ++it)
+        if (votes[*it] > votes[choice]) choice = *it;
+    }
+    std::fill(s->experts.begin(), s->experts.end(), choice);
+  }
+}
+
+std::shared_ptr<const RoutingInfo> Engine::Impl::routing_info(const Sequence& s) const {
+  auto info = std::make_shared<RoutingInfo>();
+  const int64_t L = config.num_layers;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t e = s.experts.empty() ? -1 : s.experts[l];
+    info->layer_domains.push_back(e < 0 ? "base" : adapters->names()[e]);
+  }
+  info->domain = info->layer_domains.empty() ? "base" : info->layer_domains[0];
+  for (const auto& d : info->layer_domains)
+    if (d != info->domain) info->domain = "mixed";
+  if (!s.routing.empty()) {
+    const int64_t D = static_cast<int64_t>(router_domains.size());
+    for (int64_t l = 0; l < L; ++l)
+      info->router_probs.emplace_back(s.router_probs.begin() + l * D, s.router_probs.begin() + (l + 1) * D);
+  }
+  return info;
+}
+
+void Engine::add_expert(const std::string& name, const std::vector<LoraWeights>& weights) {
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  static const std::map<std::string, engine::Target> modules = {
+      {"q_proj", engine::Target::q},       {"k_proj", engine::Target::k},   {"v_proj", engine::Target::v},
+      {"o_proj", engine::Target::o},       {"gate_proj", engine::Target::gate},
+      {"up_proj", engine::Target::up},     {"down_proj", engine::Target::down}};
+  engine::LoraPieces pieces;
+  for (const LoraWeights& w : weights) {
+    auto it = modules.find(w.module);
+    if (it == modules.end())
+      throw_error<InvalidArgument>("expert '", name, "': module '", w.module,
+                                   "' is not a target linear (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+    if (!w.lora_a.defined() || !w.lora_b.defined())
+      throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " has no lora_A or lora_B");
+    engine::LoraPiece p{w.lora_a.to(at::kCPU, impl_->dtype).contiguous(), w.lora_b.to(at::kCPU, impl_->dtype).contiguous(), w.scale};
+    if (!pieces.emplace(std::make_pair(w.layer, it->second), p).second)
+      throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " is given twice");
+  }
+  if (impl_->retiring.count(impl_->adapters->slot_of(name))) impl_->free_retired();
+  if (impl_->adapters->slot_of(name) >= 0)
+    throw_error<InvalidArgument>("an expert named '", name, "' is already loaded (remove it first)");
+  impl_->publish_adapters(impl_->adapters->with_expert(name, pieces));
+}
+
+void Engine::remove_expert(const std::string& name) {
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  const int64_t slot = impl_->adapters->slot_of(name);
+  if (slot < 0 || impl_->retiring.count(slot)) {
+    std::string known;
+    for (const auto& n : impl_->known_domains()) known += (known.empty() ? "" : ", ") + n;
+    throw_error<InvalidArgument>("unknown expert '", name, "' (loaded: ", known, ")");
+  }
+  impl_->retiring.insert(slot);
+  impl_->publish_adapters(impl_->adapters);  // routers stop choosing it now
+  impl_->free_retired();                     // frees it at once if no request uses it
+}
+
+std::vector<std::string> Engine::experts() const {
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  return impl_->known_domains();
+}
+
+void Engine::set_router(const std::vector<std::string>& domains, const std::vector<at::Tensor>& weights,
+                        const std::string& strategy) {
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  const ModelConfig& c = impl_->config;
+  if (strategy != "per_layer" && strategy != "last" && strategy != "vote")
+    throw_error<InvalidArgument>("router strategy '", strategy, "' is not one of per_layer, last, vote");
+  if (domains.empty()) throw_error<InvalidArgument>("a router needs at least one domain");
+  if (static_cast<int64_t>(weights.size()) != c.num_layers)
+    throw_error<InvalidArgument>("router: expected one matrix per layer (", c.num_layers, "), got ", weights.size());
+  std::vector<at::Tensor> router;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const at::Tensor& w = weights[l];
+    if (w.dim() != 2 || w.size(0) != static_cast<int64_t>(domains.size()) || w.size(1) != c.hidden_size)
+      throw_error<InvalidArgument>("router layer ", l, ": expected [", domains.size(), ", ", c.hidden_size,
+                                   "] (domains x hidden), got ", w.sizes());
+    router.push_back(w.to(at::kCPU, at::kFloat).contiguous());
+  }
+  impl_->router_domains = domains;
+  impl_->router = std::move(router);
+  impl_->strategy = strategy;
+  impl_->publish_adapters(impl_->adapters);
+}
+
+std::vector<std::string> Engine::router_domains() const {
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  return impl_->router_domains;
+}
+
+at::Tensor Engine::forward(const at::Tensor& input_ids) { return forward(input_ids, {}, nullptr); }
+
+at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::string>& domains,
+                           std::vector<RoutingInfo>* routing) {
   std::lock_guard<std::recursive_mutex> lock(impl_->mu);
   const ModelConfig& c = impl_->config;
   if (input_ids.dim() != 2)
@@ -305,16 +537,41 @@ at::Tensor Engine::forward(const at::Tensor& input_ids) {
   if (T == 0 || B == 0) throw_error<InvalidArgument>("input_ids: expected B > 0 and T > 0, got [", B, ", ", T, "]");
   if (T > impl_->options.max_seq_len)
     throw_error<InvalidArgument>("input_ids: T = ", T, " exceeds max_seq_len (", impl_->options.max_seq_len, ")");
+  if (!domains.empty() && domains.size() != 1 && static_cast<int64_t>(domains.size()) != B)
+    throw_error<InvalidArgument>("domain: expected one value or one per sequence (", B, "), got ", domains.size());
   at::Tensor ids = input_ids.to(at::kCPU, at::kLong).contiguous();
   const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
   if (lo < 0 || hi >= c.vocab_size)
     throw_error<InvalidArgument>("input_ids: token ids must be in [0, ", c.vocab_size, "), got values in [", lo,
                                  ", ", hi, "]");
+  const int64_t* p = ids.data_ptr<int64_t>();
+  // Each row is served like a request: its domain resolved, routed over its tokens.
+  std::vector<std::shared_ptr<Sequence>> rows;
+  for (int64_t b = 0; b < B; ++b) {
+    auto s = std::make_shared<Sequence>();
+    s->request.prompt.assign(p + b * T, p + (b + 1) * T);
+    s->request.domain = domains.empty() ? "" : domains[domains.size() == 1 ? 0 : b];
+    impl_->resolve_domain(*s);
+    rows.push_back(s);
+  }
+  impl_->route_first(rows);
   engine::Batch batch;
   batch.all_logits = true;
-  batch.tokens.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + B * T);
-  for (int64_t b = 0; b < B; ++b) batch.seqs.push_back({-1, 0, T});
-  return impl_->model->forward(batch, nullptr).view({B, T, c.vocab_size});
+  batch.tokens.assign(p, p + B * T);
+  for (auto& s : rows) {
+    engine::Batch::Seq seq{-1, 0, T, s->experts.empty() ? nullptr : s->experts.data()};
+    if (s->routing == "per_layer") {
+      seq.route = true;
+      seq.router_probs = s->router_probs.data();
+    }
+    batch.seqs.push_back(seq);
+  }
+  at::Tensor logits = impl_->model->forward(batch, nullptr).view({B, T, c.vocab_size});
+  if (routing != nullptr) {
+    routing->clear();
+    for (auto& s : rows) routing->push_back(*impl_->routing_info(*s));
+  }
+  return logits;
 }
 
 }  // namespace moa

@@ -16,6 +16,7 @@
 #include "kernels/cpu/decode_avx512.h"
 #include "kernels/cpu/grouped_lora_cpu.h"
 #include "kernels/cpu/transformer_cpu.h"
+#include "moa/ops.h"
 
 // The engine's dtypes: float32, bfloat16 and float16.
 #define MOA_DISPATCH_ENGINE_TYPES(TYPE, NAME, ...)                \
@@ -111,7 +112,13 @@ at::Tensor make_rope_table(const ModelConfig& c, int64_t max_positions) {
 
 Model::Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions)
     : config_(std::move(config)), weights_(std::move(weights)), dtype_(dtype),
-      max_positions_(max_positions), rope_table_(make_rope_table(config_, max_positions)) {}
+      max_positions_(max_positions), rope_table_(make_rope_table(config_, max_positions)),
+      adapters_(std::make_shared<AdapterTable>(config_, dtype)) {}
+
+void Model::set_router(std::vector<at::Tensor> router, std::vector<int64_t> domain_slots) {
+  router_ = std::move(router);
+  router_slots_ = std::move(domain_slots);
+}
 
 KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
   KvCache cache;
@@ -126,10 +133,49 @@ KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
   return cache;
 }
 
-void Model::adapt(int64_t, Target, const at::Tensor&, const at::Tensor&) const {}
+void Model::adapt(int64_t layer, Target target, const at::Tensor& x, const at::Tensor& y,
+                  const at::Tensor& ids) const {
+  if (!ids.defined()) return;
+  const AdapterTable::Stack& s = adapters_->stack(layer, target);
+  if (!s.a.defined()) return;
+  moa::grouped_lora_add_(y, x, s.a, s.b, ids, s.scales);
+}
+
+void Model::route(int64_t layer, const at::Tensor& xn, const Batch& batch) const {
+  const int64_t D = router_domains();
+  int64_t row = 0;
+  for (const Batch::Seq& sq : batch.seqs) {
+    if (sq.route && sq.experts != nullptr) {
+      // The mean of the sequence's normed layer input, scored by this layer's router.
+      const at::Tensor pooled = xn.narrow(0, row, sq.len).to(at::kFloat).mean(0);  // [H]
+      const at::Tensor probs = at::softmax(at::mv(router_[layer], pooled), 0).contiguous();  // [D]
+      const float* p = probs.data_ptr<float>();
+      int64_t best = -1;
+      for (int64_t d = 0; d < D; ++d)
+        if (router_slots_[d] >= 0 && (best < 0 || p[d] > p[best])) best = d;
+      sq.experts[layer] = best < 0 ? -1 : router_slots_[best];
+      if (sq.router_probs != nullptr) std::copy(p, p + D, sq.router_probs + layer * D);
+    }
+    row += sq.len;
+  }
+}
+
+at::Tensor Model::layer_expert_ids(int64_t layer, const Batch& batch) const {
+  bool any = false;
+  for (const Batch::Seq& sq : batch.seqs) any = any || (sq.experts != nullptr && sq.experts[layer] >= 0);
+  if (!any) return at::Tensor();
+  at::Tensor ids = at::empty({static_cast<int64_t>(batch.tokens.size())}, at::kLong);
+  int64_t* p = ids.data_ptr<int64_t>();
+  for (const Batch::Seq& sq : batch.seqs) {
+    const int64_t e = sq.experts != nullptr ? sq.experts[layer] : -1;
+    p = std::fill_n(p, sq.len, e);
+  }
+  return ids;
+}
 
 at::Tensor Model::project(int64_t layer, const at::Tensor& x, const at::Tensor& w,
-                          const at::Tensor& b, std::initializer_list<Target> targets) const {
+                          const at::Tensor& b, std::initializer_list<Target> targets,
+                          const at::Tensor& ids) const {
   at::Tensor y = linear(x, w, b);
   const int64_t block = y.size(1) / static_cast<int64_t>(targets.size());
   int64_t offset = 0;
@@ -138,7 +184,7 @@ at::Tensor Model::project(int64_t layer, const at::Tensor& x, const at::Tensor& 
     int64_t width = block;
     if (t == Target::q) width = config_.num_heads * config_.head_dim;
     if (t == Target::k || t == Target::v) width = config_.num_kv_heads * config_.head_dim;
-    adapt(layer, t, x, y.narrow(1, offset, width));
+    adapt(layer, t, x, y.narrow(1, offset, width), ids);
     offset += width;
   }
   return y;
@@ -151,7 +197,8 @@ struct Model::Scratch {
 };
 
 void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch,
-                            const at::Tensor& positions, KvCache* cache, Scratch& scratch) const {
+                            const at::Tensor& positions, KvCache* cache, Scratch& scratch,
+                            at::Tensor& ids) const {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[layer];
   const int64_t N = h.size(0), H = c.hidden_size, D = c.head_dim;
@@ -162,7 +209,9 @@ void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch,
     using T = scalar_t;
     cpu::rms_norm<T>(h.data_ptr<T>(), H, w.attn_norm.data_ptr<T>(), xn.data_ptr<T>(), H, N, H,
                      static_cast<float>(c.rms_norm_eps));
-    qkv = project(layer, xn, w.wqkv, w.bqkv, {Target::q, Target::k, Target::v});  // [N, Q + 2 KV]
+    if (has_router()) route(layer, xn, batch);
+    ids = layer_expert_ids(layer, batch);
+    qkv = project(layer, xn, w.wqkv, w.bqkv, {Target::q, Target::k, Target::v}, ids);  // [N, Q + 2 KV]
     T* q = qkv.data_ptr<T>();
     const int64_t ld = qkv.stride(0);
     const int64_t* pos = positions.data_ptr<int64_t>();
@@ -218,11 +267,11 @@ void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch,
       shape.kv_head_stride = scratch.k.stride(1);
       cpu::attention<T>(q, ld, attn.data_ptr<T>(), Q, loose.data(), loose.size(), shape);
     }
-    h.add_(project(layer, attn, w.wo, at::Tensor(), {Target::o}));
+    h.add_(project(layer, attn, w.wo, at::Tensor(), {Target::o}, ids));
   });
 }
 
-void Model::mlp_block(int64_t layer, at::Tensor& h) const {
+void Model::mlp_block(int64_t layer, at::Tensor& h, const at::Tensor& ids) const {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[layer];
   const int64_t N = h.size(0), H = c.hidden_size, I = c.intermediate_size;
@@ -232,10 +281,10 @@ void Model::mlp_block(int64_t layer, at::Tensor& h) const {
     using T = scalar_t;
     cpu::rms_norm<T>(h.data_ptr<T>(), H, w.mlp_norm.data_ptr<T>(), xn.data_ptr<T>(), H, N, H,
                      static_cast<float>(c.rms_norm_eps));
-    at::Tensor gu = project(layer, xn, w.w_gate_up, at::Tensor(), {Target::gate, Target::up});
+    at::Tensor gu = project(layer, xn, w.w_gate_up, at::Tensor(), {Target::gate, Target::up}, ids);
     cpu::silu_mul<T>(gu.data_ptr<T>(), gu.stride(0), act.data_ptr<T>(), I, N, I);
   });
-  h.add_(project(layer, act, w.w_down, at::Tensor(), {Target::down}));
+  h.add_(project(layer, act, w.w_down, at::Tensor(), {Target::down}, ids));
 }
 
 at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
@@ -269,9 +318,11 @@ at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
   at::Tensor ids = at::from_blob(const_cast<int64_t*>(batch.tokens.data()), {N}, at::kLong);
   at::Tensor h = weights_.embed.index_select(0, ids);  // [N, H]
   for (int64_t l = 0; l < c.num_layers; ++l) {
-    attention_block(l, h, batch, positions, cache, scratch);
-    mlp_block(l, h);
+    at::Tensor ids;  // [N] expert slot per token at this layer, set after routing
+    attention_block(l, h, batch, positions, cache, scratch, ids);
+    mlp_block(l, h, ids);
   }
+  if (!batch.want_logits) return at::Tensor();
   // Final norm and lm_head on the rows that need logits.
   at::Tensor rows = h;
   if (!batch.all_logits) {

@@ -83,16 +83,28 @@ void bind_engine(py::module_& m) {
       .def_readwrite("max_new_tokens", &moa::GenerationRequest::max_new_tokens)
       .def_readwrite("sampling", &moa::GenerationRequest::sampling)
       .def_readwrite("stop_sequences", &moa::GenerationRequest::stop_sequences)
-      .def_readwrite("ignore_eos", &moa::GenerationRequest::ignore_eos);
+      .def_readwrite("ignore_eos", &moa::GenerationRequest::ignore_eos)
+      .def_readwrite("domain", &moa::GenerationRequest::domain)
+      .def_readwrite("routing", &moa::GenerationRequest::routing);
+
+  py::class_<moa::RoutingInfo>(m, "RoutingInfo", "The expert that served a request, per layer, and the router's probabilities.")
+      .def_readonly("domain", &moa::RoutingInfo::domain)
+      .def_readonly("layer_domains", &moa::RoutingInfo::layer_domains)
+      .def_readonly("router_probs", &moa::RoutingInfo::router_probs);
 
   py::class_<moa::GenerationResult>(m, "GenerationResult", "Generated token ids and why generation ended.")
       .def_readonly("token_ids", &moa::GenerationResult::token_ids)
-      .def_property_readonly("finish_reason", [](const moa::GenerationResult& r) { return moa::to_string(r.finish_reason); });
+      .def_property_readonly("finish_reason", [](const moa::GenerationResult& r) { return moa::to_string(r.finish_reason); })
+      .def_readonly("routing", &moa::GenerationResult::routing);
 
   py::class_<moa::StepEvent>(m, "StepEvent", "A token generated for a request, or its end.")
       .def_readonly("request_id", &moa::StepEvent::request_id)
       .def_readonly("token", &moa::StepEvent::token)
       .def_readonly("finished", &moa::StepEvent::finished)
+      .def_property_readonly("routing", [](const moa::StepEvent& e) -> py::object {
+        if (!e.routing) return py::none();
+        return py::cast(*e.routing);
+      })
       .def_property_readonly("finish_reason", [](const moa::StepEvent& e) -> py::object {
         if (!e.finished) return py::none();
         return py::str(moa::to_string(e.finish_reason));
@@ -137,8 +149,37 @@ void bind_engine(py::module_& m) {
           },
           py::arg("requests"), py::arg("on_token") = py::none(),
           "Runs the requests to completion; on_token(index, token) -> False stops that request.")
-      .def("forward", &moa::Engine::forward, py::arg("input_ids"), py::call_guard<py::gil_scoped_release>(),
-           "input_ids [B, T] -> logits [B, T, vocab] float32.")
+      .def(
+          "forward",
+          [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains) {
+            std::vector<moa::RoutingInfo> routing;
+            at::Tensor logits;
+            {
+              py::gil_scoped_release release;
+              logits = e.forward(input_ids, domains, &routing);
+            }
+            return py::make_tuple(logits, routing);
+          },
+          py::arg("input_ids"), py::arg("domains") = std::vector<std::string>{},
+          "input_ids [B, T] -> (logits [B, T, vocab] float32, [RoutingInfo] per row).")
+      .def(
+          "add_expert",
+          [](moa::Engine& e, const std::string& name, const std::vector<py::tuple>& pieces) {
+            std::vector<moa::LoraWeights> weights;
+            for (const py::tuple& t : pieces) {
+              if (t.size() != 5) throw py::value_error("add_expert: each piece is (layer, module, lora_a, lora_b, scale)");
+              weights.push_back({t[0].cast<int64_t>(), t[1].cast<std::string>(), t[2].cast<at::Tensor>(),
+                                 t[3].cast<at::Tensor>(), t[4].cast<float>()});
+            }
+            py::gil_scoped_release release;
+            e.add_expert(name, weights);
+          },
+          py::arg("name"), py::arg("pieces"), "pieces: [(layer, module, lora_a [r, in], lora_b [out, r], scale)]")
+      .def("remove_expert", &moa::Engine::remove_expert, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("experts", &moa::Engine::experts)
+      .def("set_router", &moa::Engine::set_router, py::arg("domains"), py::arg("weights"), py::arg("strategy"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("router_domains", &moa::Engine::router_domains)
       .def("submit", &moa::Engine::submit, py::arg("request"), py::call_guard<py::gil_scoped_release>())
       .def("step", &moa::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("cancel", &moa::Engine::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())

@@ -67,6 +67,20 @@ struct GenerationRequest {
   // (the ids stay in the output).
   std::vector<std::vector<int64_t>> stop_sequences;
   bool ignore_eos = false;  // do not stop on the model's EOS ids
+  // Which LoRA expert serves the request: an expert's name, "base" (no expert), or ""
+  // to let the routers choose at prefill (with no experts loaded, "" is the base model).
+  std::string domain;
+  // Routing strategy for this request when routed: "" (the engine's), "per_layer",
+  // "last" or "vote".
+  std::string routing;
+};
+
+// How a request was served: its expert per layer and, when routed, the routers'
+// probabilities.
+struct RoutingInfo {
+  std::string domain;                           // the expert, or "base"; "mixed" when per-layer choices differ
+  std::vector<std::string> layer_domains;       // [num_layers]
+  std::vector<std::vector<float>> router_probs; // [num_layers][n_domains]; empty when not routed
 };
 
 enum class FinishReason {
@@ -79,6 +93,17 @@ const char* to_string(FinishReason reason);  // "stop", "length", "cancelled"
 struct GenerationResult {
   std::vector<int64_t> token_ids;  // generated ids only, EOS and stop ids included
   FinishReason finish_reason = FinishReason::kLength;
+  RoutingInfo routing;
+};
+
+// One expert's LoRA weights for one target linear of one layer (PEFT's lora_A.weight,
+// lora_B.weight and alpha / r).
+struct LoraWeights {
+  int64_t layer = 0;
+  std::string module;  // "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+  at::Tensor lora_a;   // [r, in]
+  at::Tensor lora_b;   // [out, r]
+  float scale = 1.0f;
 };
 
 struct EngineOptions {
@@ -95,6 +120,7 @@ struct StepEvent {
   int64_t token = -1;  // -1 when no token came with the event (cancelled)
   bool finished = false;
   FinishReason finish_reason = FinishReason::kLength;  // valid when finished
+  std::shared_ptr<const RoutingInfo> routing;  // on the request's first event
 };
 
 class Engine {
@@ -123,12 +149,28 @@ class Engine {
   // Scores whole sequences with the generation forward: input_ids [B, T] (integer)
   // -> logits [B, T, vocab] float32. Uses no KV-cache slot.
   at::Tensor forward(const at::Tensor& input_ids);
+  // The same with experts: domains holds one value for every row or one per row (an
+  // expert, "base", or "" to route over the row's tokens); routing, when not null,
+  // receives each row's RoutingInfo.
+  at::Tensor forward(const at::Tensor& input_ids, const std::vector<std::string>& domains,
+                     std::vector<RoutingInfo>* routing);
 
   // The step-wise interface generate() runs on.
   int64_t submit(const GenerationRequest& request);  // checks it, queues it; returns its id
   std::vector<StepEvent> step();  // admits waiting requests, prefills them, decodes one token
   void cancel(int64_t request_id);  // finishes it at the next step (no-op if unknown)
   bool idle() const;                // nothing waiting or running
+
+  // Mixture-of-LoRAs experts. Changes apply from the next step; requests in flight keep
+  // the expert they started with (a removed expert's weights stay until they finish).
+  void add_expert(const std::string& name, const std::vector<LoraWeights>& weights);
+  void remove_expert(const std::string& name);  // InvalidArgument if unknown
+  std::vector<std::string> experts() const;      // loaded experts, slot order
+  // Routers: per layer a [domains.size(), hidden] matrix; domains name experts (those
+  // not loaded are never chosen). strategy: "per_layer", "last" or "vote".
+  void set_router(const std::vector<std::string>& domains, const std::vector<at::Tensor>& weights,
+                  const std::string& strategy);
+  std::vector<std::string> router_domains() const;
 
  private:
   struct Impl;
