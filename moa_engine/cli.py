@@ -74,6 +74,14 @@ def _add_generate(subparsers):
     p.add_argument("--file", metavar="FILE", help="read prompts from FILE, one per line")
     p.add_argument("--model", metavar="PATH", help="model folder or .gguf file (default: the embedded default model)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument(
+        "--experts",
+        action="append",
+        metavar="MOA_DIR|NAME=PEFT_DIR",
+        help="a MoA directory, or a named PEFT LoRA folder (repeatable)",
+    )
+    p.add_argument("--domain", help="the expert for every prompt, or 'base' (default: the routers choose)")
+    p.add_argument("--routing", choices=["per_layer", "last", "vote"], help="routing strategy (default: the MoA directory's)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 is off (default)")
@@ -98,6 +106,21 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def _experts_arg(values):
+    """--experts: one MoA directory, or NAME=PEFT_DIR pairs."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    named = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--experts: expected one MoA directory or NAME=PEFT_DIR pairs, got {value!r}")
+        named[name] = path
+    return named
+
+
 def _run_generate(args):
     import json
 
@@ -108,7 +131,14 @@ def _run_generate(args):
         print("moa generate: error: no prompt given (arguments, --file or standard input)", file=sys.stderr)
         return 2
     try:
-        engine = Engine(args.model, dtype=args.dtype, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+        engine = Engine(
+            args.model,
+            experts=_experts_arg(args.experts),
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            routing=args.routing,
+        )
         chat = not args.raw and engine.tokenizer is not None and bool(getattr(engine.tokenizer, "chat_template", None))
         options = dict(
             max_new_tokens=args.max_new_tokens,
@@ -118,6 +148,7 @@ def _run_generate(args):
             seed=args.seed,
             stop=args.stop,
             chat=chat,
+            domain=args.domain,
         )
         if len(prompts) == 1 and not args.json and not args.no_stream:
             for piece in engine.stream(prompts[0], **options):
@@ -130,7 +161,13 @@ def _run_generate(args):
         return 1
     for prompt, c in zip(prompts, completions):
         if args.json:
-            record = {"prompt": prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+            record = {
+                "prompt": prompt,
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason,
+                "domain": c.domain,
+            }
             print(json.dumps(record, ensure_ascii=False))
         else:
             print(c.text if len(prompts) == 1 else f"### {prompt}\n{c.text}\n")
