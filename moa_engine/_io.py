@@ -32,6 +32,11 @@ def _replace_via_temp(path, fill) -> None:
         raise
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` atomically; creates the folder."""
+    _replace_via_temp(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write `text` (UTF-8, "\\n" line ends) to `path` atomically; creates the folder."""
     _replace_via_temp(path, lambda f: f.write(text.encode("utf-8")))

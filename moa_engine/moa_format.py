@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from moa_engine._io import _replace_via_temp, atomic_copy, atomic_write_json
+from moa_engine._io import atomic_copy, atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "moa_config.json"
@@ -765,7 +765,7 @@ def _write_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
     import safetensors.torch
 
     data = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    _replace_via_temp(path, lambda f: f.write(data))
+    atomic_write_bytes(path, data)
 
 
 # ---------------------------------------------------------------------------------------------
