@@ -141,6 +141,8 @@ class Engine:
     def add_expert(self, name: str, path) -> None:
         """Loads a PEFT LoRA folder as the expert `name`, while the engine runs: requests
         from the next step on can name it (and routers that know the name choose it)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an expert needs a non-empty name, got {name!r}")
         self._load_expert(load_peft_adapter(path, name, self._base_config))
 
     def remove_expert(self, name: str) -> None:

@@ -109,6 +109,12 @@ std::shared_ptr<AdapterTable> AdapterTable::with_expert(const std::string& name,
   return next;
 }
 
+std::shared_ptr<AdapterTable> AdapterTable::with_name(int64_t slot, const std::string& name) const {
+  auto next = std::make_shared<AdapterTable>(*this);
+  if (slot >= 0 && slot < slots()) next->names_[slot] = name;
+  return next;
+}
+
 std::shared_ptr<AdapterTable> AdapterTable::without_slot(int64_t slot) const {
   auto next = std::make_shared<AdapterTable>(*this);
   if (slot < 0 || slot >= slots()) return next;

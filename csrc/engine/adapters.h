@@ -49,6 +49,9 @@ class AdapterTable {
   // A new table with `name` in a free slot (or a new one). Checks every piece against
   // the model (layer range, shapes); throws InvalidArgument naming the piece.
   std::shared_ptr<AdapterTable> with_expert(const std::string& name, const LoraPieces& pieces) const;
+  // A new table where the expert in `slot` goes by another name (a removed expert that
+  // requests still use, so that the name can be loaded again).
+  std::shared_ptr<AdapterTable> with_name(int64_t slot, const std::string& name) const;
   // A new table without the expert in `slot` (its weights zeroed, the slot free).
   std::shared_ptr<AdapterTable> without_slot(int64_t slot) const;
 

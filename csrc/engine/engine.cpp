@@ -67,6 +67,7 @@ struct Sequence {
   std::string routing;           // "" (not routed), "per_layer", "last" or "vote"
   std::vector<float> router_probs;  // [num_layers * n_domains] when routed
   bool reported = false;         // routing info sent with the first event
+  std::vector<std::string> layer_names;  // the experts' names when they were fixed
 };
 
 bool ends_with(const std::vector<int64_t>& ids, const std::vector<int64_t>& tail) {
@@ -131,6 +132,12 @@ void Engine::Impl::validate(const GenerationRequest& r) const {
   if (!(s.top_p > 0.0f && s.top_p <= 1.0f)) throw_error<InvalidArgument>("top_p must be in (0, 1], got ", s.top_p);
   for (const auto& stop : r.stop_sequences)
     if (stop.empty()) throw_error<InvalidArgument>("stop sequences must not be empty");
+  if (!r.routing.empty()) {
+    if (r.routing != "per_layer" && r.routing != "last" && r.routing != "vote")
+      throw_error<InvalidArgument>("routing '", r.routing, "' is not a strategy (per_layer, last, vote)");
+    if (router.empty())
+      throw_error<InvalidArgument>("routing '", r.routing, "' was asked for, but the engine has no router");
+  }
 }
 
 void Engine::Impl::finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token) {
@@ -194,6 +201,11 @@ std::vector<StepEvent> Engine::Impl::step() {
   if (order.empty()) return events;
 
   const at::Tensor logits = model->forward(batch, &cache);  // [S, V] float32
+  for (auto& s : admitted) {  // routed experts are fixed now: keep their names
+    if (s->routing.empty()) continue;
+    s->layer_names.clear();
+    for (int64_t e : s->experts) s->layer_names.push_back(e < 0 ? "base" : adapters->names()[e]);
+  }
   const float* lp = logits.data_ptr<float>();
   for (size_t i = 0; i < order.size(); ++i) {
     Sequence& s = *order[i];
@@ -282,7 +294,7 @@ void Engine::cancel(int64_t request_id) {
 
 bool Engine::idle() const {
   std::lock_guard<std::recursive_mutex> lock(impl_->mu);
-  return impl_->waiting.empty() &&
+  return impl_->waiting.empty() && impl_->pending.empty() &&
          std::none_of(impl_->slots.begin(), impl_->slots.end(), [](const auto& s) { return bool(s); });
 }
 
@@ -371,6 +383,7 @@ void Engine::Impl::resolve_domain(Sequence& s) const {
     throw_error<InvalidArgument>("unknown domain '", d, "' (known: ", known, ")");
   }
   s.experts.assign(L, slot);
+  s.layer_names.assign(L, d);
 }
 
 void Engine::Impl::publish_adapters(std::shared_ptr<const engine::AdapterTable> table) {
@@ -440,7 +453,11 @@ std::shared_ptr<const RoutingInfo> Engine::Impl::routing_info(const Sequence& s)
   const int64_t L = config.num_layers;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t e = s.experts.empty() ? -1 : s.experts[l];
-    info->layer_domains.push_back(e < 0 ? "base" : adapters->names()[e]);
+    if (!s.layer_names.empty()) {
+      info->layer_domains.push_back(s.layer_names[l]);
+    } else {
+      info->layer_domains.push_back(e < 0 ? "base" : adapters->names()[e]);
+    }
   }
   info->domain = info->layer_domains.empty() ? "base" : info->layer_domains[0];
   for (const auto& d : info->layer_domains)
@@ -471,7 +488,6 @@ void Engine::add_expert(const std::string& name, const std::vector<LoraWeights>&
     if (!pieces.emplace(std::make_pair(w.layer, it->second), p).second)
       throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " is given twice");
   }
-  if (impl_->retiring.count(impl_->adapters->slot_of(name))) impl_->free_retired();
   if (impl_->adapters->slot_of(name) >= 0)
     throw_error<InvalidArgument>("an expert named '", name, "' is already loaded (remove it first)");
   impl_->publish_adapters(impl_->adapters->with_expert(name, pieces));
@@ -486,7 +502,8 @@ void Engine::remove_expert(const std::string& name) {
     throw_error<InvalidArgument>("unknown expert '", name, "' (loaded: ", known, ")");
   }
   impl_->retiring.insert(slot);
-  impl_->publish_adapters(impl_->adapters);  // routers stop choosing it now
+  // Requests using it keep it under a name no request can give, so `name` can be loaded again.
+  impl_->publish_adapters(impl_->adapters->with_name(slot, name + " (removed)"));  // routers stop choosing it
   impl_->free_retired();                     // frees it at once if no request uses it
 }
 
