@@ -200,7 +200,11 @@ class Engine:
         one = ids.dim() == 1
         if one:
             ids = ids.unsqueeze(0)
-        logits, routing = self._core.forward(ids, self._domains(domain, ids.shape[0] if ids.dim() else 0))
+        domains = self._domains(domain, ids.shape[0] if ids.dim() else 0)
+        if return_routing:
+            logits, routing = self._core.forward_with_routing(ids, domains)
+        else:
+            logits, routing = self._core.forward(ids, domains), None
         if one:
             logits = logits[0]
         return (logits, routing) if return_routing else logits

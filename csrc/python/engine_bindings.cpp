@@ -152,6 +152,14 @@ void bind_engine(py::module_& m) {
       .def(
           "forward",
           [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains) {
+            py::gil_scoped_release release;
+            return e.forward(input_ids, domains, nullptr);
+          },
+          py::arg("input_ids"), py::arg("domains") = std::vector<std::string>{},
+          "input_ids [B, T] -> logits [B, T, vocab] float32; domains: one or one per row ('' routes).")
+      .def(
+          "forward_with_routing",
+          [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains) {
             std::vector<moa::RoutingInfo> routing;
             at::Tensor logits;
             {
