@@ -439,22 +439,9 @@ def load_op():
 
 def measure_ceiling(args, when):
     """The copy bandwidth, with how busy other processes kept the CPU meanwhile."""
-    with timing.OtherLoad() as other_load:
-        copy = timing.measure_copy_bandwidth(args.device, repeats=5 if args.quick else 10)
-    copy["other_load_cores"] = other_load.cores
+    copy = timing.copy_ceiling(args.device, repeats=5 if args.quick else 10)
     print(f"copy bandwidth ({when}): {copy['gb_per_s']:.1f} GB/s (read + write)", flush=True)
     return copy
-
-
-def combine_ceilings(start, end):
-    """Bandwidth drifts with the machine's neighbours: measure before and after the rows and
-    quote the op against the higher figure (the conservative choice)."""
-    return {
-        "gb_per_s": max(start["gb_per_s"], end["gb_per_s"]),
-        "definition": timing.COPY_BANDWIDTH_DEFINITION + "; the higher of the start and end runs",
-        "start": start,
-        "end": end,
-    }
 
 
 def run_all(args):
@@ -511,7 +498,7 @@ def main(argv=None):
     print(f"torch {env['torch']}, {env['threads']} threads, {env['device_name']}, cache {args.cache}")
     copy_start = measure_ceiling(args, "start")
     rows = run_all(args)
-    copy = combine_ceilings(copy_start, measure_ceiling(args, "end"))
+    copy = timing.combine_copy_ceilings(copy_start, measure_ceiling(args, "end"))
     add_copy_fractions(rows, copy["gb_per_s"])
     goals = evaluate_goals(rows, args.device)
     print()
