@@ -257,13 +257,11 @@ class Engine:
         """
         stops = self._stop_strings(stop)
         prompt_ids = [self._encode(p, chat) for p in self._prompt_list(prompts)]
+        domains = self._domains(domain, len(prompt_ids))
         requests = [
-            self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos)
-            for ids in prompt_ids
+            self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos, d, routing)
+            for ids, d in zip(prompt_ids, domains)
         ]
-        for r, d in zip(requests, self._domains(domain, len(requests))):
-            r.domain = d
-            r.routing = routing or ""
         on_token = self._stop_watcher(len(requests), stops) if stops else None
         results = self._core.generate(requests, on_token)
         return [
@@ -303,9 +301,9 @@ class Engine:
             raise ValueError(f"stream() needs a tokenizer, and {self.model_path} has none")
         stops = self._stop_strings(stop)
         ids = self._encode(prompt, chat)
-        request = self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos)
-        request.domain = self._domains(domain, 1)[0]
-        request.routing = routing or ""
+        request = self._request(
+            ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos, self._domains(domain, 1)[0], routing
+        )
         rid = self._core.submit(request)
         tokens: list[int] = []
         sent = ""
@@ -383,8 +381,10 @@ class Engine:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _request(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos):
+    def _request(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos, domain, routing):
         r = _C.GenerationRequest()
+        r.domain = domain
+        r.routing = routing or ""
         r.prompt = ids
         r.max_new_tokens = int(max_new_tokens)
         r.sampling.temperature = float(temperature)
