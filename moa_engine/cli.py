@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from moa_engine.data.cli import add_data_subcommand
+from moa_engine.training.cli import add_add_domain_subcommand, add_train_subcommands
 
 
 def _add_demo(subparsers):
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_generate(subparsers)
     add_data_subcommand(subparsers)
+    add_train_subcommands(subparsers)
+    add_add_domain_subcommand(subparsers)
     return parser
 
 

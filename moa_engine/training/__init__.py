@@ -1,0 +1,21 @@
+"""Mixture-of-LoRAs training: LoRA experts per domain (stage 1), label-supervised routers
+(stage 2) and adding a domain, on a frozen HF causal LM. See stages.py for the method."""
+
+from .dataset import Example, encode_records
+from .modules import MoALinear, MoAModel
+from .stages import DataOptions, ExpertOptions, add_domain, train_experts, train_router
+from .trainer import TrainConfig, TrainingDiverged
+
+__all__ = [
+    "DataOptions",
+    "Example",
+    "ExpertOptions",
+    "MoALinear",
+    "MoAModel",
+    "TrainConfig",
+    "TrainingDiverged",
+    "add_domain",
+    "encode_records",
+    "train_experts",
+    "train_router",
+]

@@ -1,0 +1,208 @@
+"""`moa train experts`, `moa train router` and `moa add-domain`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moa_engine.moa_format import TARGET_MODULES
+
+
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _targets(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TARGET_MODULES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown target module(s) {unknown or text!r}; choose from {','.join(TARGET_MODULES)}")
+    return tuple(names)
+
+
+def _common(p, lr: float, steps_help: str):
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, metavar="N", help=steps_help)
+    length.add_argument("--epochs", type=_positive_float, metavar="E", help="passes over each domain's examples")
+    g.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="samples per domain per step (default 8)")
+    g.add_argument("--micro-batch", type=_positive_int, default=None, metavar="M", help="sequences per forward (gradient accumulation; default: the whole step)")
+    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warmup steps (default 0); then cosine decay")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="clip each expert's / the routers' gradient norm (default 1.0)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
+                   help="float32; bfloat16 autocast (float32 weights); float64 (for checks)")  # fmt: skip
+    g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="write a checkpoint every N steps (default 50; 0: never)")
+    g.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="default: <output>.train/<stage>")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    g.add_argument("--log", default=None, metavar="FILE", help="JSONL training log (default: <checkpoint dir>/log.jsonl)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("data")
+    d.add_argument("--max-len", type=_positive_int, default=512, metavar="T", help="tokens per example (default 512)")
+    d.add_argument("--overlong", choices=["truncate", "drop"], default="truncate", help="what to do with longer examples (default truncate)")
+    d.add_argument("--pack", action="store_true", help="pack text records into --max-len blocks")
+    d.add_argument("--val-fraction", type=float, default=0.0, metavar="F", help="hold out this share of the records for a validation figure (default 0)")
+
+
+def _train_config(args, default_steps: int):
+    from moa_engine.training import TrainConfig
+
+    steps = args.steps if args.steps is not None or args.epochs is not None else default_steps
+    return TrainConfig(
+        batch=args.batch, steps=steps, epochs=args.epochs, lr=args.lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, optimizer=args.optimizer,
+        micro_batch=args.micro_batch, seed=args.seed, dtype=args.dtype, device=args.device,
+        grad_checkpointing=args.grad_checkpointing, checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume, log_path=args.log, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def _data_options(args):
+    from moa_engine.training import DataOptions
+
+    return DataOptions(max_len=args.max_len, overlong=args.overlong, pack=args.pack, val_fraction=args.val_fraction)
+
+
+def _expert_args(p):
+    g = p.add_argument_group("experts")
+    g.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default 16)")
+    g.add_argument("--alpha", type=_positive_float, default=32.0, help="LoRA alpha (default 32)")
+    g.add_argument("--targets", type=_targets, default=TARGET_MODULES, metavar="M,M",
+                   help="target modules (default all: " + ",".join(TARGET_MODULES) + ")")  # fmt: skip
+    g.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(rank)")
+
+
+def add_train_subcommands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train LoRA experts (stage 1) or routers (stage 2)")
+    stages = train.add_subparsers(dest="stage", required=True)
+
+    p = stages.add_parser(
+        "experts", help="stage 1: one LoRA expert per domain",
+        description="Trains one LoRA expert per domain found in the data on a frozen base model, and writes "
+        "a MoA directory (experts only). All domains train at once in mixed-domain batches (each sample "
+        "through its domain's expert, the loss summed per domain), or one after another with --sequential; "
+        "both give the same experts.",
+    )  # fmt: skip
+    p.add_argument("--model", default=None, help="base model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, metavar="DATA.jsonl", help="records {domain, prompt, response} or {domain, text}")
+    p.add_argument("--out", required=True, metavar="MOA_DIR")
+    p.add_argument("--domains", default=None, metavar="A,B", help="the domains, in router order (default: as first seen)")
+    p.add_argument("--sequential", action="store_true", help="train one domain at a time")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing MoA_DIR")
+    _expert_args(p)
+    _common(p, 2e-4, "steps per domain (default 100)")
+    p.set_defaults(func=_run_experts)
+
+    p = stages.add_parser(
+        "router", help="stage 2: per-layer routers supervised by the domain labels",
+        description="Trains a router at each decoder layer's input to predict the sample's domain "
+        "(L = L_LM + eta * mean_l CE), with the forward routed by the label. The experts stay frozen "
+        "unless --joint. Writes router.safetensors into the MoA directory (atomically).",
+    )  # fmt: skip
+    p.add_argument("--moa", required=True, metavar="MOA_DIR")
+    p.add_argument("--data", required=True, metavar="DATA.jsonl")
+    p.add_argument("--eta", type=_positive_float, default=None, help="weight of the routers' loss (default: moa_config.json's)")
+    p.add_argument("--joint", action="store_true", help="tune the experts together with the routers")
+    p.add_argument("--expert-lr", type=_positive_float, default=None, help="experts' learning rate with --joint (default lr / 10)")
+    p.add_argument("--strategy", choices=["last", "per_layer", "vote"], default=None, help="serving strategy recorded in moa_config.json")
+    _common(p, 1e-3, "steps (default 100)")
+    p.set_defaults(func=_run_router)
+
+
+def add_add_domain_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "add-domain", help="add a domain to a MoA directory without retraining the old experts",
+        description="Trains the new domain's expert alone, widens every router by one output and retrains "
+        "the routers only (on --router-data, a sample of the old domains, plus the new data). The old "
+        "experts' files are not changed.",
+    )  # fmt: skip
+    p.add_argument("--moa", required=True, metavar="MOA_DIR")
+    p.add_argument("--domain", required=True, metavar="NAME")
+    p.add_argument("--data", required=True, metavar="NEW.jsonl", help="records of the new domain")
+    p.add_argument("--router-data", default=None, metavar="OLD_SAMPLE.jsonl", help="records of the old domains (needed when the directory has routers)")
+    p.add_argument("--router-steps", type=_positive_int, default=None, help="router steps (default: --steps)")
+    p.add_argument("--router-lr", type=_positive_float, default=1e-3)
+    _expert_args(p)
+    _common(p, 2e-4, "expert steps (default 100)")
+    p.set_defaults(func=_run_add_domain)
+
+
+def _report(summary: dict) -> None:
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _errors():
+    from moa_engine.training import TrainingDiverged
+
+    return (OSError, ValueError, TrainingDiverged)
+
+
+def _run_experts(args) -> int:
+    from moa_engine.training import ExpertOptions, train_experts
+
+    try:
+        domains = args.domains.split(",") if args.domains else None
+        summary = train_experts(
+            args.data, args.out, model=args.model, cfg=_train_config(args, 100),
+            expert=ExpertOptions(args.rank, args.alpha, args.targets, args.rslora), data_opts=_data_options(args),
+            domains=domains, sequential=args.sequential, overwrite=args.overwrite,
+        )  # fmt: skip
+    except _errors() as exc:
+        print(f"moa train experts: error: {exc}", file=sys.stderr)
+        return 1
+    _report(summary)
+    return 0
+
+
+def _run_router(args) -> int:
+    from moa_engine.training import train_router
+
+    try:
+        summary = train_router(
+            args.moa, args.data, cfg=_train_config(args, 100), eta=args.eta, joint=args.joint,
+            expert_lr=args.expert_lr, data_opts=_data_options(args), strategy=args.strategy,
+        )  # fmt: skip
+    except _errors() as exc:
+        print(f"moa train router: error: {exc}", file=sys.stderr)
+        return 1
+    _report(summary)
+    return 0
+
+
+def _run_add_domain(args) -> int:
+    from dataclasses import replace
+
+    from moa_engine.training import ExpertOptions, add_domain
+
+    try:
+        cfg = _train_config(args, 100)
+        router_cfg = replace(cfg, lr=args.router_lr, steps=args.router_steps or cfg.steps, epochs=None if (args.router_steps or cfg.steps) else cfg.epochs,
+                             checkpoint_dir=None, log_path=None)  # fmt: skip
+        expert = None
+        if any(a != d for a, d in ((args.rank, 16), (args.alpha, 32.0), (args.targets, TARGET_MODULES), (args.rslora, False))):
+            expert = ExpertOptions(args.rank, args.alpha, args.targets, args.rslora)
+        summary = add_domain(
+            args.moa, args.domain, args.data, router_data=args.router_data, cfg=cfg, router_cfg=router_cfg,
+            expert=expert, data_opts=_data_options(args),
+        )  # fmt: skip
+    except _errors() as exc:
+        print(f"moa add-domain: error: {exc}", file=sys.stderr)
+        return 1
+    _report(summary)
+    return 0

@@ -1,0 +1,527 @@
+"""The training stages of Mixture-of-LoRAs, each producing a MoA directory.
+
+  train_experts  stage 1: one LoRA expert per domain; all domains in one run (mixed batches,
+                 each sample through its domain's expert) or one after another (sequential).
+  train_router   stage 2: per-layer routers from the domain labels,
+                 L = L_LM + eta * mean_l CE(router_l(pooled input of layer l), domain);
+                 experts frozen, or tuned with the routers (joint).
+  add_domain     a new expert trained alone, every router widened by one output, the routers
+                 retrained; the existing experts' files are not rewritten.
+
+The loss of stage 1 is the sum over domains of each domain's mean token loss: expert d's gradient
+is that of its own domain's mean loss, exactly as if it were trained alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moa_engine.data.records import Record, domains_of, read_records, split_records
+from moa_engine.moa_format import (
+    ADAPTER_CONFIG,
+    TARGET_MODULES,
+    MoAConfig,
+    MoADir,
+    RouterConfig,
+    load_peft_adapter,
+)
+
+from .dataset import EncodeReport, Example, encode_records, examples_digest, steps_for
+from .modules import MoAModel
+from .trainer import Group, Plan, TrainConfig, config_fingerprint, init_distributed, train, world
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_base(model=None, cfg: TrainConfig | None = None):
+    """(HF causal LM, tokenizer, model folder, the name to record as base_model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moa_engine.models import DEFAULT_MODEL, resolve_model
+
+    folder = resolve_model(model)
+    dtype = torch.float64 if cfg is not None and cfg.dtype == "float64" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    hf.config.use_cache = False
+    tokenizer = None
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    name = f"HuggingFaceTB/{DEFAULT_MODEL}" if model is None else str(Path(folder).resolve())
+    if cfg is not None:
+        hf.to(cfg.device)
+        if cfg.grad_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return hf, tokenizer, folder, name
+
+
+def base_of_moa(moa: MoADir):
+    """The model argument for a MoA directory's base_model (None: the default model)."""
+    from moa_engine.engine import _base_model_of
+
+    return _base_model_of(moa)
+
+
+def as_records(data) -> list[Record]:
+    """A JSONL path, or a list of Records / record dicts."""
+    if isinstance(data, (str, Path)):
+        return read_records(data)
+    return [r if isinstance(r, Record) else Record.from_dict(r) for r in data]
+
+
+@dataclass
+class DataOptions:
+    max_len: int = 512
+    overlong: str = "truncate"  # truncate | drop
+    pack: bool = False
+    val_fraction: float = 0.0  # > 0: hold out this share of the records (deterministic split)
+
+
+def prepare(records: list[Record], tokenizer, opts: DataOptions, seed: int, domains=None):
+    """(train examples by domain, val examples by domain, report). The split is by record
+    content and seed (data.records.split_records)."""
+    if tokenizer is None:
+        raise ValueError("the model folder has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    domains = domains_of(records, domains)
+    if opts.val_fraction > 0:
+        train_records, val_records = split_records(records, opts.val_fraction, seed)
+    else:
+        train_records, val_records = records, []
+    if not train_records:
+        raise ValueError("no training records")
+    train_examples, report = encode_records(train_records, tokenizer, opts.max_len, opts.overlong, opts.pack)
+    val_examples = []
+    if val_records:
+        val_examples, _ = encode_records(val_records, tokenizer, opts.max_len, "truncate", False)
+    by_domain = {d: [e for e in train_examples if e.domain == d] for d in domains}
+    empty = [d for d, ex in by_domain.items() if not ex]
+    if empty:
+        raise ValueError(f"domain(s) {empty} have no training examples (all went to validation?)")
+    val = {d: [e for e in val_examples if e.domain == d] for d in domains}
+    return by_domain, val, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_loss(module, hidden, batch, norms, expert_of_row=None):
+    """Sum over domains of (domain's summed token CE / its global token count), and the per-domain
+    sums. The LM head runs on the scored positions only."""
+    sel = batch.labels != -100
+    D = len(norms["tokens"])
+    if not bool(sel.any()):
+        return hidden.sum() * 0.0, torch.zeros(D)
+    logits = module.lm_logits(hidden[sel]).float()
+    token_loss = F.cross_entropy(logits, batch.labels[sel], reduction="none")
+    rows = torch.tensor(batch.domains, device=hidden.device)
+    token_domain = rows[:, None].expand_as(batch.labels)[sel]
+    sums = torch.zeros(D, dtype=token_loss.dtype, device=hidden.device).index_add(0, token_domain, token_loss)
+    counts = norms["tokens"].to(sums.device, sums.dtype)
+    loss = (sums / counts.clamp_min(1)).sum()
+    return loss, sums.detach()
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def stage1_loss(expert_of_domain: list[int]):
+    def loss_fn(model, batch, norms):
+        experts = [expert_of_domain[d] for d in batch.domains]
+        hidden, _ = model(batch.input_ids, batch.attention_mask, experts)
+        loss, sums = lm_loss(_unwrap(model), hidden, batch, norms)
+        return loss, {"lm_sum": sums}
+
+    return loss_fn
+
+
+def stage2_loss(expert_of_domain: list[int], router_label: list[int], eta: float, joint: bool):
+    """L = L_LM + eta * mean over layers of the routers' CE; L_LM is the mean over domains of the
+    per-domain mean token loss (only computed when the experts train: it has no gradient for the
+    routers, which do not change the label-routed forward)."""
+
+    def loss_fn(model, batch, norms):
+        module = _unwrap(model)
+        experts = [expert_of_domain[d] for d in batch.domains]
+        hidden, router_logits = model(batch.input_ids, batch.attention_mask, experts, batch.route_mask)
+        labels = torch.tensor([router_label[d] for d in batch.domains], device=hidden.device)
+        D = len(norms["samples"])
+        per_sample = torch.stack([F.cross_entropy(lg, labels, reduction="none") for lg in router_logits]).mean(0)
+        rows = torch.tensor(batch.domains, device=hidden.device)
+        router_sums = torch.zeros(D, dtype=per_sample.dtype, device=hidden.device).index_add(0, rows, per_sample)
+        n_samples = norms["samples"].sum().to(per_sample.dtype)
+        loss = eta * per_sample.sum() / n_samples
+        correct = (router_logits[-1].argmax(-1) == labels).to(per_sample.dtype)
+        metrics = {
+            "router_sum": router_sums.detach(),
+            "router_correct": torch.zeros(D, dtype=per_sample.dtype).index_add(0, rows.cpu(), correct.detach().cpu()),
+        }
+        if joint:
+            active = int((norms["tokens"] > 0).sum())
+            lm, sums = lm_loss(module, hidden, batch, norms)
+            loss = loss + lm / max(1, active)
+            metrics["lm_sum"] = sums
+        return loss, metrics
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertOptions:
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = TARGET_MODULES
+    use_rslora: bool = False
+
+
+def expert_seed(seed: int, domain: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"expert:{seed}:{domain}".encode()).digest()[:8], "big") >> 1
+
+
+def _wrap_ddp(module, cfg: TrainConfig):
+    if world()[1] <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _ckpt_cfg(cfg: TrainConfig, out: Path, what: str) -> TrainConfig:
+    """Default checkpoint folder: <out>.train/<what>; default log: <that folder>/log.jsonl."""
+    from dataclasses import replace
+
+    folder = cfg.checkpoint_dir or str(Path(f"{out}.train") / what)
+    return replace(cfg, checkpoint_dir=folder, log_path=cfg.log_path or str(Path(folder) / "log.jsonl"))
+
+
+def _finish_checkpoints(cfg: TrainConfig) -> None:
+    """A finished run's checkpoint is of no further use; its log stays."""
+    if world()[0] == 0 and cfg.checkpoint_dir:
+        ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt"
+        if ckpt.exists():
+            ckpt.unlink()
+
+
+def train_experts(
+    data,
+    out,
+    model=None,
+    cfg: TrainConfig | None = None,
+    expert: ExpertOptions | None = None,
+    data_opts: DataOptions | None = None,
+    domains=None,
+    sequential: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Stage 1: one LoRA expert per domain of `data` (a JSONL path or records), written as a MoA
+    directory at `out` (experts only, no router). Returns a summary dict."""
+    cfg = cfg or TrainConfig(steps=100)
+    expert = expert or ExpertOptions()
+    data_opts = data_opts or DataOptions()
+    out = Path(out)
+    if out.exists() and not overwrite and not cfg.resume:
+        raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
+    cfg.device = init_distributed(cfg.device)
+    cfg = _ckpt_cfg(cfg, out, "experts")
+    cfg.check()
+    torch.manual_seed(cfg.seed)
+    hf, tokenizer, folder, base_name = load_base(model, cfg)
+    records = as_records(data)
+    train_ex, val_ex, report = prepare(records, tokenizer, data_opts, cfg.seed, domains)
+    names = list(train_ex)
+    module = MoAModel(hf, expert.targets)
+    for d in names:  # each expert's initialisation depends on (seed, its name) only
+        module.add_expert(d, expert.rank, expert.alpha, seed=expert_seed(cfg.seed, d), use_rslora=expert.use_rslora)
+    module.to(cfg.device)
+    steps = {d: steps_for(len(train_ex[d]), cfg.batch, cfg.steps, cfg.epochs) for d in names}
+    fingerprint = config_fingerprint(
+        cfg, stage="experts", data=examples_digest([e for d in names for e in train_ex[d]]),
+        rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential,
+    )  # fmt: skip
+    groups = [Group(d, module.expert_parameters(d), steps[d], cfg.lr) for d in names]
+    records_log = []
+    if sequential:
+        # One domain at a time: the same steps, each expert alone (one checkpoint folder each).
+        from dataclasses import replace
+
+        for i, d in enumerate(names):
+            sub = replace(cfg, checkpoint_dir=str(Path(cfg.checkpoint_dir) / d), log_path=str(Path(cfg.checkpoint_dir) / d / "log.jsonl"))
+            plan = Plan({d: train_ex[d]}, {d: steps[d]}, {x: k for k, x in enumerate(names)}, {**fingerprint, "domain": d})
+            records_log += train(_wrap_ddp(module, sub), [groups[i]], plan, stage1_loss(list(range(len(names)))), sub, module)
+            _finish_checkpoints(sub)
+    else:
+        plan = Plan(train_ex, steps, {d: k for k, d in enumerate(names)}, fingerprint)
+        records_log = train(_wrap_ddp(module, cfg), groups, plan, stage1_loss(list(range(len(names)))), cfg, module)
+    val_loss = evaluate_lm(module, val_ex, names, cfg) if any(val_ex.values()) else {}
+    if world()[0] == 0:
+        config = MoAConfig(base_model=base_name, domains=names, target_modules=list(module.target_modules))
+        with tempfile.TemporaryDirectory() as scratch:
+            folders = {d: module.save_expert(d, Path(scratch) / d, base_name) for d in names}
+            MoADir.save(out, config, folders, overwrite=True)
+    _finish_checkpoints(cfg)
+    return {"out": str(out), "domains": names, "steps": steps, "data": report.summary(), "val_loss": val_loss,
+            "log": cfg.log_path, "final": records_log[-1] if records_log else None}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
+    """Mean token loss per domain on held-out examples, each through its own domain's expert."""
+    from .dataset import collate
+
+    out = {}
+    index = {d: k for k, d in enumerate(names)}
+    for d, examples in val.items():
+        if not examples:
+            continue
+        total, count = 0.0, 0
+        for i in range(0, len(examples), batch):
+            b = collate(examples[i : i + batch], index, 0)
+            hidden, _ = module(b.input_ids.to(cfg.device), b.attention_mask.to(cfg.device), [module.expert_index(d)] * len(b.domains))
+            sel = b.labels.to(cfg.device) != -100
+            logits = module.lm_logits(hidden[sel]).float()
+            total += float(F.cross_entropy(logits, b.labels.to(cfg.device)[sel], reduction="sum"))
+            count += int(sel.sum())
+        out[d] = total / max(1, count)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_moa_model(moa: MoADir, cfg: TrainConfig):
+    hf, tokenizer, folder, _ = load_base(base_of_moa(moa), cfg)
+    with open(Path(folder) / "config.json", encoding="utf-8") as f:
+        base_config = json.load(f)
+    module = MoAModel(hf, moa.config.target_modules)
+    for e in moa.load_experts(base_config):
+        module.load_expert(e)
+    module.to(cfg.device)
+    return module, tokenizer
+
+
+def train_router(
+    moa_dir,
+    data,
+    cfg: TrainConfig | None = None,
+    eta: float | None = None,
+    joint: bool = False,
+    expert_lr: float | None = None,
+    data_opts: DataOptions | None = None,
+    strategy: str | None = None,
+    out=None,
+    init_from_existing: bool = False,
+) -> dict:
+    """Stage 2: train the routers of `moa_dir` on `data` (records of its domains, sampled
+    balanced per domain), experts frozen or tuned too (joint). Writes the MoA directory (in
+    place, atomically, unless `out`)."""
+    cfg = cfg or TrainConfig(steps=100, lr=1e-3)
+    data_opts = data_opts or DataOptions()
+    moa = MoADir.load(moa_dir)
+    out = Path(out) if out is not None else moa.path
+    cfg.device = init_distributed(cfg.device)
+    cfg = _ckpt_cfg(cfg, out, "router")
+    cfg.check()
+    torch.manual_seed(cfg.seed)
+    eta = moa.config.eta if eta is None else eta
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
+        raise ValueError(f"eta must be a positive number, got {eta!r}")
+    module, tokenizer = _load_moa_model(moa, cfg)
+    domains = list(moa.config.domains)
+    records = [r for r in as_records(data)]
+    unknown = sorted({r.domain for r in records} - set(domains))
+    if unknown:
+        raise ValueError(f"records of domain(s) {unknown} that the MoA directory does not have (domains: {domains})")
+    present = [d for d in domains if any(r.domain == d for r in records)]
+    if len(present) < 2:
+        raise ValueError(f"router training needs records of at least 2 domains; got {present}")
+    train_ex, val_ex, report = prepare(records, tokenizer, data_opts, cfg.seed, present)
+    if init_from_existing and moa.router is not None:
+        module.set_routers(domains, moa.router)  # e.g. widened routers: old rows kept
+    else:
+        module.set_routers(domains)
+    groups = [Group("routers", list(module.routers), 0, cfg.lr)]
+    steps = {d: steps_for(len(train_ex[d]), cfg.batch, cfg.steps, cfg.epochs) for d in present}
+    groups[0].steps = max(steps.values())
+    if joint:
+        elr = expert_lr if expert_lr is not None else cfg.lr / 10
+        groups += [Group(d, module.expert_parameters(d), steps[d], elr) for d in present]
+    index = {d: k for k, d in enumerate(domains)}
+    fingerprint = config_fingerprint(
+        cfg, stage="router", data=examples_digest([e for d in present for e in train_ex[d]]), eta=eta,
+        joint=joint, expert_lr=expert_lr, domains=domains,
+    )  # fmt: skip
+    plan = Plan(train_ex, steps, index, fingerprint)
+    expert_of_domain = [module.expert_index(d) for d in domains]
+    log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint), cfg, module)
+    accuracy = router_accuracy(module, val_ex, domains, cfg) if any(val_ex.values()) else {}
+    if world()[0] == 0:
+        config = MoAConfig(
+            base_model=moa.config.base_model, domains=domains, target_modules=list(moa.config.target_modules),
+            router=RouterConfig(moa.config.router.pooling, strategy or moa.config.router.strategy), eta=float(eta),
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as scratch:
+            experts = dict(moa.expert_paths)
+            if joint:
+                for d in present:
+                    adapter_config = json.loads((moa.expert_paths[d] / ADAPTER_CONFIG).read_text())
+                    experts[d] = module.save_expert(d, Path(scratch) / d, moa.config.base_model, adapter_config)
+            MoADir.save(out, config, experts, router=list(module.routers), overwrite=True)
+    _finish_checkpoints(cfg)
+    return {"out": str(out), "domains": domains, "steps": groups[0].steps, "data": report.summary(),
+            "val_router_accuracy": accuracy, "log": cfg.log_path, "final": log[-1] if log else None}  # fmt: skip
+
+
+@torch.no_grad()
+def router_accuracy(module: MoAModel, val: dict[str, list[Example]], domains: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
+    """Share of held-out examples whose last layer's router picks their own domain."""
+    from .dataset import collate
+
+    index = {d: k for k, d in enumerate(domains)}
+    out = {}
+    for d, examples in val.items():
+        if not examples:
+            continue
+        hits = 0
+        for i in range(0, len(examples), batch):
+            b = collate(examples[i : i + batch], index, 0)
+            _, logits = module(b.input_ids.to(cfg.device), b.attention_mask.to(cfg.device), [module.expert_index(d)] * len(b.domains), b.route_mask.to(cfg.device))
+            hits += int((logits[-1].argmax(-1) == index[d]).sum())
+        out[d] = hits / len(examples)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Adding a domain
+# ---------------------------------------------------------------------------------------------
+
+
+def add_domain(
+    moa_dir,
+    domain: str,
+    data,
+    router_data=None,
+    cfg: TrainConfig | None = None,
+    router_cfg: TrainConfig | None = None,
+    expert: ExpertOptions | None = None,
+    data_opts: DataOptions | None = None,
+) -> dict:
+    """Train an expert for `domain` alone on `data`, add it to `moa_dir`, widen the routers by one
+    output and retrain the routers only (on `router_data`, a sample of the old domains, plus the
+    new domain's records). The old experts' files are copied, never rewritten."""
+    moa = MoADir.load(moa_dir)
+    if domain in moa.config.domains:
+        raise ValueError(f"{moa.path}: already has a domain {domain!r}")
+    MoAConfig(base_model="x", domains=list(moa.config.domains) + [domain])  # checks the name
+    cfg = cfg or TrainConfig(steps=100)
+    data_opts = data_opts or DataOptions()
+    records = as_records(data)
+    other = sorted({r.domain for r in records} - {domain})
+    if other:
+        raise ValueError(f"--data must hold only records of the new domain {domain!r}; it also has {other}")
+    if not records:
+        raise ValueError(f"no records for the new domain {domain!r}")
+    old_records = as_records(router_data) if router_data is not None else None
+    if moa.router is not None and old_records is None:
+        raise ValueError(
+            f"{moa.path} has routers: retraining them needs --router-data, a sample of the old "
+            f"domains' records {moa.config.domains}"
+        )
+    if expert is None:
+        expert = _expert_options_like(moa)
+    cfg.device = init_distributed(cfg.device)
+    # Scratch beside the MoA dir (every process sees it under torchrun); removed at the end.
+    work = Path(f"{moa.path}.train") / f"add-{domain}"
+    scratch = work / "scratch"
+    if world()[0] == 0 and scratch.exists():
+        import shutil
+
+        shutil.rmtree(scratch)
+    _sync()
+    try:
+        # Stage 1 for the new domain alone, into a scratch MoA dir.
+        staged = Path(scratch) / "new"
+        base_arg = base_of_moa(moa)
+        summary = train_experts(
+            records, staged, model=base_arg, cfg=_with_ckpt(cfg, work, "expert"), expert=expert,
+            data_opts=data_opts, domains=[domain],
+        )  # fmt: skip
+        new_folder = Path(scratch) / "expert"
+        if world()[0] == 0:
+            import shutil
+
+            shutil.copytree(staged / "experts" / domain, new_folder)
+        _sync()
+        domains = list(moa.config.domains) + [domain]
+        config = MoAConfig(
+            base_model=moa.config.base_model, domains=domains, target_modules=list(moa.config.target_modules),
+            router=moa.config.router, eta=moa.config.eta,
+        )  # fmt: skip
+        experts = {**moa.expert_paths, domain: new_folder}
+        if moa.router is None:
+            if world()[0] == 0:
+                MoADir.save(moa.path, config, experts, overwrite=True)
+            return {"out": str(moa.path), "expert": summary, "router": None}
+        # The routers: widened by one zero row, retrained on old + new records (experts frozen).
+        router_cfg = router_cfg or TrainConfig(steps=cfg.steps, epochs=cfg.epochs, lr=1e-3, batch=cfg.batch,
+                                               seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)  # fmt: skip
+        widened = Path(scratch) / "widened"
+        widened_router = [torch.cat([w, torch.zeros(1, w.shape[1])]) for w in moa.router]
+        if world()[0] == 0:
+            MoADir.save(widened, config, experts, router=widened_router)
+        _sync()
+        result = train_router(widened, list(old_records) + list(records), cfg=_with_ckpt(router_cfg, work, "router"),
+                              data_opts=data_opts, out=widened, init_from_existing=True)  # fmt: skip
+        if world()[0] == 0:
+            final = MoADir.load(widened)
+            experts = {d: (moa.expert_paths[d] if d in moa.expert_paths else final.expert_paths[d]) for d in domains}
+            MoADir.save(moa.path, final.config, experts, router=final.router, overwrite=True)
+        _sync()
+    finally:
+        if world()[0] == 0:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {"out": str(moa.path), "expert": summary, "router": result}
+
+
+def _with_ckpt(cfg: TrainConfig, work: Path, what: str) -> TrainConfig:
+    from dataclasses import replace
+
+    folder = Path(work) / what
+    return replace(cfg, checkpoint_dir=str(folder), log_path=str(folder / "log.jsonl"))
+
+
+def _sync():
+    from .trainer import _barrier
+
+    _barrier()
+
+
+def _expert_options_like(moa: MoADir) -> ExpertOptions:
+    """Rank, alpha and targets of the directory's first expert (a new expert matches them)."""
+    first = moa.config.domains[0]
+    config = json.loads((moa.expert_paths[first] / ADAPTER_CONFIG).read_text())
+    return ExpertOptions(
+        rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=tuple(moa.config.target_modules),
+        use_rslora=bool(config.get("use_rslora", False)),
+    )  # fmt: skip
