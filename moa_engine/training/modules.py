@@ -307,3 +307,13 @@ def peft_lora_config(base_model: str, rank: int, alpha: float, target_modules, u
         "alpha_pattern": {},
         "revision": None,
     }
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of the decoder layers, non-reentrant (the base is
+    frozen, so the layers' inputs need no grad for the LoRA weights to get theirs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -34,7 +34,7 @@ from moa_engine.moa_format import (
 )
 
 from .dataset import EncodeReport, Example, encode_records, examples_digest, steps_for
-from .modules import MoAModel
+from .modules import MoAModel, enable_checkpointing
 from .trainer import Group, Plan, TrainConfig, config_fingerprint, init_distributed, train, world
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def load_base(model=None, cfg: TrainConfig | None = None):
     if cfg is not None:
         hf.to(cfg.device)
         if cfg.grad_checkpointing:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(hf)
     return hf, tokenizer, folder, name
 
 

@@ -1,0 +1,525 @@
+"""MoA training: the injected modules against plain torch and PEFT, the per-domain loss
+(concurrent == separate), the router stage, add-domain, checkpoints/resume, divergence, DDP,
+the data encoding and the CLI.
+
+The models are tiny random Llamas that share the default model's tokenizer (so chat templates
+and real text work), built once per session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moa_engine.data.records import Record
+from moa_engine.moa_format import MoADir, load_peft_adapter
+from moa_engine.training import (
+    DataOptions,
+    ExpertOptions,
+    MoAModel,
+    TrainConfig,
+    TrainingDiverged,
+    add_domain,
+    encode_records,
+    train_experts,
+    train_router,
+)
+from moa_engine.training.modules import enable_checkpointing
+from moa_engine.training.dataset import Example, collate, domain_samples
+from moa_engine.training.stages import stage1_loss
+from moa_engine.training.trainer import Group, Plan, lr_at, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_llama(vocab: int, seed: int, dtype=torch.float32, hidden=48, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=72, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the default model's tokenizer (vocab 49152), saved as a folder."""
+    from moa_engine.models import resolve_model
+
+    source = resolve_model(None, progress=False)
+    folder = tmp_path_factory.mktemp("tiny_train") / "model"
+    model = _tiny_llama(49152, seed=3)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+def _records(n=24, seed=0, domains=("math", "prose", "chat")):
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randrange(100), rng.randrange(100)
+        if "math" in domains:
+            out.append(Record("math", prompt=f"What is {a} plus {b}?", response=str(a + b)))
+        if "prose" in domains:
+            out.append(Record("prose", text=f"The river {i} runs past the old mill, where {a} herons wait for {b} fish."))
+        if "chat" in domains:
+            out.append(Record("chat", prompt=f"Hello there, friend number {a}!", response="Hi! How can I help you today?"))
+        if "code" in domains:
+            out.append(Record("code", prompt=f"def f{a}(x):", response=f"    return x * {b}"))
+    return out
+
+
+def _write_jsonl(path, records):
+    Path(path).write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+    return path
+
+
+def _expert_tensors(moa, domain):
+    return load_file(str(Path(moa) / "experts" / domain / "adapter_model.safetensors"))
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The modules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_moa_model_matches_plain_torch_forward_and_grads():
+    """Label-routed MoAModel == a hand-written reference: each layer's target linears get
+    scale * (x A^T) B^T of the row's expert; gradients of A and B match too (float64)."""
+    torch.manual_seed(0)
+    hf = _tiny_llama(97, seed=1, dtype=torch.float64)
+    ref = _tiny_llama(97, seed=1, dtype=torch.float64)
+    moa = MoAModel(hf, ["q_proj", "v_proj", "down_proj"])
+    moa.add_expert("a", rank=3, alpha=5, seed=1)
+    moa.add_expert("b", rank=5, alpha=7, seed=2)  # heterogeneous ranks
+    for lin in moa.linears.values():
+        for B in lin.lora_B:
+            torch.nn.init.normal_(B, std=0.3)
+    moa.double()
+    ids = torch.randint(0, 97, (3, 11))
+    attn = torch.ones_like(ids)
+    experts = [1, -1, 0]
+    hidden, _ = moa(ids, attn, experts)
+    loss = moa.lm_logits(hidden).pow(2).mean()
+    loss.backward()
+
+    # Reference: hooks that add each row's LoRA update to the plain model's linears.
+    params = {}
+    for (l, module), lin in moa.linears.items():
+        # the op takes float32 scales (the contract), so the reference rounds them the same way
+        params[(l, module)] = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_(),
+                                float(torch.tensor(s, dtype=torch.float32)))
+                               for a, b, s in zip(lin.lora_A, lin.lora_B, lin.scales)]  # fmt: skip
+        parent = getattr(ref.model.layers[l], "self_attn" if module != "down_proj" else "mlp")
+        base = getattr(parent, module)
+
+        def hook(mod, inputs, output, key=(l, module)):
+            x = inputs[0]
+            rows = []
+            for r, e in enumerate(experts):
+                if e < 0:
+                    rows.append(torch.zeros_like(output[r]))
+                else:
+                    a, b, s = params[key][e]
+                    rows.append(s * (x[r] @ a.t()) @ b.t())
+            return output + torch.stack(rows)
+
+        base.register_forward_hook(hook)
+    ref_hidden = ref.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    ref_loss = ref.lm_head(ref_hidden).pow(2).mean()
+    ref_loss.backward()
+    torch.testing.assert_close(hidden, ref_hidden, rtol=1e-10, atol=1e-12)
+    for key, lin in moa.linears.items():
+        for e in range(2):
+            torch.testing.assert_close(lin.lora_A[e].grad, params[key][e][0].grad, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(lin.lora_B[e].grad, params[key][e][1].grad, rtol=1e-9, atol=1e-12)
+    assert all(p.grad is None for p in hf.parameters() if not p.requires_grad)
+
+
+def test_saved_expert_loads_in_peft_with_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    hf = _tiny_llama(101, seed=4)
+    moa = MoAModel(hf, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"])
+    moa.add_expert("x", rank=4, alpha=12, seed=0)
+    moa.add_expert("y", rank=6, alpha=3, seed=1, use_rslora=True)
+    for lin in moa.linears.values():
+        for B in lin.lora_B:
+            torch.nn.init.normal_(B, std=0.2)
+    ids = torch.randint(0, 101, (2, 9))
+    for e, name in enumerate(moa.experts):
+        folder = moa.save_expert(name, tmp_path / name, "tiny")
+        with torch.no_grad():
+            hidden, _ = moa(ids, torch.ones_like(ids), [e, e])
+            ours = moa.lm_logits(hidden)
+        base = _tiny_llama(101, seed=4)
+        peft_model = peft.PeftModel.from_pretrained(base, str(folder))
+        with torch.no_grad():
+            theirs = peft_model(input_ids=ids).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert load_peft_adapter(folder).rank == moa.expert_meta[name]["rank"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: concurrent == separate
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_examples(domains, n, vocab, gen):
+    out = {}
+    for d in domains:
+        out[d] = []
+        for _ in range(n):
+            T = int(torch.randint(4, 14, (1,), generator=gen))
+            ids = torch.randint(3, vocab, (T,), generator=gen).tolist()
+            start = int(torch.randint(1, T - 1, (1,), generator=gen))
+            out[d].append(Example(ids, [i >= start for i in range(T)], start, d))
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_concurrent_step_equals_separate_steps(optimizer):
+    """One optimiser step on a mixed batch of 3 domains gives each expert exactly the weights
+    that a step on its own domain's samples alone gives (float64; per-domain loss; per-expert
+    clipping; micro-batches that mix domains)."""
+    gen = torch.Generator().manual_seed(7)
+    domains = ["a", "b", "c"]
+    examples = _random_examples(domains, 5, 89, gen)
+    cfg = TrainConfig(batch=3, steps=2, lr=0.05, optimizer=optimizer, dtype="float64", micro_batch=4,
+                      max_grad_norm=0.5, progress=False)  # fmt: skip
+
+    def build():
+        hf = _tiny_llama(89, seed=5, dtype=torch.float64)
+        m = MoAModel(hf, ["q_proj", "v_proj", "up_proj", "down_proj"])
+        for i, d in enumerate(domains):
+            m.add_expert(d, rank=3 + i, alpha=4, seed=10 + i)
+        return m.double()
+
+    together = build()
+    plan = Plan(examples, {d: 2 for d in domains}, {d: k for k, d in enumerate(domains)})
+    groups = [Group(d, together.expert_parameters(d), 2, cfg.lr) for d in domains]
+    train(together, groups, plan, stage1_loss([0, 1, 2]), cfg)
+
+    for k, d in enumerate(domains):
+        alone = build()
+        plan = Plan({d: examples[d]}, {d: 2}, {x: i for i, x in enumerate(domains)})
+        train(alone, [Group(d, alone.expert_parameters(d), 2, cfg.lr)], plan, stage1_loss([0, 1, 2]), cfg)
+        for p, q in zip(together.expert_parameters(d), alone.expert_parameters(d)):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        for other in domains:
+            if other != d:  # the other experts did not move in the separate run
+                fresh = build()
+                for p, q in zip(alone.expert_parameters(other), fresh.expert_parameters(other)):
+                    assert torch.equal(p, q)
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    gen = torch.Generator().manual_seed(3)
+    examples = _random_examples(["a", "b"], 4, 61, gen)
+    results = []
+    for ckpt in (False, True):
+        hf = _tiny_llama(61, seed=2, dtype=torch.float64)
+        if ckpt:
+            enable_checkpointing(hf)
+            hf.train()
+        m = MoAModel(hf, ["q_proj", "down_proj"])
+        m.add_expert("a", 4, 8, seed=1)
+        m.add_expert("b", 4, 8, seed=2)
+        m.double()
+        cfg = TrainConfig(batch=2, steps=2, lr=0.01, dtype="float64", progress=False)
+        plan = Plan(examples, {"a": 2, "b": 2}, {"a": 0, "b": 1})
+        train(m, [Group(d, m.expert_parameters(d), 2, cfg.lr) for d in "ab"], plan, stage1_loss([0, 1]), cfg)
+        results.append([p.detach().clone() for d in "ab" for p in m.expert_parameters(d)])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, 10, 1.0, 2, 0.1) == pytest.approx(0.5)
+    assert lr_at(1, 10, 1.0, 2, 0.1) == pytest.approx(1.0)
+    assert lr_at(2, 10, 1.0, 2, 0.1) == pytest.approx(1.0)
+    assert lr_at(9, 10, 1.0, 2, 0.1) == pytest.approx(0.1)
+    values = [lr_at(s, 10, 1.0, 2, 0.1) for s in range(2, 10)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_schedule_is_per_domain_and_epoch_permutations():
+    first = domain_samples(5, 5, 0, seed=1, domain="a")
+    assert sorted(first) == list(range(5))  # one epoch is a permutation
+    assert sorted(domain_samples(5, 5, 1, seed=1, domain="a")) == list(range(5))
+    assert domain_samples(5, 3, 2, seed=1, domain="a") == domain_samples(5, 3, 2, seed=1, domain="a")
+    assert first != domain_samples(5, 5, 0, seed=1, domain="b") or first != domain_samples(5, 5, 0, seed=2, domain="a")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_encoding_masks_the_prompt_and_matches_the_engine_chat_prompt(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    records = [Record("m", prompt="What is 2 plus 2?", response="4"), Record("t", text="plain words here")]
+    examples, report = encode_records(records, tok, max_len=512)
+    chat, text = examples
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert chat.input_ids[: len(prompt)] == prompt and chat.route_len == len(prompt)
+    scored = [t for t, m in zip(chat.input_ids, chat.loss_mask) if m]
+    assert tok.decode(scored).startswith("4") and not any(chat.loss_mask[: len(prompt)])
+    assert text.route_len == len(text.input_ids) and all(text.loss_mask[1:]) and not text.loss_mask[0]
+    batch = collate([chat, text], {"m": 0, "t": 1}, pad_id=2)
+    # labels[t] is the token at t + 1 when that token is scored
+    n = len(chat.input_ids)
+    assert batch.labels[0, : len(prompt) - 1].eq(-100).all()
+    assert batch.labels[0, len(prompt) - 1 : n - 1].tolist() == chat.input_ids[len(prompt) :]
+    assert batch.attention_mask[1].sum() == len(text.input_ids)
+
+
+def test_overlong_records_are_truncated_or_dropped_and_counted(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    long_text = " ".join(["word"] * 80)
+    records = [Record("a", text=long_text), Record("a", text="short"), Record("b", prompt="q " * 60, response="r")]
+    # truncate: the long text is cut; the chat record's prompt alone fills max_len, so it has no
+    # response left to learn and is dropped, which leaves domain b empty: a clear error
+    with pytest.raises(ValueError, match=r"\['b'\] have no examples left .* \(dropped: \[1\]\)"):
+        encode_records(records, tok, max_len=40, overlong="truncate")
+    ex, report = encode_records(records + [Record("b", text="fine")], tok, max_len=40, overlong="truncate")
+    assert report.truncated["a"] == 1 and report.dropped["b"] == 1 and report.kept == {"a": 2, "b": 1}
+    assert all(len(e.input_ids) <= 40 for e in ex)
+    ex, report = encode_records(records[:2] + [Record("b", text="fine")], tok, max_len=40, overlong="drop")
+    assert report.dropped["a"] == 1 and report.kept == {"a": 1, "b": 1}
+    packed, report = encode_records(records[:2] + [Record("b", text="fine")], tok, max_len=16, pack=True)
+    a_blocks = [e for e in packed if e.domain == "a"]
+    assert len(a_blocks) >= 5 and all(len(e.input_ids) <= 16 for e in a_blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages, end to end on the tiny model
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfg(**kw):
+    base = dict(batch=4, steps=6, lr=5e-3, progress=False, checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """Stage 1 and stage 2 on three domains; the MoA dir and its data."""
+    work = tmp_path_factory.mktemp("moa")
+    data = _write_jsonl(work / "data.jsonl", _records(24))
+    moa = work / "moa"
+    s1 = train_experts(data, moa, model=tiny_dir, cfg=_cfg(), expert=ExpertOptions(rank=4, alpha=8),
+                       data_opts=DataOptions(max_len=64, val_fraction=0.15))  # fmt: skip
+    stage1 = {d: _expert_tensors(moa, d) for d in s1["domains"]}
+    s2 = train_router(moa, data, cfg=_cfg(steps=25, lr=3e-2), data_opts=DataOptions(max_len=64, val_fraction=0.15))
+    return {"moa": moa, "data": data, "work": work, "stage1": stage1, "s1": s1, "s2": s2}
+
+
+def test_stage1_writes_a_moa_dir_that_peft_and_the_engine_load(trained, tiny_dir):
+    moa = MoADir.load(trained["moa"])
+    assert moa.config.domains == ["math", "prose", "chat"]
+    assert moa.router is not None and len(moa.router) == 2 and moa.router[0].shape == (3, 48)
+    assert trained["s1"]["final"]["lm"].keys() == {"math", "prose", "chat"}
+    log = [json.loads(l) for l in Path(trained["s1"]["log"]).read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7)) and all(r["tokens_per_s"] > 0 for r in log)
+    # the training lowered the held-out loss below the base model's (B starts at zero = base)
+    from moa_engine import Engine
+
+    engine = Engine(tiny_dir, experts=trained["moa"])
+    for d in moa.config.domains:
+        assert any(t.abs().max() > 0 for k, t in trained["stage1"][d].items() if "lora_B" in k)
+    assert set(engine.experts) == {"math", "prose", "chat"}
+
+
+def test_router_stage_keeps_frozen_experts_and_routes_held_out_prompts(trained, tiny_dir):
+    for d, tensors in trained["stage1"].items():
+        after = _expert_tensors(trained["moa"], d)
+        assert all(torch.equal(tensors[k], after[k]) for k in tensors)  # frozen in stage 2
+    assert trained["s2"]["val_router_accuracy"] and min(trained["s2"]["val_router_accuracy"].values()) == 1.0
+    from moa_engine import Engine
+
+    engine = Engine(tiny_dir, experts=trained["moa"])
+    records = _records(6, seed=99)
+    prompts = [r.prompt for r in records if r.is_chat]
+    labels = [r.domain for r in records if r.is_chat]
+    out = engine.generate(prompts, max_new_tokens=2, chat=True)
+    assert [c.domain for c in out] == labels
+
+
+def test_joint_router_training_tunes_the_experts(trained, tiny_dir, tmp_path):
+    moa = tmp_path / "joint"
+    shutil.copytree(trained["moa"], moa)
+    train_router(moa, trained["data"], cfg=_cfg(steps=3, lr=1e-2), joint=True, expert_lr=1e-2, data_opts=DataOptions(max_len=64))
+    changed = [d for d in trained["stage1"] if not all(torch.equal(trained["stage1"][d][k], _expert_tensors(moa, d)[k]) for k in trained["stage1"][d])]
+    assert changed == ["math", "prose", "chat"]
+    assert MoADir.load(moa).router is not None
+
+
+def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path):
+    moa = tmp_path / "grow"
+    shutil.copytree(trained["moa"], moa)
+    before = {p.relative_to(moa): _sha(p) for p in (moa / "experts").rglob("*") if p.is_file()}
+    old_router = MoADir.load(moa).router
+    new = _write_jsonl(tmp_path / "code.jsonl", _records(16, seed=5, domains=("code",)))
+    add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=4), router_cfg=_cfg(steps=20, lr=3e-2),
+               data_opts=DataOptions(max_len=64))  # fmt: skip
+    after = {p.relative_to(moa): _sha(p) for p in (moa / "experts").rglob("*") if p.is_file()}
+    assert {k: after[k] for k in before} == before
+    assert len(after) == len(before) + 2
+    loaded = MoADir.load(moa)
+    assert loaded.config.domains == ["math", "prose", "chat", "code"]
+    assert loaded.router[0].shape == (4, 48) and not torch.equal(loaded.router[0][:3], old_router[0])
+    assert not Path(f"{moa}.train/add-code/scratch").exists()
+    from moa_engine import Engine
+
+    engine = Engine(tiny_dir, experts=moa)
+    out = engine.generate(["def f3(x):", "What is 3 plus 4?"], max_new_tokens=2, chat=True)
+    assert [c.domain for c in out] == ["code", "math"]
+    with pytest.raises(ValueError, match="already has a domain 'code'"):
+        add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=1))
+    more = _write_jsonl(tmp_path / "more.jsonl", [Record("more", text="more text")])
+    with pytest.raises(ValueError, match="needs --router-data"):
+        add_domain(moa, "more", more, cfg=_cfg(steps=1))
+    with pytest.raises(ValueError, match=r"only records of the new domain 'more'; it also has \['code'\]"):
+        add_domain(moa, "more", new, router_data=trained["data"], cfg=_cfg(steps=1))
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(8, domains=("math", "chat")))
+    cfg = _cfg(steps=8, lr=1e9, optimizer="sgd", max_grad_norm=None, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="not finite") as info:
+        train_experts(data, tmp_path / "moa", model=tiny_dir, cfg=cfg, data_opts=DataOptions(max_len=48))
+    assert not (tmp_path / "moa").exists()
+    ckpt = tmp_path / "moa.train" / "experts" / "checkpoint.pt"
+    if "checkpoint is kept" in str(info.value):
+        state = torch.load(ckpt, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["params"].values())
+
+
+def test_bad_inputs_name_the_problem(tiny_dir, tmp_path, trained):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(4, domains=("math",)))
+    with pytest.raises(ValueError, match="give exactly one of steps and epochs"):
+        train_experts(data, tmp_path / "a", model=tiny_dir, cfg=TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="dtype"):
+        train_experts(data, tmp_path / "a", model=tiny_dir, cfg=_cfg(dtype="int8"))
+    with pytest.raises(FileExistsError):
+        train_experts(data, trained["moa"], model=tiny_dir, cfg=_cfg())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"domain": "x", "prompt": "p", "answer": "a"}\n')
+    with pytest.raises(ValueError, match="unknown field"):
+        train_experts(bad, tmp_path / "b", model=tiny_dir, cfg=_cfg())
+    other = _write_jsonl(tmp_path / "o.jsonl", _records(4, domains=("code", "math")))
+    with pytest.raises(ValueError, match=r"domain\(s\) \['code'\] that the MoA directory does not have"):
+        train_router(trained["moa"], other, cfg=_cfg())
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint at"):
+        train_experts(data, tmp_path / "c", model=tiny_dir, cfg=_cfg(resume=True, checkpoint_dir=str(tmp_path / "none")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: kill and resume, DDP
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "moa_engine.cli", *map(str, args)]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(24))
+    common = ["train", "experts", "--model", tiny_dir, "--data", data, "--steps", 30, "--batch", 6, "--rank", 4,
+              "--lr", 3e-3, "--max-len", 64, "--checkpoint-every", 5, "--no-progress", "--seed", 3]  # fmt: skip
+    ref = subprocess.run(_cli(*common, "--out", tmp_path / "ref"), env=_env(), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "run"
+    log = Path(f"{out}.train") / "experts" / "log.jsonl"
+    ckpt = Path(f"{out}.train") / "experts" / "checkpoint.pt"
+    proc = subprocess.Popen(_cli(*common, "--out", out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 12 and ckpt.exists():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()
+    resumed = subprocess.run(_cli(*common, "--out", out, "--resume"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for d in ("math", "prose", "chat"):
+        a, b = _expert_tensors(tmp_path / "ref", d), _expert_tensors(out, d)
+        assert all(torch.equal(a[k], b[k]) for k in a), d
+    steps = [json.loads(l)["step"] for l in log.read_text().splitlines()]
+    assert steps[-1] == 30 and not ckpt.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(12))
+    common = ["train", "experts", "--model", tiny_dir, "--data", data, "--steps", 3, "--batch", 3, "--rank", 4,
+              "--lr", 1e-2, "--max-len", 64, "--dtype", "float64", "--no-progress", "--checkpoint-every", 0]  # fmt: skip
+    one = subprocess.run(_cli(*common, "--out", tmp_path / "one"), env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0" if False else "--standalone",
+                "-m", "moa_engine.cli", *map(str, common), "--out", str(tmp_path / "two")]  # fmt: skip
+    two = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for d in ("math", "prose", "chat"):
+        a, b = _expert_tensors(tmp_path / "one", d), _expert_tensors(tmp_path / "two", d)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+        assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+
+
+def test_cli_train_experts_and_router(tiny_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(8, domains=("math", "chat")))
+    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "m", "--steps", 2,
+                            "--batch", 2, "--rank", 2, "--targets", "q_proj,v_proj", "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["domains"] == ["math", "chat"]
+    assert MoADir.load(tmp_path / "m").config.target_modules == ["q_proj", "v_proj"]
+    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--steps", 2, "--batch", 2, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x", "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
