@@ -18,6 +18,7 @@
 
 #include "engine/config.h"
 #include "engine/model.h"
+#include "engine/moa_dir.h"
 #include "engine/sampler.h"
 #include "engine/weights.h"
 #include "moa/engine.h"
@@ -540,10 +541,41 @@ std::vector<std::string> Engine::router_domains() const {
   return impl_->router_domains;
 }
 
+void Engine::load_moa(const std::string& moa_dir, const std::string& strategy) {
+  if (!strategy.empty() && strategy != "per_layer" && strategy != "last" && strategy != "vote")
+    throw_error<InvalidArgument>("routing strategy '", strategy, "' is not one of per_layer, last, vote");
+  // Read and check everything first (the config is fixed after construction).
+  const engine::MoaDirectory dir = engine::read_moa_dir(moa_dir, &impl_->config);
+  if (!strategy.empty() && dir.router.empty())
+    throw_error<InvalidArgument>("routing '", strategy, "' was given, but ", moa_dir, " has no router.safetensors");
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  for (const auto& e : dir.experts)
+    if (impl_->adapters->slot_of(e.name) >= 0)
+      throw_error<InvalidArgument>(moa_dir, ": an expert named '", e.name, "' is already loaded (remove it first)");
+  std::vector<std::string> added;
+  try {
+    for (const auto& e : dir.experts) {
+      add_expert(e.name, e.targets);
+      added.push_back(e.name);
+    }
+    if (!dir.router.empty())
+      set_router(dir.config.domains, dir.router, strategy.empty() ? dir.config.strategy : strategy);
+  } catch (...) {
+    for (const auto& name : added) remove_expert(name);  // unused yet: freed at once
+    throw;
+  }
+}
+
+void Engine::load_expert(const std::string& name, const std::string& peft_dir) {
+  if (name.empty()) throw_error<InvalidArgument>("an expert needs a non-empty name");
+  const engine::PeftAdapter adapter = engine::read_peft_adapter(peft_dir, name, &impl_->config);
+  add_expert(name, adapter.targets);
+}
+
 at::Tensor Engine::forward(const at::Tensor& input_ids) { return forward(input_ids, {}, nullptr); }
 
 at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::string>& domains,
-                           std::vector<RoutingInfo>* routing) {
+                           std::vector<RoutingInfo>* routing, const std::vector<int64_t>& route_lens) {
   std::lock_guard<std::recursive_mutex> lock(impl_->mu);
   const ModelConfig& c = impl_->config;
   if (input_ids.dim() != 2)
@@ -556,17 +588,26 @@ at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::s
     throw_error<InvalidArgument>("input_ids: T = ", T, " exceeds max_seq_len (", impl_->options.max_seq_len, ")");
   if (!domains.empty() && domains.size() != 1 && static_cast<int64_t>(domains.size()) != B)
     throw_error<InvalidArgument>("domain: expected one value or one per sequence (", B, "), got ", domains.size());
+  if (!route_lens.empty() && route_lens.size() != 1 && static_cast<int64_t>(route_lens.size()) != B)
+    throw_error<InvalidArgument>("route_len: expected one value or one per sequence (", B, "), got ", route_lens.size());
+  std::vector<int64_t> pooled(B, T);  // tokens each row is routed over
+  for (int64_t b = 0; b < B && !route_lens.empty(); ++b) {
+    const int64_t n = route_lens[route_lens.size() == 1 ? 0 : b];
+    if (n < 0) throw_error<InvalidArgument>("route_len: expected values >= 0, got ", n);
+    if (n > 0 && n < T) pooled[b] = n;
+  }
   at::Tensor ids = input_ids.to(at::kCPU, at::kLong).contiguous();
   const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
   if (lo < 0 || hi >= c.vocab_size)
     throw_error<InvalidArgument>("input_ids: token ids must be in [0, ", c.vocab_size, "), got values in [", lo,
                                  ", ", hi, "]");
   const int64_t* p = ids.data_ptr<int64_t>();
-  // Each row is served like a request: its domain resolved, routed over its tokens.
+  // Each row is served like a request: its domain resolved, routed over its first
+  // pooled[b] tokens (the routing pass of "last" / "vote" sees only those).
   std::vector<std::shared_ptr<Sequence>> rows;
   for (int64_t b = 0; b < B; ++b) {
     auto s = std::make_shared<Sequence>();
-    s->request.prompt.assign(p + b * T, p + (b + 1) * T);
+    s->request.prompt.assign(p + b * T, p + b * T + pooled[b]);
     s->request.domain = domains.empty() ? "" : domains[domains.size() == 1 ? 0 : b];
     impl_->resolve_domain(*s);
     rows.push_back(s);
@@ -575,11 +616,13 @@ at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::s
   engine::Batch batch;
   batch.all_logits = true;
   batch.tokens.assign(p, p + B * T);
-  for (auto& s : rows) {
+  for (size_t b = 0; b < rows.size(); ++b) {
+    auto& s = rows[b];
     engine::Batch::Seq seq{-1, 0, T, s->experts.empty() ? nullptr : s->experts.data()};
     if (s->routing == "per_layer") {
       seq.route = true;
       seq.router_probs = s->router_probs.data();
+      seq.route_len = pooled[b];
     }
     batch.seqs.push_back(seq);
   }

@@ -9,6 +9,9 @@
 //   r.max_new_tokens = 32;
 //   auto results = engine.generate({r});   // results[0].token_ids
 //
+//   engine.load_moa("/path/to/moa_dir");   // Mixture-of-LoRAs experts and routers
+//   r.domain = "code";                     // an expert; "" lets the routers choose
+//
 // Errors are moa::InvalidArgument, moa::FormatError or moa::FileNotFound (moa/errors.h).
 // One Engine serves one caller at a time: its public methods lock an internal mutex.
 #pragma once
@@ -151,9 +154,11 @@ class Engine {
   at::Tensor forward(const at::Tensor& input_ids);
   // The same with experts: domains holds one value for every row or one per row (an
   // expert, "base", or "" to route over the row's tokens); routing, when not null,
-  // receives each row's RoutingInfo.
+  // receives each row's RoutingInfo. route_lens (empty, one value, or one per row; 0 or
+  // >= T: the whole row) routes a row over its first route_len tokens only, as a request
+  // whose prompt they are would be routed at prefill: scoring a response as it is served.
   at::Tensor forward(const at::Tensor& input_ids, const std::vector<std::string>& domains,
-                     std::vector<RoutingInfo>* routing);
+                     std::vector<RoutingInfo>* routing, const std::vector<int64_t>& route_lens = {});
 
   // The step-wise interface generate() runs on.
   int64_t submit(const GenerationRequest& request);  // checks it, queues it; returns its id
@@ -171,6 +176,19 @@ class Engine {
   void set_router(const std::vector<std::string>& domains, const std::vector<at::Tensor>& weights,
                   const std::string& strategy);
   std::vector<std::string> router_domains() const;
+
+  // Loads a MoA directory (moa_config.json, experts/<domain>/ PEFT LoRA folders,
+  // router.safetensors; the format is defined in moa_engine/moa_format.py): adds every
+  // domain's expert and, when the directory has routers, sets them with `strategy`
+  // ("" takes the directory's own, else "per_layer", "last" or "vote"). Everything is
+  // read and checked against the model before anything changes; on error the engine is
+  // as it was. Throws FileNotFound or FormatError naming the file and the problem,
+  // InvalidArgument for a bad strategy or a domain already loaded.
+  // The same as moa_engine.Engine(model, experts=moa_dir, routing=strategy).
+  void load_moa(const std::string& moa_dir, const std::string& strategy = "");
+  // Loads one PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) as the
+  // expert `name`; the same as moa_engine.Engine.add_expert(name, peft_dir).
+  void load_expert(const std::string& name, const std::string& peft_dir);
 
  private:
   struct Impl;
