@@ -148,16 +148,17 @@ class Patterns {
  public:
   explicit Patterns(std::string source) : source_(std::move(source)) {}
 
-  const std::regex& get(const std::string& pattern, const std::string& field) {
+  // The regex `pattern`, built around the file's `given` pattern of `field` (named in errors).
+  const std::regex& get(const std::string& pattern, const std::string& field, const std::string& given) {
     auto it = cache_.find(pattern);
     if (it != cache_.end()) return it->second;
-    if (pattern.size() > kMaxRegexInput)
-      throw_error<FormatError>(source_, ": ", field, " pattern is ", pattern.size(), " characters long (at most ",
+    if (given.size() > kMaxRegexInput)
+      throw_error<FormatError>(source_, ": ", field, " pattern is ", given.size(), " characters long (at most ",
                                kMaxRegexInput, " are supported)");
     try {
       return cache_.emplace(pattern, std::regex(pattern, std::regex::ECMAScript)).first->second;
     } catch (const std::regex_error& e) {
-      throw_error<FormatError>(source_, ": ", field, " '", pattern,
+      throw_error<FormatError>(source_, ": ", field, " '", given,
                                "' is not a regex this reader supports (ECMAScript syntax; Python-only "
                                "constructs such as (?P<name>...) are not): ",
                                e.what());
@@ -166,26 +167,26 @@ class Patterns {
 
   // re.fullmatch(pattern, s)
   bool full_match(const std::string& s, const std::string& pattern, const std::string& field) {
-    const std::regex& re = get(pattern, field);
+    const std::regex& re = get(pattern, field, pattern);
     return guarded(field, pattern, [&] { return std::regex_match(s, re); });
   }
   // re.match(pattern, s): anchored at the start only. Returns the groups, or nullopt.
-  std::optional<std::smatch> prefix_match(const std::string& s, const std::string& pattern,
-                                          const std::string& field) {
-    const std::regex& re = get(pattern, field);
+  std::optional<std::smatch> prefix_match(const std::string& s, const std::string& pattern, const std::string& field,
+                                          const std::string& given) {
+    const std::regex& re = get(pattern, field, given);
     std::smatch m;
-    if (guarded(field, pattern, [&] { return std::regex_search(s, m, re, std::regex_constants::match_continuous); }))
+    if (guarded(field, given, [&] { return std::regex_search(s, m, re, std::regex_constants::match_continuous); }))
       return m;
     return std::nullopt;
   }
 
  private:
   template <typename F>
-  bool guarded(const std::string& field, const std::string& pattern, F&& run) {
+  bool guarded(const std::string& field, const std::string& given, F&& run) {
     try {
       return run();
     } catch (const std::regex_error& e) {  // error_complexity / error_stack while matching
-      throw_error<FormatError>(source_, ": ", field, " '", pattern, "' could not be matched: ", e.what());
+      throw_error<FormatError>(source_, ": ", field, " '", given, "' could not be matched: ", e.what());
     }
   }
   std::string source_;
@@ -443,11 +444,11 @@ class AdapterConfig {
         throw_error<FormatError>(path_, ": layers_pattern must be a string or a list of strings, got ", describe(*lp));
       }
       for (const auto& p : pats) {
-        match = patterns_.prefix_match(name, "(?:^|.*?\\.)" + p + "\\.(\\d+)\\.", "layers_pattern");
+        match = patterns_.prefix_match(name, "(?:^|.*?\\.)" + p + "\\.(\\d+)\\.", "layers_pattern", p);
         if (match) break;
       }
     } else {
-      match = patterns_.prefix_match(name, ".*?\\.[^.]*\\.(\\d+)\\.", "layers_pattern");
+      match = patterns_.prefix_match(name, ".*?\\.[^.]*\\.(\\d+)\\.", "layers_pattern", "(default)");
     }
     if (!match) return false;
     const auto index = parse_index((*match)[match->size() - 1].str());  // the (\d+) group: the last one
@@ -464,7 +465,7 @@ class AdapterConfig {
     const json* patterns = get(field);
     if (patterns == nullptr || !patterns->is_object()) return fallback;
     for (const auto& [key, value] : patterns->items())
-      if (patterns_.prefix_match(name, "(.*\\.)?(" + key + ")$", field)) return value;
+      if (patterns_.prefix_match(name, "(.*\\.)?(" + key + ")$", field, key)) return value;
     return fallback;
   }
 

@@ -159,17 +159,20 @@ void bind_engine(py::module_& m) {
           "input_ids [B, T] -> logits [B, T, vocab] float32; domains: one or one per row ('' routes).")
       .def(
           "forward_with_routing",
-          [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains) {
+          [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains,
+             const std::vector<int64_t>& route_lens) {
             std::vector<moa::RoutingInfo> routing;
             at::Tensor logits;
             {
               py::gil_scoped_release release;
-              logits = e.forward(input_ids, domains, &routing);
+              logits = e.forward(input_ids, domains, &routing, route_lens);
             }
             return py::make_tuple(logits, routing);
           },
           py::arg("input_ids"), py::arg("domains") = std::vector<std::string>{},
-          "input_ids [B, T] -> (logits [B, T, vocab] float32, [RoutingInfo] per row).")
+          py::arg("route_lens") = std::vector<int64_t>{},
+          "input_ids [B, T] -> (logits [B, T, vocab] float32, [RoutingInfo] per row); route_lens: "
+          "route each row over its first n tokens (0: all).")
       .def(
           "add_expert",
           [](moa::Engine& e, const std::string& name, const std::vector<py::tuple>& pieces) {
@@ -188,6 +191,13 @@ void bind_engine(py::module_& m) {
       .def("set_router", &moa::Engine::set_router, py::arg("domains"), py::arg("weights"), py::arg("strategy"),
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("router_domains", &moa::Engine::router_domains)
+      .def("load_moa", &moa::Engine::load_moa, py::arg("moa_dir"), py::arg("strategy") = "",
+           py::call_guard<py::gil_scoped_release>(),
+           "Loads a MoA directory with the C++ reader: every domain's expert, and the routers (if any) "
+           "with strategy ('' takes the directory's). All or nothing.")
+      .def("load_expert", &moa::Engine::load_expert, py::arg("name"), py::arg("peft_dir"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Loads a PEFT LoRA folder as the expert `name` with the C++ reader.")
       .def("submit", &moa::Engine::submit, py::arg("request"), py::call_guard<py::gil_scoped_release>())
       .def("step", &moa::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("cancel", &moa::Engine::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
