@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from moa_engine.data.cli import add_data_subcommand
-from moa_engine.training.cli import add_add_domain_subcommand, add_train_subcommands
+from moa_engine.training.cli import add_add_domain_subcommand, add_eval_subcommand, add_train_subcommands
 
 
 def _add_demo(subparsers):
@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_subcommand(subparsers)
     add_train_subcommands(subparsers)
     add_add_domain_subcommand(subparsers)
+    add_eval_subcommand(subparsers)
     return parser
 
 

@@ -187,27 +187,38 @@ class Engine:
         return self._core.weight_bytes
 
     # -- scoring --------------------------------------------------------------------
-    def forward(self, input_ids, domain=None, return_routing: bool = False):
+    def forward(self, input_ids, domain=None, return_routing: bool = False, route_len=None):
         """Scores whole sequences with the generation forward, experts and routing included.
 
         input_ids: [B, T] integer tensor (or [T], or a list of equal-length id lists)
         -> logits [B, T, vocab] float32 ([T, vocab] for a 1-D input).
-        domain: as in generate(): one value or one per row; None routes each row over its
-            tokens (or runs the base model when there are no experts).
+        domain: as in generate(): one value or one per row; None routes each row (or runs the
+            base model when there are no experts).
         return_routing: also return each row's routing, as (logits, [RoutingInfo]).
+        route_len: None (route over the whole row), or an int or one int per row: route over
+            the row's first route_len tokens only, as a request with that prompt is routed at
+            prefill; scoring a response then gives the loss of serving it.
         """
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids)
         one = ids.dim() == 1
         if one:
             ids = ids.unsqueeze(0)
         domains = self._domains(domain, ids.shape[0] if ids.dim() else 0)
-        if return_routing:
-            logits, routing = self._core.forward_with_routing(ids, domains)
+        route_lens = [] if route_len is None else self._route_lens(route_len, ids.shape[0] if ids.dim() else 0)
+        if return_routing or route_lens:
+            logits, routing = self._core.forward_with_routing(ids, domains, route_lens)
         else:
             logits, routing = self._core.forward(ids, domains), None
         if one:
             logits = logits[0]
         return (logits, routing) if return_routing else logits
+
+    @staticmethod
+    def _route_lens(route_len, n: int) -> list[int]:
+        values = [route_len] if isinstance(route_len, int) else list(route_len)
+        if len(values) not in (1, n) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"route_len: expected an int or one int per row ({n}), got {route_len!r}")
+        return values
 
     @staticmethod
     def _domains(domain, n: int) -> list[str]:

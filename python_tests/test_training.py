@@ -523,3 +523,71 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
     r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x", "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation through the engine
+# ---------------------------------------------------------------------------------------------
+
+
+def test_forward_route_len_routes_over_the_prompt_only(trained, tiny_dir):
+    from moa_engine import Engine
+
+    records = [r for r in _records(4, seed=11) if r.is_chat]
+    for strategy in ("per_layer", "last"):
+        engine = Engine(tiny_dir, experts=trained["moa"], routing=strategy)
+        for r in records:
+            from transformers import AutoTokenizer
+
+            (e,), _ = encode_records([r], engine.tokenizer, max_len=128)
+            full = torch.tensor([e.input_ids])
+            _, prompt_routing = engine.forward(full[:, : e.route_len], return_routing=True)
+            logits, routing = engine.forward(full, return_routing=True, route_len=e.route_len)
+            assert routing[0].layer_domains == prompt_routing[0].layer_domains
+            torch.testing.assert_close(torch.tensor(routing[0].router_probs), torch.tensor(prompt_routing[0].router_probs))
+            if strategy == "last":  # the whole row is then served by the chosen expert
+                chosen = engine.forward(full, domain=routing[0].domain)
+                torch.testing.assert_close(logits, chosen)
+    with pytest.raises(ValueError, match="route_len"):
+        engine.forward(full, route_len=[1, 2, 3])
+
+
+def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir):
+    """The engine-served perplexity equals the one the PyTorch training model (HF + MoALinear)
+    computes for the same records and experts."""
+    from moa_engine import Engine
+    from moa_engine.evaluation import evaluate, markdown_table
+    from moa_engine.training.stages import _load_moa_model, lm_loss
+    from transformers import AutoTokenizer
+
+    val = _records(3, seed=21)
+    engine = Engine(tiny_dir, experts=trained["moa"])
+    results = evaluate(engine, val, ["base", "label", "last"], max_len=64)
+    module, tok = _load_moa_model(MoADir.load(trained["moa"]), TrainConfig(steps=1))
+    examples, _ = encode_records(val, tok, max_len=64)
+    for d in ("math", "prose", "chat"):
+        ex = [e for e in examples if e.domain == d]
+        batch = collate(ex, {d: 0}, pad_id=2)
+        with torch.no_grad():
+            hidden, _ = module(batch.input_ids, batch.attention_mask, [module.expert_index(d)] * len(ex))
+            norms = {"tokens": torch.tensor([float((batch.labels != -100).sum())])}
+            loss, _ = lm_loss(module, hidden, batch, norms)
+        assert results["label"]["domains"][d]["nll"] == pytest.approx(float(loss), rel=1e-4)
+        assert results["label"]["domains"][d]["tokens"] == int(norms["tokens"][0])
+    assert set(results["last"]["router_accuracy"]) == {"math", "prose", "chat"}
+    assert results["label"]["average_ppl"] < results["base"]["average_ppl"]
+    assert "exact_match" in results["label"] and set(results["label"]["exact_match"]) == {"math"}
+    table = markdown_table(results)
+    assert table.count("\n") == 4 and "math ppl" in table
+
+
+def test_cli_eval(trained, tiny_dir, tmp_path):
+    val = _write_jsonl(tmp_path / "val.jsonl", _records(2, seed=5))
+    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--json", tmp_path / "r.json", "--max-len", 64),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "| label |" in r.stdout and "| vote |" in r.stdout
+    assert set(json.loads((tmp_path / "r.json").read_text())) == {"base", "label", "per_layer", "last", "vote"}
+    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "nope"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "'nope' is not base, label" in r.stderr

@@ -147,7 +147,8 @@ void Model::route(int64_t layer, const at::Tensor& xn, const Batch& batch) const
   for (const Batch::Seq& sq : batch.seqs) {
     if (sq.route && sq.experts != nullptr) {
       // The mean of the sequence's normed layer input, scored by this layer's router.
-      const at::Tensor pooled = xn.narrow(0, row, sq.len).to(at::kFloat).mean(0);  // [H]
+      const int64_t n = sq.route_len > 0 ? std::min(sq.route_len, sq.len) : sq.len;
+      const at::Tensor pooled = xn.narrow(0, row, n).to(at::kFloat).mean(0);  // [H]
       const at::Tensor probs = at::softmax(at::mv(router_[layer], pooled), 0).contiguous();  // [D]
       const float* p = probs.data_ptr<float>();
       int64_t best = -1;

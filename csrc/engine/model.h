@@ -35,6 +35,8 @@ struct Batch {
     // router_probs[l * n_domains, +n_domains) when not null.
     bool route = false;
     float* router_probs = nullptr;
+    // The routers pool over the first route_len of the len tokens (the prompt); 0: all.
+    int64_t route_len = 0;
   };
   std::vector<int64_t> tokens;  // [N]
   std::vector<Seq> seqs;        // [S]; sum of len == N

@@ -206,3 +206,51 @@ def _run_add_domain(args) -> int:
         return 1
     _report(summary)
     return 0
+
+
+def add_eval_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="per-domain perplexity, router accuracy and exact match of a MoA directory",
+        description="Scores held-out records through the serving engine (Engine.forward): per-domain "
+        "perplexity over the response tokens (chat records) or every token (text records), for each "
+        "mode: base (no expert), label (each record's own expert), a routing strategy (per_layer, last, "
+        "vote: routed over the prompt as at serving, with the routers' accuracy), or an expert's name. "
+        "Exact match compares greedy generations with the responses of --exact-match domains.",
+    )  # fmt: skip
+    p.add_argument("--moa", default=None, metavar="MOA_DIR", help="the MoA directory (omit for the base model alone)")
+    p.add_argument("--model", default=None, help="base model (default: the MoA directory's)")
+    p.add_argument("--data", required=True, metavar="VAL.jsonl")
+    p.add_argument("--modes", default=None, metavar="M,M",
+                   help="default: base,label and every strategy when the directory has routers")  # fmt: skip
+    p.add_argument("--max-len", type=_positive_int, default=512)
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="at most N records per domain")
+    p.add_argument("--exact-match", default="math", metavar="D,D", help="domains scored by exact match (default math)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=24)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON (atomically)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from moa_engine import Engine
+    from moa_engine._io import atomic_write_json
+    from moa_engine.data.records import read_records
+    from moa_engine.evaluation import evaluate, markdown_table
+
+    try:
+        engine = Engine(args.model, experts=args.moa, dtype=args.dtype)
+        if args.modes:
+            modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        else:
+            modes = ["base"] + (["label"] if engine.experts else []) + (["per_layer", "last", "vote"] if engine.router_domains else [])
+        results = evaluate(
+            engine, read_records(args.data), modes, max_len=args.max_len, limit=args.limit,
+            exact_match_domains=tuple(d for d in args.exact_match.split(",") if d), max_new_tokens=args.max_new_tokens,
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"moa eval: error: {exc}", file=sys.stderr)
+        return 1
+    print(markdown_table(results))
+    if args.json:
+        atomic_write_json(args.json, results)
+    return 0

@@ -1,0 +1,245 @@
+"""Quality of Mixture-of-LoRAs against its baselines, on the default model and the packaged domains.
+
+The paper's comparison (Feng et al., 2024), on real data built from installed packages
+(`moa data build`: code, math, medicine, dialogue), every system scored by the serving engine on
+the same held-out records (moa_engine.evaluation):
+
+  base          the model alone
+  single        one LoRA per domain trained on that domain alone, each scored on its own domain
+                (stage 1 of MoA: concurrent stage-1 training equals separate training, which the
+                tests check, so these are the single-domain LoRAs)
+  mixed         one LoRA trained on all domains' records mixed, with the same total number of
+                optimiser steps and samples as the single-domain LoRAs together
+  moa-label     MoA after stage 2 (routers trained with the experts tuned jointly), each record
+                served by its own domain's expert
+  moa-<s>       the same MoA routed by its routers over the prompt, strategy s (per_layer, last,
+                vote), with the routers' accuracy per domain
+
+Add-a-domain: a MoA of the first three domains (stage-1 experts + routers) is scored, the fourth
+domain is added with `add_domain` (the new expert alone, then the widened routers), and the old
+domains are scored again.
+
+Every budget (steps, batch, records) is printed and saved with the figures. Output: a markdown
+table on stdout, JSON (--out) and a plot beside it. --quick is a smoke run for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run (tiny budgets)")
+    p.add_argument("--domains", default="code,math,medicine,dialogue")
+    p.add_argument("--records", type=int, default=400, help="records per domain built (train + val)")
+    p.add_argument("--val", type=int, default=40, help="held-out records scored per domain")
+    p.add_argument("--steps", type=int, default=60, help="stage-1 steps per domain")
+    p.add_argument("--batch", type=int, default=4, help="samples per domain per step")
+    p.add_argument("--router-steps", type=int, default=30, help="stage-2 steps (joint)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--expert-lr", type=float, default=2e-4, help="experts' lr in the joint stage 2")
+    p.add_argument("--router-lr", type=float, default=1e-2)
+    p.add_argument("--eta", type=float, default=0.1)
+    p.add_argument("--max-len", type=int, default=192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=None, help="working folder (default: build/quality)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.records, args.val, args.steps, args.batch, args.router_steps = 24, 3, 2, 1, 2
+        args.max_len = 64
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from moa_engine import Engine
+    from moa_engine._io import atomic_write_json, atomic_write_text
+    from moa_engine.data import build_corpora, read_records, write_records
+    from moa_engine.data.records import Record
+    from moa_engine.evaluation import evaluate, markdown_table
+    from moa_engine.moa_format import MoAConfig, MoADir
+    from moa_engine.training import DataOptions, ExpertOptions, TrainConfig, add_domain, train_experts, train_router
+
+    torch.manual_seed(args.seed)
+    domains = [d for d in args.domains.split(",") if d]
+    if len(domains) < 3:
+        raise SystemExit("--domains: at least 3 domains (the add-a-domain run adds the last one to the others)")
+    work = Path(args.work or ROOT / "build" / ("quality-quick" if args.quick else "quality"))
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t_start = time.perf_counter()
+
+    # -- data ------------------------------------------------------------------------
+    build = build_corpora(work / "data", domains, max_per_domain=args.records, seed=args.seed, val_fraction=0.1, progress=False)
+    train_records = read_records(work / "data" / "train.jsonl")
+    val_records = read_records(work / "data" / "val.jsonl")
+    counts = {d: sum(r.domain == d for r in train_records) for d in domains}
+    log(f"data: train {counts}, val {len(val_records)} records")
+    data_opts = DataOptions(max_len=args.max_len)
+
+    def cfg(steps, lr, what):
+        return TrainConfig(batch=args.batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=args.seed,
+                           checkpoint_every=0, progress=False, log_path=str(work / f"{what}.log.jsonl"))  # fmt: skip
+
+    expert = ExpertOptions(rank=args.rank, alpha=2.0 * args.rank)
+    timings = {}
+
+    # -- stage 1: the single-domain LoRAs, all domains at once ------------------------------
+    t = time.perf_counter()
+    stage1 = work / "stage1"
+    s1 = train_experts(work / "data" / "train.jsonl", stage1, cfg=cfg(args.steps, args.lr, "stage1"), expert=expert,
+                       data_opts=data_opts, domains=domains)  # fmt: skip
+    timings["stage1_s"] = time.perf_counter() - t
+    log(f"stage 1: {len(domains)} experts x {args.steps} steps in {timings['stage1_s']:.0f} s")
+
+    # -- the mixed LoRA: one adapter, all records, the same total steps and samples ----------
+    t = time.perf_counter()
+    mixed_records = [Record("mixed", r.prompt, r.response, r.text) for r in train_records]
+    mixed = work / "mixed"
+    train_experts(mixed_records, mixed, cfg=cfg(args.steps * len(domains), args.lr, "mixed"), expert=expert, data_opts=data_opts)
+    timings["mixed_s"] = time.perf_counter() - t
+    log(f"mixed LoRA: {args.steps * len(domains)} steps in {timings['mixed_s']:.0f} s")
+
+    # -- stage 2: routers with the experts tuned jointly --------------------------------------
+    t = time.perf_counter()
+    moa = work / "moa"
+    shutil.copytree(stage1, moa)
+    s2 = train_router(moa, work / "data" / "train.jsonl", cfg=cfg(args.router_steps, args.router_lr, "stage2"), eta=args.eta,
+                      joint=True, expert_lr=args.expert_lr, data_opts=data_opts)  # fmt: skip
+    timings["stage2_s"] = time.perf_counter() - t
+    log(f"stage 2 (joint): {args.router_steps} steps in {timings['stage2_s']:.0f} s")
+
+    # -- evaluation -----------------------------------------------------------------------
+    t = time.perf_counter()
+    ev = dict(max_len=args.max_len, limit=args.val, exact_match_domains=("math",), max_new_tokens=16)
+    results = {}
+    results["base"] = evaluate(Engine(experts=None), val_records, ["base"], **ev)["base"]
+    results["single"] = evaluate(Engine(experts=stage1), val_records, ["label"], **ev)["label"]
+    results["mixed"] = evaluate(Engine(experts=mixed), val_records, ["mixed"], **ev)["mixed"]
+    moa_engine = Engine(experts=moa)
+    for mode, res in evaluate(moa_engine, val_records, ["label", "per_layer", "last", "vote"], **ev).items():
+        results[f"moa-{mode}"] = res
+    timings["eval_s"] = time.perf_counter() - t
+    log(f"evaluation in {timings['eval_s']:.0f} s")
+
+    # -- add a domain ---------------------------------------------------------------------
+    t = time.perf_counter()
+    old, new = domains[:-1], domains[-1]
+    grow = work / "grow"
+    s1dir = MoADir.load(stage1)
+    config = MoAConfig(base_model=s1dir.config.base_model, domains=old, target_modules=s1dir.config.target_modules, eta=args.eta)
+    MoADir.save(grow, config, {d: s1dir.expert_paths[d] for d in old})
+    old_train = [r for r in train_records if r.domain in old]
+    train_router(grow, old_train, cfg=cfg(args.router_steps, args.router_lr, "grow-router"), data_opts=data_opts)
+    old_val = [r for r in val_records if r.domain in old]
+    before = evaluate(Engine(experts=grow), old_val, ["label", "last"], **ev)
+    new_path = work / "new.jsonl"
+    write_records(new_path, [r for r in train_records if r.domain == new])
+    sample = [r for d in old for r in [x for x in old_train if x.domain == d][: max(8, args.batch * 4)]]
+    add_domain(grow, new, new_path, router_data=sample, cfg=cfg(args.steps, args.lr, "grow-expert"),
+               router_cfg=cfg(args.router_steps, args.router_lr, "grow-router2"), expert=expert, data_opts=data_opts)  # fmt: skip
+    after = evaluate(Engine(experts=grow), val_records, ["label", "last"], **ev)
+    timings["add_domain_s"] = time.perf_counter() - t
+    growth = {"old_domains": old, "new_domain": new, "before": before, "after": after, "change_pct": {}}
+    for mode in ("label", "last"):
+        growth["change_pct"][mode] = {
+            d: 100.0 * (after[mode]["domains"][d]["ppl"] / before[mode]["domains"][d]["ppl"] - 1.0) for d in old
+        }
+    log(f"add-a-domain in {timings['add_domain_s']:.0f} s")
+
+    # -- report ---------------------------------------------------------------------------
+    table = markdown_table(results)
+    grow_rows = ["| domain | " + " | ".join(f"{m} ppl before | after | change" for m in ("label", "last")) + " | router acc before | after |",
+                 "|---|" + "---|---|---|" * 2 + "---|---|"]  # fmt: skip
+    for d in old:
+        cells = []
+        for mode in ("label", "last"):
+            b, a = before[mode]["domains"][d]["ppl"], after[mode]["domains"][d]["ppl"]
+            cells += [f"{b:.3f}", f"{a:.3f}", f"{growth['change_pct'][mode][d]:+.2f}%"]
+        acc_b = before["last"]["router_accuracy"].get(d, float("nan"))
+        acc_a = after["last"]["router_accuracy"].get(d, float("nan"))
+        grow_rows.append(f"| {d} | " + " | ".join(cells) + f" | {100 * acc_b:.1f}% | {100 * acc_a:.1f}% |")
+    new_row = after["label"]["domains"].get(new)
+    budget = (
+        f"stage 1: {args.steps} steps x {args.batch} samples per domain (rank {args.rank}, lr {args.lr}); "
+        f"mixed: {args.steps * len(domains)} steps x {args.batch} samples; stage 2 (joint): {args.router_steps} steps x "
+        f"{args.batch} samples per domain (router lr {args.router_lr}, expert lr {args.expert_lr}, eta {args.eta}); "
+        f"max_len {args.max_len}; {args.val} held-out records per domain"
+    )
+    text = "\n".join([
+        "### Per-domain perplexity (held-out), router accuracy, math exact match", "", table, "",
+        f"Budget: {budget}.", "",
+        f"### Adding a domain ({new}) to a MoA of {', '.join(old)}", "", *grow_rows, "",
+        f"New domain {new}: label-routed perplexity {new_row['ppl']:.3f}" if new_row else "",
+    ])  # fmt: skip
+    print(text)
+    payload = {
+        "benchmark": "quality", "quick": args.quick, "args": vars(args), "budget": budget,
+        "data": {"train": counts, "val_per_domain": args.val, "sources": build.get("sources", {})},
+        "results": results, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
+        "stage1_final": s1.get("final"), "stage2_final": s2.get("final"),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+                        "threads": torch.get_num_threads()},
+    }  # fmt: skip
+    out = Path(args.out)
+    atomic_write_json(out, payload)
+    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    _plot(results, growth, out.with_suffix(".png"))
+    log(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _plot(results: dict, growth: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(results)
+    domains = list(next(iter(results.values()))["domains"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(systems)
+    for i, s in enumerate(systems):
+        values = [results[s]["domains"].get(d, {}).get("ppl", 0) for d in domains] + [results[s]["average_ppl"]]
+        ax.bar([k + i * width for k in range(len(domains) + 1)], values, width, label=s)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(domains) + 1)], domains + ["average"])
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Per-domain perplexity by system")
+    old = growth["old_domains"]
+    for i, mode in enumerate(("label", "last")):
+        ax2.bar([k + i * 0.4 for k in range(len(old))], [growth["change_pct"][mode][d] for d in old], 0.4, label=mode)
+    ax2.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax2.axhline(-0.5, color="grey", lw=0.8, ls="--")
+    ax2.set_xticks([k + 0.2 for k in range(len(old))], old)
+    ax2.set_ylabel("perplexity change after adding a domain (%)")
+    ax2.set_title(f"Old domains after adding {growth['new_domain']}")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Evaluation of a MoA directory (or a base model) through the serving engine: what is evaluated
+is what is served (Engine.forward is the generation forward).
+
+For each domain of the held-out records:
+  perplexity   exp(mean NLL) over the scored tokens (a chat record's response; a text record's
+               every token but the first), the sequence served with
+                 "base"       no expert,
+                 "label"      the record's own domain's expert,
+                 a strategy   ("per_layer", "last", "vote") the routers' choice, routed over the
+                              prompt only, as a request is at prefill,
+                 an expert    a fixed expert for every record (e.g. one LoRA trained on mixed data);
+  router accuracy   for a strategy: the share of records whose chosen expert is their own domain
+               (per_layer: the share of (record, layer) choices);
+  exact match  for chat records of the domains in `exact_match_domains`: greedy generation from the
+               prompt, served the same way, equal to the response after stripping whitespace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moa_engine.data.records import Record
+
+STRATEGIES = ("per_layer", "last", "vote")
+
+
+@dataclass
+class _Item:
+    ids: list[int]
+    scored: list[bool]  # scored[i]: token i is predicted from tokens < i and counted
+    route_len: int
+    domain: str
+    record: Record
+
+
+def _items(engine, records: list[Record], max_len: int) -> list[_Item]:
+    """Each record encoded as in training (chat template, loss mask, routing prompt); a record
+    longer than max_len is truncated, and one whose prompt alone fills max_len is skipped."""
+    from moa_engine.training.dataset import encode_records
+
+    if engine.tokenizer is None:
+        raise ValueError(f"evaluation needs a tokenizer; {engine.model_path} has none")
+    out = []
+    for r in records:
+        try:
+            (e,), _ = encode_records([r], engine.tokenizer, max_len=max_len, overlong="truncate")
+        except ValueError:
+            continue  # nothing left to score
+        out.append(_Item(e.input_ids, e.loss_mask, e.route_len, e.domain, r))
+    return out
+
+
+def _nll(logits: torch.Tensor, ids: list[int], scored: list[bool]) -> tuple[float, int]:
+    target = torch.tensor(ids[1:])
+    mask = torch.tensor(scored[1:], dtype=torch.bool)
+    logp = torch.log_softmax(logits[: len(ids) - 1].float(), dim=-1)
+    nll = -logp.gather(1, target[:, None])[:, 0]
+    return float(nll[mask].sum()), int(mask.sum())
+
+
+def _domain_arg(mode: str, item: _Item) -> str:
+    if mode == "label":
+        return item.domain
+    if mode == "base":
+        return "base"
+    return mode  # a fixed expert
+
+
+def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
+    """{domain: {"nll", "tokens", "ppl"}} plus, for a strategy, {"router_accuracy": {domain: acc}}."""
+    sums: dict[str, list] = {}
+    hits: dict[str, list] = {}
+    pad = 0
+    if mode in STRATEGIES:
+        for it in items:
+            logits, routing = engine.forward([it.ids], domain=None, return_routing=True, route_len=it.route_len)
+            nll, n = _nll(logits[0], it.ids, it.scored)
+            s = sums.setdefault(it.domain, [0.0, 0])
+            s[0] += nll
+            s[1] += n
+            layers = routing[0].layer_domains
+            h = hits.setdefault(it.domain, [0, 0])
+            if mode == "per_layer":
+                h[0] += sum(d == it.domain for d in layers)
+                h[1] += len(layers)
+            else:
+                h[0] += int(routing[0].domain == it.domain)
+                h[1] += 1
+    else:
+        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        for start in range(0, len(order), batch):
+            chunk = [items[i] for i in order[start : start + batch]]
+            T = max(len(it.ids) for it in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.int64)
+            for b, it in enumerate(chunk):  # right padding: a causal model's real positions ignore it
+                ids[b, : len(it.ids)] = torch.tensor(it.ids)
+            logits = engine.forward(ids, domain=[_domain_arg(mode, it) for it in chunk])
+            for b, it in enumerate(chunk):
+                nll, n = _nll(logits[b], it.ids, it.scored)
+                s = sums.setdefault(it.domain, [0.0, 0])
+                s[0] += nll
+                s[1] += n
+    out = {d: {"nll": s[0] / max(1, s[1]), "tokens": s[1], "ppl": math.exp(s[0] / max(1, s[1]))} for d, s in sums.items()}
+    result = {"domains": out}
+    if hits:
+        result["router_accuracy"] = {d: h[0] / max(1, h[1]) for d, h in hits.items()}
+    return result
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def exact_match(engine, items: list[_Item], mode: str, max_new_tokens: int = 24) -> dict:
+    """{domain: share of chat records whose greedy generation equals the response}."""
+    chat = [it for it in items if it.record.is_chat]
+    if not chat:
+        return {}
+    prompts = [it.record.prompt for it in chat]
+    if mode in STRATEGIES:
+        outs = engine.generate(prompts, max_new_tokens=max_new_tokens, chat=True, routing=mode)
+    else:
+        outs = engine.generate(prompts, max_new_tokens=max_new_tokens, chat=True, domain=[_domain_arg(mode, it) for it in chat])
+    hits: dict[str, list] = {}
+    for it, c in zip(chat, outs):
+        h = hits.setdefault(it.domain, [0, 0])
+        h[0] += int(_normalise(c.text) == _normalise(it.record.response))
+        h[1] += 1
+    return {d: h[0] / h[1] for d, h in hits.items()}
+
+
+def evaluate(
+    engine,
+    records: list[Record],
+    modes: list[str],
+    max_len: int = 512,
+    limit: int | None = None,
+    exact_match_domains=("math",),
+    max_new_tokens: int = 24,
+) -> dict:
+    """{mode: {"domains": {d: {nll, tokens, ppl}}, "average_ppl", ["router_accuracy"],
+    ["exact_match"]}} for each mode (see the module docstring)."""
+    if limit is not None:
+        kept, count = [], {}
+        for r in records:
+            if count.get(r.domain, 0) < limit:
+                kept.append(r)
+                count[r.domain] = count.get(r.domain, 0) + 1
+        records = kept
+    items = _items(engine, records, max_len)
+    results = {}
+    for mode in modes:
+        _check_mode(engine, mode)
+        res = perplexity(engine, items, mode)
+        res["average_ppl"] = sum(v["ppl"] for v in res["domains"].values()) / max(1, len(res["domains"]))
+        em_items = [it for it in items if it.domain in exact_match_domains]
+        if em_items:
+            res["exact_match"] = exact_match(engine, em_items, mode, max_new_tokens)
+        results[mode] = res
+    return results
+
+
+def _check_mode(engine, mode: str) -> None:
+    if mode in ("base", "label"):
+        if mode == "label" and not engine.experts:
+            raise ValueError("mode 'label' needs experts (a MoA directory)")
+        return
+    if mode in STRATEGIES:
+        if not engine.router_domains:
+            raise ValueError(f"mode {mode!r} needs routers; the MoA directory has none (run `moa train router`)")
+        return
+    if mode not in engine.experts:
+        raise ValueError(f"mode {mode!r} is not base, label, a strategy {list(STRATEGIES)} or an expert {engine.experts}")
+
+
+def markdown_table(results: dict, title_of=lambda m: m) -> str:
+    """Rows: systems; columns: each domain's perplexity, the average, router accuracy, exact match."""
+    domains = []
+    for res in results.values():
+        for d in res["domains"]:
+            if d not in domains:
+                domains.append(d)
+    head = ["system"] + [f"{d} ppl" for d in domains] + ["avg ppl", "router acc", "exact match"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, res in results.items():
+        row = [title_of(mode)]
+        row += [f"{res['domains'][d]['ppl']:.3f}" if d in res["domains"] else "" for d in domains]
+        row.append(f"{res['average_ppl']:.3f}")
+        acc = res.get("router_accuracy")
+        row.append(f"{100 * sum(acc.values()) / len(acc):.1f}%" if acc else "")
+        em = res.get("exact_match")
+        row.append(", ".join(f"{d} {100 * v:.0f}%" for d, v in em.items()) if em else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
