@@ -11,17 +11,25 @@ Variants, timed interleaved in one process (every figure gets a same-run ratio):
 - bmm:    gather every token's A and B, two torch.bmm;
 - bound:  prefill problems only: the same two GEMMs with every token on one expert, i.e. the
           grouping costs nothing.
+- graph:  CUDA only: the op captured once in a CUDA graph and replayed, as the engine's decode
+          step is to run it.
 Achieved GB/s and GFLOP/s of the op are quoted against a measured large-copy bandwidth.
 By default the last-level cache is flushed (untimed) before every call, as in the engine, where
 a layer's adapters are evicted by the rest of the model between two decode steps.
 
+On CUDA (--device cuda) every call is timed by CUDA events around it on the stream, so the host's
+launch and sync costs outside the GPU's work are left out; the copy bandwidth is measured the same
+way, in the same run. TFLOP/s are printed for the prefill problems.
+
     python benchmarks/ops.py                 # full run, CPU, float32 and bfloat16
     python benchmarks/ops.py --quick         # smoke run
     python benchmarks/ops.py --problems 'decode,smollm2-*' --dtypes float32
+    python benchmarks/ops.py --device cuda --dtypes bfloat16,float16,float32
 """
 
 import argparse
 import fnmatch
+import functools
 import os
 import sys
 import time
@@ -63,6 +71,7 @@ class ProblemSpec:
     rank: int
     layout: str  # "permutation" | "balanced" | "blocks" | "scattered": how expert_ids are laid out
     quick: bool = False  # part of the --quick set
+    devices: tuple = ("cpu", "cuda")  # where the problem is run
 
     @property
     def is_prefill(self):
@@ -83,6 +92,12 @@ PROBLEMS = [
     ProblemSpec("prefill", 4096, 8, 4096, 4096, 16, "blocks", quick=True),
     ProblemSpec("prefill-scattered", 4096, 8, 4096, 4096, 16, "scattered"),
     *_smollm2_specs(),
+    # GPU-sized: enough weight bytes to fill the chip and to exceed its L2 cache.
+    ProblemSpec("decode-128", 128, 128, 4096, 4096, 16, "permutation", devices=("cuda",)),
+    ProblemSpec("decode-64-r64", 64, 64, 4096, 4096, 64, "permutation", devices=("cuda",)),
+    ProblemSpec("decode-shared", 64, 8, 4096, 4096, 16, "balanced", devices=("cuda",)),
+    ProblemSpec("prefill-16k", 16384, 8, 4096, 4096, 16, "blocks", devices=("cuda",)),
+    ProblemSpec("prefill-8k-r64", 8192, 8, 4096, 4096, 64, "scattered", devices=("cuda",)),
 ]
 
 GOALS = [
@@ -90,6 +105,10 @@ GOALS = [
     ("decode", torch.float32, "cpu", "copy_fraction", ">=", 0.80, "op GB/s >= 80% of copy"),
     ("decode", torch.float32, "cpu", "loop_over_op", ">=", 3.0, "op >= 3x faster than loop"),
     ("prefill", None, None, "op_over_bound", "<=", 1.3, "op within 1.3x of bound"),
+    ("decode", torch.bfloat16, "cuda", "copy_fraction", ">=", 0.75, "op GB/s >= 75% of copy"),
+    ("decode", torch.bfloat16, "cuda", "graph_copy_fraction", ">=", 0.75, "graph GB/s >= 75% of copy"),
+    ("decode-128", torch.bfloat16, "cuda", "graph_copy_fraction", ">=", 0.75, "graph GB/s >= 75% of copy"),
+    ("decode", torch.bfloat16, "cuda", "bmm_over_op", ">=", 1.0, "op faster than gather+bmm"),
 ]
 
 
@@ -198,8 +217,26 @@ def bound_fn(p, y=None):
     return lambda: y.addmm_(x @ a0.T, b0.T, alpha=s0)  # [T, r] @ [r, out]
 
 
+def graph_fn(p, y=None):
+    """CUDA: the op captured once in a CUDA graph (static inputs and y), replayed per call.
+    The capture runs the op once first, on a side stream, as torch.cuda.graphs advises."""
+    y = p.y if y is None else y
+    run = op_fn(p, y)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 def variants(p):
     fns = {"op": op_fn(p), "loop": loop_fn(p), "bmm": gather_bmm_fn(p)}
+    if p.x.is_cuda:
+        fns["graph"] = graph_fn(p)
     if p.spec.is_prefill:
         fns["bound"] = bound_fn(p)
     return fns
@@ -210,11 +247,14 @@ def variants(p):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_op(p):
-    """Run the op and the loop once from the same y and compare (allclose, dtype tolerance)."""
+def check_op(p, make_fn=None):
+    """Run the op (or the callable make_fn(p, y) builds) and the loop once from the same y and
+    compare (allclose, dtype tolerance)."""
     y_op, y_loop = p.y.clone(), p.y.clone()
     try:
-        op_fn(p, y_op)()
+        run = (make_fn or op_fn)(p, y_op)
+        y_op.copy_(y_loop)  # building a graph runs the op once
+        run()
     except RuntimeError as error:  # e.g. a dtype the op does not support: report, go on
         return {"ok": False, "error": str(error).splitlines()[0]}
     loop_fn(p, y_loop)()
@@ -258,13 +298,18 @@ def run_problem(spec, dtype, args, flush):
         "layout": spec.layout,
         "check": check_op(p),
     }
+    if p.x.is_cuda:
+        row["graph_check"] = check_op(p, graph_fn) if row["check"]["ok"] else row["check"]
     fns = variants(p)
     if not row["check"]["ok"]:
         del fns["op"]  # a wrong op gets no figure
+        fns.pop("graph", None)
+    elif not row.get("graph_check", {"ok": True})["ok"]:
+        del fns["graph"]
+    time_variants = time_fns_cuda if p.x.is_cuda else functools.partial(timing.time_fns, device=args.device)
     with timing.OtherLoad() as other_load:
-        timings = timing.time_fns(
+        timings = time_variants(
             fns,
-            device=args.device,
             warmup=args.warmup,
             repeats=args.repeats,
             max_seconds=BUDGET_S["quick" if args.quick else "full"],
@@ -277,7 +322,8 @@ def run_problem(spec, dtype, args, flush):
 
 
 def derived_figures(p, timings):
-    """Ratios against the same-run baselines, achieved GB/s and GFLOP/s of the op."""
+    """Ratios against the same-run baselines, achieved GB/s and GFLOP/s of the op (and of its
+    CUDA-graph replay)."""
     if "op" not in timings:
         return {}
     t_op = timings["op"].median
@@ -291,6 +337,11 @@ def derived_figures(p, timings):
     }
     if "bound" in timings:
         figures["op_over_bound"] = t_op / timings["bound"].median
+    if "graph" in timings:
+        t_graph = timings["graph"].median
+        figures["graph_gb_per_s"] = op_bytes(p) / t_graph / 1e9
+        figures["graph_gflop_per_s"] = op_flops(p.spec) / t_graph / 1e9
+        figures["bmm_over_graph"] = timings["bmm"].median / t_graph
     return figures
 
 
@@ -299,6 +350,57 @@ def add_copy_fractions(rows, copy_gbps):
     for row in rows:
         if row.get("op_gb_per_s") is not None:
             row["copy_fraction"] = row["op_gb_per_s"] / copy_gbps
+        if row.get("graph_gb_per_s") is not None:
+            row["graph_copy_fraction"] = row["graph_gb_per_s"] / copy_gbps
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA timing
+# ---------------------------------------------------------------------------------------------
+
+
+def time_fns_cuda(fns, *, warmup, repeats, min_repeats=3, max_seconds=None, flush=None):
+    """_timing.time_fns for CUDA: variants interleaved, each call timed by CUDA events recorded
+    around it on the current stream (the flush, if any, runs untimed before it). Event times
+    leave out the host's launch and synchronisation costs that fall outside the GPU's work.
+    Returns {name: Timing} in seconds."""
+    warmup_seconds = None if max_seconds is None else max_seconds / 4 / len(fns)
+    for fn in fns.values():
+        timing.warm_up(fn, device="cuda", calls=warmup, max_seconds=warmup_seconds)
+    samples = {name: [] for name in fns}
+    start = time.perf_counter()
+    for round_index in range(repeats):
+        events = []
+        for name, fn in fns.items():
+            if flush is not None:
+                flush()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            events.append((name, begin, end))
+        torch.cuda.synchronize()
+        for name, begin, end in events:
+            samples[name].append(begin.elapsed_time(end) / 1e3)
+        over_budget = max_seconds is not None and time.perf_counter() - start > max_seconds
+        if round_index + 1 >= min_repeats and over_budget:
+            break
+    return {name: timing.Timing(values) for name, values in samples.items()}
+
+
+def cuda_copy_ceiling(*, nbytes=1 << 30, repeats=10):
+    """The device's copy bandwidth, timed like the op (CUDA events): dst.copy_(src) of float32
+    tensors of `nbytes` each; gb_per_s counts read + write bytes, as _timing defines it."""
+    numel = nbytes // 4
+    src = torch.randn(numel, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_fns_cuda({"copy": lambda: dst.copy_(src)}, warmup=3, repeats=repeats)["copy"]
+    return {
+        "gb_per_s": 2 * numel * 4 / t.median / 1e9,
+        "bytes_per_tensor": numel * 4,
+        "definition": timing.COPY_BANDWIDTH_DEFINITION + "; timed with CUDA events",
+        **t.to_json(),
+    }
 
 
 def evaluate_goals(rows, device):
@@ -344,14 +446,22 @@ def _num(row, key, fmt, suffix=""):
 
 
 def print_table(rows, copy, goals):
+    cuda = any("graph" in row.get("times", {}) for row in rows)
     headers = [
         "problem", "dtype", "T", "E", "in", "out", "op ms", "loop ms", "bmm ms", "bound ms",
-        "loop/op", "bmm/op", "op/bound", "op GB/s", "% copy", "GFLOP/s", "check", "others",
+        "loop/op", "bmm/op", "op/bound", "op GB/s", "% copy",
     ]  # fmt: skip
+    if cuda:
+        headers += ["graph ms", "graph GB/s", "graph % copy", "TFLOP/s"]
+    else:
+        headers += ["GFLOP/s"]
+    headers += ["check", "others"]
     table = []
     for row in rows:
         check = describe_check(row["check"])
-        table.append([
+        if cuda and row.get("graph_check") and not row["graph_check"]["ok"]:
+            check += ", graph " + describe_check(row["graph_check"])
+        cells = [
             row["problem"], row["dtype"], row["T"], row["experts_used"], row["in"], row["out"],
             _ms(row, "op"), _ms(row, "loop"), _ms(row, "bmm"), _ms(row, "bound"),
             _num(row, "loop_over_op", ".2f", "x"),
@@ -359,18 +469,34 @@ def print_table(rows, copy, goals):
             _num(row, "op_over_bound", ".2f", "x"),
             _num(row, "op_gb_per_s", ".1f"),
             _num(row, "copy_fraction", ".0%"),
-            _num(row, "op_gflop_per_s", ".1f"),
-            check,
-            _num(row, "other_load_cores", ".2f", " NOISY" if is_noisy(row) else ""),
-        ])  # fmt: skip
+        ]  # fmt: skip
+        if cuda:
+            best = max(row.get("op_gflop_per_s") or 0.0, row.get("graph_gflop_per_s") or 0.0)
+            prefill = any(s.name == row["problem"] and s.is_prefill for s in PROBLEMS)
+            cells += [
+                _ms(row, "graph"),
+                _num(row, "graph_gb_per_s", ".1f"),
+                _num(row, "graph_copy_fraction", ".0%"),
+                format(best / 1e3, ".2f") if prefill and best else "-",
+            ]
+        else:
+            cells += [_num(row, "op_gflop_per_s", ".1f")]
+        cells += [check, _num(row, "other_load_cores", ".2f", " NOISY" if is_noisy(row) else "")]
+        table.append(cells)
     print(timing.format_table(headers, table))
+    timer = "CUDA-event time per call" if cuda else "wall time per call"
     print(
-        f"\nmedian wall time per call; E = experts used. ratios loop/op and bmm/op > 1: the op is "
+        f"\nmedian {timer}; E = experts used. ratios loop/op and bmm/op > 1: the op is "
         f"faster; op/bound: op time over the ungrouped two-GEMM bound.\n"
         f"op GB/s = (used experts' A and B + x + 2 * y bytes) / op time; "
         f"% copy = op GB/s / copy bandwidth {copy['gb_per_s']:.1f} GB/s ({copy['definition']}).\n"
-        f"GFLOP/s = 2 * T * r * (in + out) / op time.\n"
-        f"others: CPU cores other processes kept busy while the row was timed; "
+        + (
+            "graph: the op captured in a CUDA graph and replayed; TFLOP/s (prefill problems) = "
+            "2 * T * r * (in + out) / the faster of op and graph.\n"
+            if cuda
+            else "GFLOP/s = 2 * T * r * (in + out) / op time.\n"
+        )
+        + f"others: CPU cores other processes kept busy while the row was timed; "
         f"NOISY above {NOISY_LOAD_CORES}: rerun that row on a quiet machine."
     )
     if goals:
@@ -408,20 +534,22 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown dtype(s) {unknown}; expected some of {list(DTYPES)}")
     args.dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
-    args.specs = select_problems(args.problems, args.quick)
+    args.specs = select_problems(args.problems, args.quick, args.device)
     if not args.specs:
-        parser.error(f"--problems {args.problems!r} matches none of {[s.name for s in PROBLEMS]}")
+        names = [s.name for s in PROBLEMS if args.device in s.devices]
+        parser.error(f"--problems {args.problems!r} matches none of {names} ({args.device})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     return args
 
 
-def select_problems(patterns, quick):
-    """The problems whose names match a glob; --quick alone keeps the quick set."""
+def select_problems(patterns, quick, device="cpu"):
+    """The device's problems whose names match a glob; --quick alone keeps the quick set."""
+    problems = [s for s in PROBLEMS if device in s.devices]
     if patterns == "*" and quick:
-        return [s for s in PROBLEMS if s.quick]
+        return [s for s in problems if s.quick]
     globs = [g.strip() for g in patterns.split(",") if g.strip()]
-    return [s for s in PROBLEMS if any(fnmatch.fnmatchcase(s.name, g) for g in globs)]
+    return [s for s in problems if any(fnmatch.fnmatchcase(s.name, g) for g in globs)]
 
 
 def load_op():
@@ -439,7 +567,13 @@ def load_op():
 
 def measure_ceiling(args, when):
     """The copy bandwidth, with how busy other processes kept the CPU meanwhile."""
-    copy = timing.copy_ceiling(args.device, repeats=5 if args.quick else 10)
+    repeats = 5 if args.quick else 10
+    if args.device == "cuda":
+        with timing.OtherLoad() as other_load:
+            copy = cuda_copy_ceiling(repeats=repeats)
+        copy["other_load_cores"] = other_load.cores
+    else:
+        copy = timing.copy_ceiling(args.device, repeats=repeats)
     print(f"copy bandwidth ({when}): {copy['gb_per_s']:.1f} GB/s (read + write)", flush=True)
     return copy
 
@@ -462,7 +596,11 @@ def build_payload(args, env, copy, rows, goals, elapsed):
         "settings": {
             "quick": args.quick, "repeats": args.repeats, "warmup": args.warmup, "cache": args.cache,
             "budget_s_per_row": BUDGET_S["quick" if args.quick else "full"], "seed": SEED,
-            "timer": "time.perf_counter per call (torch.cuda.synchronize around it on CUDA); median",
+            "timer": (
+                "CUDA events around each call on the stream; median"
+                if args.device == "cuda"
+                else "time.perf_counter per call; median"
+            ),
             "variants interleaved": True, "noisy_above_other_load_cores": NOISY_LOAD_CORES,
         },  # fmt: skip
         "copy_bandwidth": copy,
@@ -471,6 +609,8 @@ def build_payload(args, env, copy, rows, goals, elapsed):
             "op_gflop_per_s": "2 * T * r * (in + out) / median op time",
             "loop_over_op": "loop median / op median", "bmm_over_op": "bmm median / op median",
             "op_over_bound": "op median / bound median", "copy_fraction": "op_gb_per_s / copy gb_per_s",
+            "graph_gb_per_s": "CUDA: the same bytes / median time of the op replayed from a CUDA graph",
+            "graph_copy_fraction": "graph_gb_per_s / copy gb_per_s", "bmm_over_graph": "bmm median / graph median",
             "other_load_cores": "CPU cores kept busy by other processes while the row was timed",
         },  # fmt: skip
         "rows": rows,
@@ -484,9 +624,9 @@ def report_problems(rows):
     noisy = [f"{r['problem']}/{r['dtype']}" for r in rows if is_noisy(r)]
     if noisy:
         print(f"other processes were busy while timing {', '.join(noisy)}: those figures are unreliable")
-    wrong = [r for r in rows if not r["check"]["ok"]]
+    wrong = [r for r in rows if not r["check"]["ok"] or not r.get("graph_check", {"ok": True})["ok"]]
     for r in wrong:
-        print(f"op check failed on {r['problem']}/{r['dtype']}: {r['check']}", file=sys.stderr)
+        print(f"op check failed on {r['problem']}/{r['dtype']}: {r['check']} {r.get('graph_check', '')}", file=sys.stderr)
     return 1 if wrong else 0
 
 
