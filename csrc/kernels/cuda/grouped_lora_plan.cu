@@ -26,24 +26,25 @@ int key_bits(int64_t E) {
   return bits;
 }
 
+// Keys are unsigned, so the radix sort's bit range [0, key_bits) is the whole key.
 template <typename Id>
-__global__ void make_keys_kernel(const Id* __restrict__ ids, int T, int E, int32_t* keys,
+__global__ void make_keys_kernel(const Id* __restrict__ ids, int T, int E, uint32_t* keys,
                                  int32_t* vals) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
   const int64_t id = static_cast<int64_t>(ids[t]);
-  keys[t] = (id >= 0 && id < E) ? static_cast<int32_t>(id + 1) : 0;
+  keys[t] = (id >= 0 && id < E) ? static_cast<uint32_t>(id + 1) : 0u;
   vals[t] = t;
 }
 
-__global__ void segment_bounds_kernel(const int32_t* __restrict__ sorted_keys, int T, int E,
+__global__ void segment_bounds_kernel(const uint32_t* __restrict__ sorted_keys, int T, int E,
                                       int32_t* seg_begin) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
   if (k > E + 1) return;
   int lo = 0, hi = T;  // first position with key >= k
   while (lo < hi) {
     const int mid = lo + (hi - lo) / 2;
-    if (sorted_keys[mid] < k) {
+    if (sorted_keys[mid] < static_cast<uint32_t>(k)) {
       lo = mid + 1;
     } else {
       hi = mid;
@@ -68,8 +69,8 @@ Layout layout(int64_t T, int64_t E) {
   l.sort_temp = l.seg_begin + align_up(sizeof(int32_t) * static_cast<size_t>(E + 2));
   size_t temp = 0;
   // Size query only: no launch, nothing dereferenced.
-  cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr),
+  cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const uint32_t*>(nullptr),
+                                  static_cast<uint32_t*>(nullptr),
                                   static_cast<const int32_t*>(nullptr),
                                   static_cast<int32_t*>(nullptr), static_cast<int>(T), 0,
                                   key_bits(E));
@@ -87,9 +88,9 @@ cudaError_t make_plan(const void* ids, bool ids_int64, int64_t T, int64_t E, voi
   const Layout l = layout(T, E);
   if (workspace_bytes < l.total || T <= 0 || E <= 0) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(workspace);
-  auto* keys = reinterpret_cast<int32_t*>(base + l.keys);
+  auto* keys = reinterpret_cast<uint32_t*>(base + l.keys);
   auto* vals = reinterpret_cast<int32_t*>(base + l.vals);
-  auto* sorted_keys = reinterpret_cast<int32_t*>(base + l.sorted_keys);
+  auto* sorted_keys = reinterpret_cast<uint32_t*>(base + l.sorted_keys);
   auto* perm = reinterpret_cast<int32_t*>(base + l.perm);
   auto* seg_begin = reinterpret_cast<int32_t*>(base + l.seg_begin);
   const int n = static_cast<int>(T), experts = static_cast<int>(E);
@@ -116,7 +117,7 @@ cudaError_t make_plan(const void* ids, bool ids_int64, int64_t T, int64_t E, voi
   plan->tokens = T;
   plan->experts = E;
   plan->perm = perm;
-  plan->sorted_keys = sorted_keys;
+  plan->sorted_keys = reinterpret_cast<const int32_t*>(sorted_keys);  // keys <= E < 2^31
   plan->seg_begin = seg_begin;
   return cudaSuccess;
 }
