@@ -232,8 +232,22 @@ struct FmaCore {
   }
 };
 
+// Tensor cores for float16 / bfloat16 on the targets CI builds (sm_80, sm_90a). Builds for
+// older GPUs (a TORCH_CUDA_ARCH_LIST that names them) take the FMA core where wmma lacks the
+// type: bfloat16 fragments need sm_80, float16 ones sm_70. Only kernel bodies differ.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+template <typename T>
+inline constexpr bool kUseMma = false;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+template <typename T>
+inline constexpr bool kUseMma = std::is_same_v<T, __half>;
+#else
+template <typename T>
+inline constexpr bool kUseMma = kIsHalfLike<T>;
+#endif
+
 template <typename T, bool kKMajor>
-using Core = std::conditional_t<kIsHalfLike<T>, MmaCore<T, kKMajor>, FmaCore<T, kKMajor>>;
+using Core = std::conditional_t<kUseMma<T>, MmaCore<T, kKMajor>, FmaCore<T, kKMajor>>;
 
 // ---------------------------------------------------------------------------------------
 // Forward: shrink (v_sorted = x A^T) and expand (y = (y or 0) + s V B^T).
