@@ -109,6 +109,10 @@ __device__ __forceinline__ A sub_warp_sum(A v, int width) {
 }
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// For device code (std::min / std::max are host functions there without
+// --expt-relaxed-constexpr, which CMake builds do not pass).
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------------------
 // Host-side dtype dispatch: calls fn(T{}) with the element type of `dtype`.

@@ -124,9 +124,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) gather_shrink_kernel(const ShrinkParams<T> p) {
   __shared__ __align__(16) T xs[G * KC];  // the window's x slice: [G][KC]
   const int64_t w0 = static_cast<int64_t>(blockIdx.x) * G;
-  const int64_t w1 = std::min<int64_t>(p.plan.tokens, w0 + G);
+  const int64_t w1 = min64(p.plan.tokens, w0 + G);
   const int64_t k0 = static_cast<int64_t>(blockIdx.z) * KC;
-  const int64_t k1 = std::min<int64_t>(p.in, k0 + KC);
+  const int64_t k1 = min64(p.in, k0 + KC);
   for (int i = static_cast<int>(threadIdx.x); i < G * KC; i += kThreads) {
     const int64_t pos = w0 + i / KC, k = k0 + i % KC;
     xs[i] = (pos < w1 && k < k1) ? p.x[static_cast<int64_t>(p.plan.perm[pos]) * p.ldx + k]
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) gather_shrink_kernel(const ShrinkPar
                           static_cast<int64_t>(threadIdx.x / 32) * kRowsPerWarp;
   for (int64_t pos = w0; pos < w1;) {  // the window's runs
     const int key = p.plan.sorted_keys[pos];
-    const int64_t end = std::min<int64_t>(w1, p.plan.seg_begin[key + 1]);
+    const int64_t end = min64(w1, p.plan.seg_begin[key + 1]);
     if (key > 0) {
       shrink_run(p, key - 1, static_cast<int>(pos - w0), static_cast<int>(end - pos), j_first,
                  k0, k1, xs, w0);
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) gather_expand_kernel(const ExpandPar
   __shared__ A vs[G * kMaxRank];  // the window's V rows, rounded: [G][kMaxRank]
   const int64_t tokens = p.plan.tokens;
   const int64_t w0 = static_cast<int64_t>(blockIdx.x) * G;
-  const int64_t w1 = std::min<int64_t>(tokens, w0 + G);
+  const int64_t w1 = min64(tokens, w0 + G);
   const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kExpandRows;
   for (int i = static_cast<int>(threadIdx.x); i < G * p.r; i += kThreads) {
     const int g = i / static_cast<int>(p.r), j = i % static_cast<int>(p.r);
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) gather_expand_kernel(const ExpandPar
   __syncthreads();
   for (int64_t pos = w0; pos < w1;) {  // the window's runs
     const int key = p.plan.sorted_keys[pos];
-    const int64_t end = std::min<int64_t>(w1, p.plan.seg_begin[key + 1]);
+    const int64_t end = min64(w1, p.plan.seg_begin[key + 1]);
     const int g0 = static_cast<int>(pos - w0), nt = static_cast<int>(end - pos);
     if (key > 0) {
       expand_run(p, key - 1, g0, nt, w0, o0, vs);

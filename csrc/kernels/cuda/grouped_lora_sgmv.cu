@@ -271,7 +271,7 @@ __device__ __forceinline__ void forward_pass(const ForwardParams<T>& p, int64_t 
                                              acc_t<T>* c_s) {
   Core<T, false> core;
   const RowSource<T> q_src{p.weight + e * p.N * p.K, p.K, nullptr, p.q_vec};
-  const int n_valid = static_cast<int>(std::min<int64_t>(BN, p.N - n0));
+  const int n_valid = static_cast<int>(min64(BN, p.N - n0));
   for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
     load_tile<BM, BK>(p_s, BK + kPad, p.p_src, s0, rows, k0, p.K);  // [rows, BK]
     load_tile<BN, BK>(q_s, BK + kPad, q_src, n0, n_valid, k0, p.K);  // [BN, BK]
@@ -301,7 +301,7 @@ __device__ __forceinline__ void forward_pass(const ForwardParams<T>& p, int64_t 
 template <typename T>
 __device__ __forceinline__ void zero_rows(const ForwardParams<T>& p, int64_t s0, int rows,
                                           int64_t n0) {
-  const int n_valid = static_cast<int>(std::min<int64_t>(BN, p.N - n0));
+  const int n_valid = static_cast<int>(min64(BN, p.N - n0));
   for (int idx = static_cast<int>(threadIdx.x); idx < BM * BN; idx += kThreads) {
     const int row = idx / BN, col = idx % BN;
     if (row >= rows || col >= n_valid) continue;
@@ -317,13 +317,13 @@ __global__ void __launch_bounds__(kThreads) segment_forward_kernel(const Forward
   auto* c_s = reinterpret_cast<acc_t<T>*>(smem);
 
   const int64_t w0 = static_cast<int64_t>(blockIdx.x) * BM;
-  const int64_t w1 = std::min<int64_t>(p.plan.tokens, w0 + BM);
+  const int64_t w1 = min64(p.plan.tokens, w0 + BM);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
   const int key_last = p.plan.sorted_keys[w1 - 1];
   // One pass per key in the window (uniform across the block: __syncthreads is safe).
   for (int key = p.plan.sorted_keys[w0]; key <= key_last; ++key) {
-    const int64_t s0 = std::max<int64_t>(w0, p.plan.seg_begin[key]);
-    const int64_t s1 = std::min<int64_t>(w1, p.plan.seg_begin[key + 1]);
+    const int64_t s0 = max64(w0, p.plan.seg_begin[key]);
+    const int64_t s1 = min64(w1, p.plan.seg_begin[key + 1]);
     if (s0 >= s1) continue;
     const int rows = static_cast<int>(s1 - s0);
     if (key == 0) {
@@ -373,12 +373,12 @@ __global__ void __launch_bounds__(kThreads) segment_weight_grad_kernel(const Gra
   const int64_t e = blockIdx.y, split = blockIdx.z;
   const int64_t seg0 = p.plan.seg_begin[e + 1], seg1 = p.plan.seg_begin[e + 2];
   const int64_t chunk = ceil_div(ceil_div(seg1 - seg0, p.splits), BK) * BK;
-  const int64_t t_begin = std::min(seg1, seg0 + split * chunk);
-  const int64_t t_end = std::min(seg1, t_begin + chunk);
+  const int64_t t_begin = min64(seg1, seg0 + split * chunk);
+  const int64_t t_end = min64(seg1, t_begin + chunk);
 
   Core<T, true> core;
   for (int64_t t0 = t_begin; t0 < t_end; t0 += BK) {
-    const int rows = static_cast<int>(std::min<int64_t>(BK, t_end - t0));
+    const int rows = static_cast<int>(min64(BK, t_end - t0));
     load_tile<BK, BM>(p_s, BM + kPad, p.l, t0, rows, m0, p.M);  // [BK tokens, BM]
     load_tile<BK, BN>(q_s, BN + kPad, p.r, t0, rows, n0, p.N);  // [BK tokens, BN]
     __syncthreads();
@@ -387,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) segment_weight_grad_kernel(const Gra
   }
   core.store(c_s);
   __syncthreads();
-  const int m_valid = static_cast<int>(std::min<int64_t>(BM, p.M - m0));
-  const int n_valid = static_cast<int>(std::min<int64_t>(BN, p.N - n0));
+  const int m_valid = static_cast<int>(min64(BM, p.M - m0));
+  const int n_valid = static_cast<int>(min64(BN, p.N - n0));
   const acc_t<T> scale = static_cast<acc_t<T>>(p.scales[e]);
   for (int idx = static_cast<int>(threadIdx.x); idx < BM * BN; idx += kThreads) {
     const int row = idx / BN, col = idx % BN;
