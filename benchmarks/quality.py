@@ -44,24 +44,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run (tiny budgets)")
     p.add_argument("--domains", default="code,math,medicine,dialogue")
-    p.add_argument("--records", type=int, default=400, help="records per domain built (train + val)")
-    p.add_argument("--val", type=int, default=40, help="held-out records scored per domain")
-    p.add_argument("--steps", type=int, default=60, help="stage-1 steps per domain")
+    p.add_argument("--records", type=int, default=300, help="records per domain built (train + val)")
+    p.add_argument("--val", type=int, default=30, help="held-out records scored per domain")
+    p.add_argument("--steps", type=int, default=40, help="stage-1 steps per domain")
     p.add_argument("--batch", type=int, default=4, help="samples per domain per step")
-    p.add_argument("--router-steps", type=int, default=30, help="stage-2 steps (joint)")
+    p.add_argument("--router-steps", type=int, default=25, help="stage-2 steps (joint)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--expert-lr", type=float, default=2e-4, help="experts' lr in the joint stage 2")
     p.add_argument("--router-lr", type=float, default=1e-2)
     p.add_argument("--eta", type=float, default=0.1)
-    p.add_argument("--max-len", type=int, default=192)
+    p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working folder (default: build/quality)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.records, args.val, args.steps, args.batch, args.router_steps = 24, 3, 2, 1, 2
-        args.max_len = 64
+        args.records, args.val, args.steps, args.batch, args.router_steps = 16, 2, 2, 1, 2
+        args.max_len = 48
     return args
 
 

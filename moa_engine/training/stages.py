@@ -58,6 +58,7 @@ def load_base(model=None, cfg: TrainConfig | None = None):
     name = f"HuggingFaceTB/{DEFAULT_MODEL}" if model is None else str(Path(folder).resolve())
     if cfg is not None:
         hf.to(cfg.device)
+        hf.train()  # training mode (HF checkpoints activations only in it); the weights stay frozen
         if cfg.grad_checkpointing:
             enable_checkpointing(hf)
     return hf, tokenizer, folder, name

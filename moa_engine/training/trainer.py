@@ -367,6 +367,7 @@ def _save_checkpoint(path: Path, step: int, module, opt, plan: Plan, names, trai
             "fingerprint": plan.fingerprint,
             "params": {names[id(p)]: p.detach().cpu() for p in trainable},
             "optimizer": opt.state_dict(),
+            "rng": torch.get_rng_state(),  # dropout, if the model has any
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -403,6 +404,8 @@ def _load_checkpoint(path: Path, module, opt, plan: Plan, names, trainable) -> i
         with torch.no_grad():
             p.copy_(saved[name].to(p.device, p.dtype))
     opt.load_state_dict(state["optimizer"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 
