@@ -8,8 +8,9 @@ What is replayed, with the constants parsed from csrc/kernels/cuda/tiling.h:
 - each kernel's grid, and inside each block the mapping of warps, lanes and threads to rows,
   columns and k: the tile loaders (16-byte vectors or scalars, tails, zero fill), the wmma
   fragments (pointers, leading dimensions and layouts, as wmma::load_matrix_sync reads them),
-  the FMA micro-tiles, the epilogues, the gather kernels' windows, runs, row slices, lane
-  strides and sub-warps, the split-K partials and their ordered reductions;
+  the FMA micro-tiles, the epilogues, the gather kernels' windows of tokens in the caller's
+  order and their runs, row slices, lane strides and sub-warps, the split-K partials and their
+  ordered reductions;
 - the ops layer's choices (csrc/ops/grouped_lora_cuda.cpp): kernel path, 16-byte-load
   eligibility, layouts, splits.
 Blocks run in a Python loop; the threads of a block run vectorised as index arrays.
@@ -213,19 +214,6 @@ def make_plan(expert_ids, E):
     sorted_keys, perm = torch.sort(keys, stable=True)
     seg_begin = torch.searchsorted(sorted_keys, torch.arange(E + 2), right=False)
     return Plan(ids.numel(), E, perm, sorted_keys, seg_begin)
-
-
-def window_runs(plan, w0, w1):
-    """The runs of one key in sorted positions [w0, w1): (key, begin, end), as the kernels walk
-    them."""
-    runs, pos = [], w0
-    while pos < w1:
-        key = int(plan.sorted_keys[pos])
-        end = min(w1, int(plan.seg_begin[key + 1]))
-        assert end > pos, "a run must advance"
-        runs.append((key, pos, end))
-        pos = end
-    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +503,33 @@ class SegmentKernel:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Ids:
+    """expert_ids as the gather kernels read them, in token order: key = id + 1, 0 for -1 or an
+    id outside [0, E)."""
+
+    tokens: int
+    keys: torch.Tensor  # [T]
+
+
+def gather_ids(expert_ids, E):
+    ids = expert_ids.long()
+    return Ids(ids.numel(), torch.where((ids >= 0) & (ids < E), ids + 1, torch.zeros_like(ids)))
+
+
+def scan_runs(ids, w0, w1):
+    """The runs of consecutive equal keys in tokens [w0, w1): (key, begin, end), as the gather
+    kernels find them (run_end: scan the window's staged keys)."""
+    runs, pos = [], w0
+    while pos < w1:
+        end = pos + 1
+        while end < w1 and int(ids.keys[end]) == int(ids.keys[pos]):
+            end += 1
+        runs.append((int(ids.keys[pos]), pos, end))
+        pos = end
+    return runs
+
+
 def lanes_per_row(vectors):
     w = 1
     while w < 32 and w < vectors:
@@ -538,9 +553,9 @@ class GatherKernel:
         self.xs = Shared(self.G * self.KC, dtype)
         self.vs = Shared(self.G * t.kGatherMaxRank, self.acc)
 
-    def shrink(self, plan, x, ldx, A, in_features, r, partials, vec):
+    def shrink(self, ids, x, ldx, A, in_features, r, partials, vec):
         """gather_shrink_kernel over grid (windows, row tiles, splits)."""
-        t, T = self.t, plan.tokens
+        t, T = self.t, ids.tokens
         splits = gather_splits(t, in_features)
         assert splits <= MAX_GRID_YZ
         for bx in range(ceil_div(T, self.G)):
@@ -549,14 +564,14 @@ class GatherKernel:
             for bz in range(splits):
                 k0 = bz * self.KC
                 k1 = min(in_features, k0 + self.KC)
-                self._stage_x(plan, x, ldx, w0, w1, k0, k1)
+                self._stage_x(ids, x, ldx, w0, w1, k0, k1)
                 for by in range(ceil_div(r, t.kGatherShrinkRows)):
-                    for key, pos, end in window_runs(plan, w0, w1):
+                    for key, pos, end in scan_runs(ids, w0, w1):
                         if key > 0:
-                            self._shrink_run(plan, A, in_features, r, partials, vec, key - 1, pos - w0,
+                            self._shrink_run(ids, A, in_features, r, partials, vec, key - 1, pos - w0,
                                              end - pos, by, bz, k0, k1, w0)  # fmt: skip
 
-    def _stage_x(self, plan, x, ldx, w0, w1, k0, k1):
+    def _stage_x(self, ids, x, ldx, w0, w1, k0, k1):
         self.xs.poison()
         i = torch.arange(self.threads)[None, :] + self.threads * torch.arange(ceil_div(self.G * self.KC, self.threads))[:, None]
         i = i.reshape(-1)
@@ -565,11 +580,11 @@ class GatherKernel:
         value = torch.zeros(i.numel(), dtype=torch.float64)
         m = (pos < w1) & (k < k1)
         if m.any():
-            value[m] = x.buf.load(x.start + plan.perm[pos[m]] * ldx + k[m]).double()
+            value[m] = x.buf.load(x.start + pos[m] * ldx + k[m]).double()
         self.xs.store(i, value)
         assert bool((self.xs.writes == 1).all()), "x staging left or doubled an element"
 
-    def _shrink_run(self, plan, A, in_features, r, partials, vec, e, g0, nt, by, bz, k0, k1, w0):
+    def _shrink_run(self, ids, A, in_features, r, partials, vec, e, g0, nt, by, bz, k0, k1, w0):
         t, G, V = self.t, self.G, self.V
         R = self.rows_per_warp
         width, steps = (V, self.KC // (32 * V)) if vec else (1, self.KC // 32)
@@ -606,12 +621,12 @@ class GatherKernel:
                 j = j_first + i
                 keep = (j < r) & (g < nt)
                 if keep.any():
-                    dst = partials.start + (bz * plan.tokens + w0 + g0 + g) * r + j[keep]
+                    dst = partials.start + (bz * ids.tokens + w0 + g0 + g) * r + j[keep]
                     partials.buf.store(dst, sums[keep, i, g].to(self.acc))
 
-    def expand(self, plan, partials, splits, B, scales, out, r, y, ldy, accumulate, vec):
+    def expand(self, ids, partials, splits, B, scales, out, r, y, ldy, accumulate, vec):
         """gather_expand_kernel over grid (windows, row tiles)."""
-        t, T = self.t, plan.tokens
+        t, T = self.t, ids.tokens
         assert r <= t.kGatherMaxRank
         tiles = ceil_div(out, t.kGatherExpandRows)
         assert tiles <= MAX_GRID_YZ
@@ -619,21 +634,21 @@ class GatherKernel:
         for bx in range(ceil_div(T, self.G)):
             w0 = bx * self.G
             w1 = min(T, w0 + self.G)
-            self._stage_v(plan, partials, splits, r, w0, w1)
+            self._stage_v(ids, partials, splits, r, w0, w1)
             for by in range(tiles):
                 o0 = by * t.kGatherExpandRows
-                for key, pos, end in window_runs(plan, w0, w1):
+                for key, pos, end in scan_runs(ids, w0, w1):
                     if key > 0:
-                        self._expand_run(plan, B, scales, out, r, y, ldy, accumulate, vec, W, key - 1,
+                        self._expand_run(ids, B, scales, out, r, y, ldy, accumulate, vec, W, key - 1,
                                          pos - w0, end - pos, w0, o0)  # fmt: skip
                     elif not accumulate:
                         nt, rows = end - pos, t.kGatherExpandRows
                         i = torch.arange(nt * rows)
                         o = o0 + i % rows
                         m = o < out
-                        y.buf.store(y.start + plan.perm[pos + i[m] // rows] * ldy + o[m], torch.zeros(int(m.sum())))
+                        y.buf.store(y.start + (pos + i[m] // rows) * ldy + o[m], torch.zeros(int(m.sum())))
 
-    def _stage_v(self, plan, partials, splits, r, w0, w1):
+    def _stage_v(self, ids, partials, splits, r, w0, w1):
         self.vs.poison()
         t = self.t
         i = torch.arange(self.threads)[None, :] + self.threads * torch.arange(ceil_div(self.G * r, self.threads))[:, None]
@@ -643,15 +658,15 @@ class GatherKernel:
         pos = w0 + g
         value = torch.zeros(i.numel(), dtype=self.acc)
         m = pos < w1
-        m[m.clone()] = plan.sorted_keys[pos[m]] > 0
+        m[m.clone()] = ids.keys[pos[m]] > 0
         if m.any():
             s = torch.zeros(int(m.sum()), dtype=self.acc)
             for sp in range(splits):  # in order
-                s = s + partials.buf.load(partials.start + (sp * plan.tokens + pos[m]) * r + j[m]).to(self.acc)
+                s = s + partials.buf.load(partials.start + (sp * ids.tokens + pos[m]) * r + j[m]).to(self.acc)
             value[m] = s.to(self.dtype).to(self.acc)  # V rounded to the input dtype
         self.vs.store(g * t.kGatherMaxRank + j, value)
 
-    def _expand_run(self, plan, B, scales, out, r, y, ldy, accumulate, vec, W, e, g0, nt, w0, o0):
+    def _expand_run(self, ids, B, scales, out, r, y, ldy, accumulate, vec, W, e, g0, nt, w0, o0):
         t, G, V = self.t, self.G, self.V
         rows_per_warp = 32 // W
         tid = torch.arange(self.threads)
@@ -685,7 +700,7 @@ class GatherKernel:
             sums = torch.zeros(self.warps * rows_per_warp, G, dtype=torch.float64).index_add_(0, group, acc)
             writer = (lw == 0) & (o < out)
             for g in range(min(G, nt)):
-                tok = plan.perm[w0 + g0 + g]
+                tok = w0 + g0 + g
                 dst = y.start + tok * ldy + o[writer]
                 value = sums[group[writer], g].to(self.acc)
                 prior = y.buf.load(dst).to(self.acc) if accumulate else torch.zeros_like(value)
@@ -744,7 +759,7 @@ def grouped_lora(x, lora_a, lora_b, expert_ids, scales, y=None, *, path="auto", 
     T, in_features = x.shape
     E, r, _ = lora_a.shape
     out = lora_b.shape[1]
-    plan = make_plan(expert_ids, E)
+    plan = make_plan(expert_ids, E)  # the segment kernel's; the gather kernel has none
     accumulate = y is not None
     y_init = y.clone() if accumulate else torch.full((T, out), float("nan"), dtype=dtype)
     y_buf = Buffer(y_init)
@@ -764,10 +779,11 @@ def grouped_lora(x, lora_a, lora_b, expert_ids, scales, y=None, *, path="auto", 
                            scales=scales, accumulate=accumulate)  # fmt: skip
         else:
             kernel = GatherKernel(t, dtype)
+            ids = gather_ids(expert_ids, E)  # no plan: token order
             splits = gather_splits(t, in_features)
             partials = Ptr(Buffer(torch.full((splits * T * r,), float("nan"), dtype=acc_dtype(dtype))))
-            kernel.shrink(plan, x_ptr, ldx, A, in_features, r, partials, A.aligned(in_features, dtype, t))
-            kernel.expand(plan, partials, splits, B, scales, out, r, Ptr(y_buf), out, accumulate, B.aligned(r, dtype, t))
+            kernel.shrink(ids, x_ptr, ldx, A, in_features, r, partials, A.aligned(in_features, dtype, t))
+            kernel.expand(ids, partials, splits, B, scales, out, r, Ptr(y_buf), out, accumulate, B.aligned(r, dtype, t))
     elif not accumulate:
         y_buf.values.zero_()  # at::zeros in the ops layer
         y_buf.writes.fill_(1)

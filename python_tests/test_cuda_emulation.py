@@ -95,6 +95,7 @@ FORWARD_CASES = [
     (torch.bfloat16, "gather", 1, 512, 129, 24, 1, "same", (0, 0), False),
     (torch.float32, "gather", 37, 1030, 257, 16, 8, "distinct", (0, 0), True),
     (torch.float32, "gather", 20, 129, 65, 67, 5, "mixed_none", (0, 0), False),
+    (torch.float32, "gather", 50, 96, 40, 16, 3, "blocks", (0, 0), True),
     (torch.float64, "gather", 21, 555, 33, 6, 7, "zipf", (2, 1), False),
     (torch.float64, "gather", 8, 3, 260, 2, 3, "mixed_none", (0, 0), True),
     (torch.bfloat16, "auto", 6, 96, 40, 16, 1024, "distinct", (0, 0), False),

@@ -3,10 +3,10 @@
 // key. Compiled in CUDA builds only (MOA_WITH_CUDA); elsewhere CUDA tensors would take the
 // device-generic ATen implementation (grouped_lora_generic.cpp).
 //
-// A call plans on the device and launches 3-5 kernels on the current stream, with no host
-// sync except the expert_ids range check, which is skipped while the stream is being
-// captured into a CUDA graph (the kernels treat ids outside [0, E) as -1, so bad ids never
-// index out of bounds). Forward calls take the gather or the segment kernel
+// A call launches its kernels on the current stream (gather: 2; segment: a device plan of 3
+// or 4, then 2), with no host sync except the expert_ids range check, which is skipped while
+// the stream is being captured into a CUDA graph (the kernels treat ids outside [0, E) as -1,
+// so bad ids never index out of bounds). Forward calls take the gather or the segment kernel
 // (moa::cuda::use_segment_path); MOA_ENGINE_CUDA_PATH=gather|segment|auto, read per call,
 // forces one (tests and tuning; the gather kernel serves ranks up to 256 only).
 #ifdef MOA_WITH_CUDA
@@ -134,10 +134,10 @@ void run_forward(const char* op, const at::Tensor& y, const at::Tensor& x_in,
   const at::Tensor a = lora_a.contiguous();    // [E, r, in]
   const at::Tensor b = lora_b.contiguous();    // [E, out, r]
   const at::Tensor scale = scales.contiguous();  // [E]
-  at::Tensor plan_memory;
-  const kc::Plan plan = plan_call(op, expert_ids, s, stream, plan_memory);
   const kc::Dtype dtype = kernel_dtype(x.scalar_type());
   if (use_segment(s.T, s.E, s.r)) {
+    at::Tensor plan_memory;
+    const kc::Plan plan = plan_call(op, expert_ids, s, stream, plan_memory);
     const at::Tensor v = at::empty({s.T, s.r}, x.options());  // V by sorted position
     check_launch(kc::segment_shrink(dtype, plan, {x.const_data_ptr(), row_stride(x), true},
                                     a.const_data_ptr(), s.in, s.r, v.mutable_data_ptr(), stream),
@@ -148,14 +148,16 @@ void run_forward(const char* op, const at::Tensor& y, const at::Tensor& x_in,
                  op, "segment expand", s);
     return;
   }
+  const at::Tensor id_values = expert_ids.contiguous();
+  const kc::Ids ids{id_values.const_data_ptr(), id_values.scalar_type() == at::kLong, s.T, s.E};
   const int64_t splits = kc::gather_splits(s.in);
   const at::Tensor partials =
       at::empty({splits, s.T, s.r}, x.options().dtype(acc_type(x.scalar_type())));
-  check_launch(kc::gather_shrink(dtype, plan, x.const_data_ptr(), row_stride(x),
+  check_launch(kc::gather_shrink(dtype, ids, x.const_data_ptr(), row_stride(x),
                                  a.const_data_ptr(), s.in, s.r, partials.mutable_data_ptr(),
                                  stream),
                op, "gather shrink", s);
-  check_launch(kc::gather_expand(dtype, plan, partials.const_data_ptr(), splits,
+  check_launch(kc::gather_expand(dtype, ids, partials.const_data_ptr(), splits,
                                  b.const_data_ptr(), scale.const_data_ptr<float>(), s.out, s.r,
                                  y.mutable_data_ptr(), row_stride(y), accumulate, stream),
                op, "gather expand", s);

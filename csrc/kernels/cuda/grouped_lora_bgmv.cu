@@ -1,20 +1,22 @@
 // Gather kernel (BGMV, after Punica): decode shapes, one or a few tokens per expert. See
 // grouped_lora_cuda.h for the legend and tiling.h for the constants.
 //
-// Both phases work on windows of kGatherTokens sorted positions. Tokens are sorted by
-// expert, so a window holds runs of one expert; each run reads its expert's weight rows
-// once, for all of its tokens (up to kGatherTokens dot products per weight element).
+// No plan, no sort: both phases work on windows of kGatherTokens consecutive tokens, in
+// the caller's order, and split each window into runs of one expert (consecutive equal
+// keys, key = expert + 1, 0 for -1 or an id outside [0, E)). A run reads its expert's weight
+// rows once for all of its tokens (up to kGatherTokens dot products per weight element);
+// tokens of one expert that are not adjacent read the rows again, mostly from L2.
 //
 // Shrink: block (window, row tile, split) computes, for rows j of A in its row tile and
 // the slice [k0, k1) of `in`:
-//   partials[split, p, j] = x[perm[p], k0:k1] . A[e, j, k0:k1]
+//   partials[split, t, j] = x[t, k0:k1] . A[e, j, k0:k1]
 // The window's x slice is staged in shared memory; each warp owns kGatherShrinkRows /
 // warps rows of A, and its lanes stride over the slice in 16-byte vectors (lane l reads
 // elements k0 + (l + 32 u) * V + [0, V)); a butterfly reduction gives every lane the sums.
 //
-// Expand: block (window, row tile) first forms V[p, :] = round(sum_split partials) for its
+// Expand: block (window, row tile) first forms V[t, :] = round(sum_split partials) for its
 // window (fixed order, rounded to the input dtype as the contract says), then for output
-// rows o of its tile computes y[t, o] = (y[t, o] or 0) + s_e * V[p, :] . B[e, o, :].
+// rows o of its tile computes y[t, o] = (y[t, o] or 0) + s_e * V[t, :] . B[e, o, :].
 // A row of B (r elements) is read by a sub-warp of W lanes, W the power of two >= r's
 // vectors (at most 32); 32 / W rows per warp at a time.
 #include <algorithm>
@@ -37,13 +39,36 @@ static_assert(kThreads % 32 == 0 && kShrinkRows % kWarps == 0, "whole rows per w
 static_assert(kRowsPerWarp * G <= 32, "one lane writes each (row, token) sum");
 static_assert(KC % (32 * 8) == 0, "whole vectors per lane in a slice, for every dtype");
 static_assert(kExpandRows % kThreads == 0, "whole row steps per tile, down to W = 1");
+static_assert(G <= kThreads, "one thread stages each key of a window");
+
+// Each window's keys (expert + 1; 0: no expert), staged in shared memory by the first
+// threads; entries past the last token are -1, which no run matches.
+__device__ __forceinline__ void stage_keys(const Ids& ids, int64_t w0, int64_t w1, int* keys) {
+  const int g = static_cast<int>(threadIdx.x);
+  if (g >= G) return;
+  const int64_t t = w0 + g;
+  if (t >= w1) {
+    keys[g] = -1;
+    return;
+  }
+  const int64_t id = ids.int64 ? static_cast<const int64_t*>(ids.data)[t]
+                               : static_cast<const int32_t*>(ids.data)[t];
+  keys[g] = (id >= 0 && id < ids.experts) ? static_cast<int>(id + 1) : 0;
+}
+
+// The window's next run: slots [g0, end) share keys[g0].
+__device__ __forceinline__ int run_end(const int* keys, int g0, int slots) {
+  int end = g0 + 1;
+  while (end < slots && keys[end] == keys[g0]) ++end;
+  return end;
+}
 
 // ---------------------------------------------------------------------------------------
 // Shrink
 
 template <typename T>
 struct ShrinkParams {
-  Plan plan;
+  Ids ids;
   const T* x;  // [T, in], row stride ldx
   int64_t ldx;
   const T* A;  // [E, r, in]
@@ -52,7 +77,8 @@ struct ShrinkParams {
   bool vec;            // rows of A take 16-byte loads
 };
 
-// One run: tokens at window slots [g0, g0 + nt) of expert e; rows j_first + [0, kRowsPerWarp).
+// One run: the window's tokens at slots [g0, g0 + nt), of expert e; this warp's rows
+// j_first + [0, kRowsPerWarp) of A, over the slice [k0, k1).
 template <typename T>
 __device__ __forceinline__ void shrink_run(const ShrinkParams<T>& p, int64_t e, int g0, int nt,
                                            int64_t j_first, int64_t k0, int64_t k1,
@@ -113,8 +139,8 @@ __device__ __forceinline__ void shrink_run(const ShrinkParams<T>& p, int64_t e, 
       const A sum = sub_warp_sum(acc[i][g], 32);
       const int64_t j = j_first + i;
       if (lane == i * G + g && j < p.r && g < nt) {
-        const int64_t pos = w0 + g0 + g;
-        p.partials[(static_cast<int64_t>(blockIdx.z) * p.plan.tokens + pos) * p.r + j] = sum;
+        const int64_t t = w0 + g0 + g;
+        p.partials[(static_cast<int64_t>(blockIdx.z) * p.ids.tokens + t) * p.r + j] = sum;
       }
     }
   }
@@ -123,26 +149,24 @@ __device__ __forceinline__ void shrink_run(const ShrinkParams<T>& p, int64_t e, 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gather_shrink_kernel(const ShrinkParams<T> p) {
   __shared__ __align__(16) T xs[G * KC];  // the window's x slice: [G][KC]
+  __shared__ int keys[G];
   const int64_t w0 = static_cast<int64_t>(blockIdx.x) * G;
-  const int64_t w1 = min64(p.plan.tokens, w0 + G);
+  const int64_t w1 = min64(p.ids.tokens, w0 + G);
   const int64_t k0 = static_cast<int64_t>(blockIdx.z) * KC;
   const int64_t k1 = min64(p.in, k0 + KC);
   for (int i = static_cast<int>(threadIdx.x); i < G * KC; i += kThreads) {
-    const int64_t pos = w0 + i / KC, k = k0 + i % KC;
-    xs[i] = (pos < w1 && k < k1) ? p.x[static_cast<int64_t>(p.plan.perm[pos]) * p.ldx + k]
-                                 : zero_value<T>();
+    const int64_t t = w0 + i / KC, k = k0 + i % KC;
+    xs[i] = (t < w1 && k < k1) ? p.x[t * p.ldx + k] : zero_value<T>();
   }
+  stage_keys(p.ids, w0, w1, keys);
   __syncthreads();
   const int64_t j_first = static_cast<int64_t>(blockIdx.y) * kShrinkRows +
                           static_cast<int64_t>(threadIdx.x / 32) * kRowsPerWarp;
-  for (int64_t pos = w0; pos < w1;) {  // the window's runs
-    const int key = p.plan.sorted_keys[pos];
-    const int64_t end = min64(w1, p.plan.seg_begin[key + 1]);
-    if (key > 0) {
-      shrink_run(p, key - 1, static_cast<int>(pos - w0), static_cast<int>(end - pos), j_first,
-                 k0, k1, xs, w0);
-    }
-    pos = end;
+  const int slots = static_cast<int>(w1 - w0);
+  for (int g0 = 0; g0 < slots;) {  // the window's runs
+    const int end = run_end(keys, g0, slots);
+    if (keys[g0] > 0) shrink_run(p, keys[g0] - 1, g0, end - g0, j_first, k0, k1, xs, w0);
+    g0 = end;
   }
 }
 
@@ -151,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) gather_shrink_kernel(const ShrinkPar
 
 template <typename T>
 struct ExpandParams {
-  Plan plan;
+  Ids ids;
   const acc_t<T>* partials;  // [splits, T, r]
   int64_t splits;
   const T* B;  // [E, out, r]
@@ -209,7 +233,7 @@ __device__ __forceinline__ void expand_run(const ExpandParams<T>& p, int64_t e, 
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         if (g >= nt) break;
-        T* dst = p.y + static_cast<int64_t>(p.plan.perm[w0 + g0 + g]) * p.ldy + o;
+        T* dst = p.y + (w0 + g0 + g) * p.ldy + o;
         const A prior = p.accumulate ? to_acc(*dst) : A(0);
         *dst = from_acc<T>(prior + scale * acc[g]);
       }
@@ -221,38 +245,37 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) gather_expand_kernel(const ExpandParams<T> p) {
   using A = acc_t<T>;
   __shared__ A vs[G * kMaxRank];  // the window's V rows, rounded: [G][kMaxRank]
-  const int64_t tokens = p.plan.tokens;
+  __shared__ int keys[G];
+  const int64_t tokens = p.ids.tokens;
   const int64_t w0 = static_cast<int64_t>(blockIdx.x) * G;
   const int64_t w1 = min64(tokens, w0 + G);
   const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kExpandRows;
+  stage_keys(p.ids, w0, w1, keys);
+  __syncthreads();
   for (int i = static_cast<int>(threadIdx.x); i < G * p.r; i += kThreads) {
     const int g = i / static_cast<int>(p.r), j = i % static_cast<int>(p.r);
-    const int64_t pos = w0 + g;
+    const int64_t t = w0 + g;
     A v = A(0);
-    if (pos < w1 && p.plan.sorted_keys[pos] > 0) {  // the shrink wrote only these
+    if (t < w1 && keys[g] > 0) {  // the shrink wrote only these
       A sum = A(0);
-      for (int64_t s = 0; s < p.splits; ++s) sum += p.partials[(s * tokens + pos) * p.r + j];
+      for (int64_t s = 0; s < p.splits; ++s) sum += p.partials[(s * tokens + t) * p.r + j];
       v = to_acc(from_acc<T>(sum));
     }
     vs[g * kMaxRank + j] = v;
   }
   __syncthreads();
-  for (int64_t pos = w0; pos < w1;) {  // the window's runs
-    const int key = p.plan.sorted_keys[pos];
-    const int64_t end = min64(w1, p.plan.seg_begin[key + 1]);
-    const int g0 = static_cast<int>(pos - w0), nt = static_cast<int>(end - pos);
-    if (key > 0) {
-      expand_run(p, key - 1, g0, nt, w0, o0, vs);
+  const int slots = static_cast<int>(w1 - w0);
+  for (int g0 = 0; g0 < slots;) {  // the window's runs
+    const int end = run_end(keys, g0, slots);
+    if (keys[g0] > 0) {
+      expand_run(p, keys[g0] - 1, g0, end - g0, w0, o0, vs);
     } else if (!p.accumulate) {  // rows without an expert: zeros
-      for (int i = static_cast<int>(threadIdx.x); i < nt * kExpandRows; i += kThreads) {
+      for (int i = static_cast<int>(threadIdx.x); i < (end - g0) * kExpandRows; i += kThreads) {
         const int64_t o = o0 + i % kExpandRows;
-        if (o < p.out) {
-          p.y[static_cast<int64_t>(p.plan.perm[pos + i / kExpandRows]) * p.ldy + o] =
-              zero_value<T>();
-        }
+        if (o < p.out) p.y[(w0 + g0 + i / kExpandRows) * p.ldy + o] = zero_value<T>();
       }
     }
-    pos = end;
+    g0 = end;
   }
 }
 
@@ -266,7 +289,7 @@ int lanes_per_row(int64_t vectors) {
 
 int64_t gather_splits(int64_t in) { return ceil_div(in, KC); }
 
-cudaError_t gather_shrink(Dtype dtype, const Plan& plan, const void* x, int64_t ldx,
+cudaError_t gather_shrink(Dtype dtype, const Ids& ids, const void* x, int64_t ldx,
                           const void* A, int64_t in, int64_t r, void* partials,
                           cudaStream_t stream) {
   const int64_t splits = gather_splits(in);
@@ -274,7 +297,7 @@ cudaError_t gather_shrink(Dtype dtype, const Plan& plan, const void* x, int64_t 
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     ShrinkParams<T> p{};
-    p.plan = plan;
+    p.ids = ids;
     p.x = static_cast<const T*>(x);
     p.ldx = ldx;
     p.A = static_cast<const T*>(A);
@@ -282,7 +305,7 @@ cudaError_t gather_shrink(Dtype dtype, const Plan& plan, const void* x, int64_t 
     p.r = r;
     p.partials = static_cast<acc_t<T>*>(partials);
     p.vec = vec_ok<T>(A, in);
-    const dim3 grid(static_cast<unsigned>(ceil_div(plan.tokens, G)),
+    const dim3 grid(static_cast<unsigned>(ceil_div(ids.tokens, G)),
                     static_cast<unsigned>(ceil_div(r, kShrinkRows)),
                     static_cast<unsigned>(splits));
     gather_shrink_kernel<T><<<grid, kThreads, 0, stream>>>(p);
@@ -290,7 +313,7 @@ cudaError_t gather_shrink(Dtype dtype, const Plan& plan, const void* x, int64_t 
   });
 }
 
-cudaError_t gather_expand(Dtype dtype, const Plan& plan, const void* partials, int64_t splits,
+cudaError_t gather_expand(Dtype dtype, const Ids& ids, const void* partials, int64_t splits,
                           const void* B, const float* scales, int64_t out, int64_t r, void* y,
                           int64_t ldy, bool accumulate, cudaStream_t stream) {
   if (r > kMaxRank) return cudaErrorInvalidValue;
@@ -299,7 +322,7 @@ cudaError_t gather_expand(Dtype dtype, const Plan& plan, const void* partials, i
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     ExpandParams<T> p{};
-    p.plan = plan;
+    p.ids = ids;
     p.partials = static_cast<const acc_t<T>*>(partials);
     p.splits = splits;
     p.B = static_cast<const T*>(B);
@@ -311,7 +334,7 @@ cudaError_t gather_expand(Dtype dtype, const Plan& plan, const void* partials, i
     p.accumulate = accumulate;
     p.vec = vec_ok<T>(B, r);
     p.lanes_per_row = lanes_per_row(p.vec ? r / kVec<T> : r);
-    const dim3 grid(static_cast<unsigned>(ceil_div(plan.tokens, G)),
+    const dim3 grid(static_cast<unsigned>(ceil_div(ids.tokens, G)),
                     static_cast<unsigned>(tiles));
     gather_expand_kernel<T><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();

@@ -6,15 +6,18 @@
 //   r    LoRA rank (padded, shared)    in / out   feature sizes of the base linear
 //   p    sorted position: a token's place after the plan's stable sort by expert
 //
-// A call is planned on the device (no host sync, so it can be captured in a CUDA graph),
-// then runs two phases, as on CPU:
-//   shrink:  V[p, :] = x[t, :] @ A[e]^T                        t = perm[p], V: [T, r]
-//   expand:  y[t, :] = (y[t, :] or 0) + s_e * V[p, :] @ B[e]^T
+// A call runs two phases, as on CPU:
+//   shrink:  V[t, :] = x[t, :] @ A[e]^T                          V: [T, r]
+//   expand:  y[t, :] = (y[t, :] or 0) + s_e * V[t, :] @ B[e]^T
 // through one of two kernels (tiling.h has the constants, use_segment_path the choice):
-//   segment (SGMV)  windows of sorted tokens, one tile GEMM per expert in the window:
-//                   tensor cores (wmma) for float16 / bfloat16, FMA for float32 / float64;
-//   gather  (BGMV)  windows of a few sorted tokens; each expert's A and B rows are streamed
-//                   once per window with 16-byte loads and warp reductions.
+//   segment (SGMV)  tokens sorted by expert by a device plan; windows of sorted tokens, one
+//                   tile GEMM per expert in the window: tensor cores (wmma) for float16 /
+//                   bfloat16, FMA for float32 / float64. V is kept in sorted order.
+//   gather  (BGMV)  no plan: windows of a few consecutive tokens, split into runs of one
+//                   expert; a run streams its expert's A and B rows once, with 16-byte loads
+//                   and warp reductions.
+// Neither syncs with the host, so calls can be captured in a CUDA graph and replayed with
+// new expert_ids.
 // The weight gradients run the segment kernel with the tokens as the reduction dimension:
 //   dW[e] = s_e * L_e^T R_e    (dA: L = U = g B, R = x;   dB: L = g, R = V).
 //
@@ -66,6 +69,14 @@ struct Rows {
 // Which kernel a forward call takes (see tiling.h).
 bool use_segment_path(int64_t T, int64_t E, int64_t r);
 
+// expert_ids as the gather kernels read them: [T] int32 or int64, contiguous, on the device.
+struct Ids {
+  const void* data = nullptr;
+  bool int64 = false;
+  int64_t tokens = 0;   // T
+  int64_t experts = 0;  // E
+};
+
 // Segment shrink: v_sorted[p, :r] = x[perm[p], :in] @ A[e]^T.  A: [E, r, in] contiguous;
 // v_sorted: [T, r] contiguous.
 cudaError_t segment_shrink(Dtype dtype, const Plan& plan, Rows x, const void* A, int64_t in,
@@ -76,14 +87,14 @@ cudaError_t segment_expand(Dtype dtype, const Plan& plan, Rows v, const void* B,
                            const float* scales, int64_t out, int64_t r, void* y, int64_t ldy,
                            bool accumulate, cudaStream_t stream);
 
-// Gather shrink: partials[s, p, :r] = x[perm[p], slice s of in] @ A[e, :, slice s]^T, in the
+// Gather shrink: partials[s, t, :r] = x[t, slice s of in] @ A[e, :, slice s]^T, in the
 // accumulation type; gather_splits(in) slices. partials: [splits, T, r] contiguous.
 int64_t gather_splits(int64_t in);
-cudaError_t gather_shrink(Dtype dtype, const Plan& plan, const void* x, int64_t ldx,
+cudaError_t gather_shrink(Dtype dtype, const Ids& ids, const void* x, int64_t ldx,
                           const void* A, int64_t in, int64_t r, void* partials,
                           cudaStream_t stream);
-// Gather expand: V[p] = round(sum_s partials[s, p]); then as segment_expand. r <= kGatherMaxRank.
-cudaError_t gather_expand(Dtype dtype, const Plan& plan, const void* partials, int64_t splits,
+// Gather expand: V[t] = round(sum_s partials[s, t]); then as segment_expand. r <= kGatherMaxRank.
+cudaError_t gather_expand(Dtype dtype, const Ids& ids, const void* partials, int64_t splits,
                           const void* B, const float* scales, int64_t out, int64_t r, void* y,
                           int64_t ldy, bool accumulate, cudaStream_t stream);
 
