@@ -498,7 +498,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path):
               "--lr", 1e-2, "--max-len", 64, "--dtype", "float64", "--no-progress", "--checkpoint-every", 0]  # fmt: skip
     one = subprocess.run(_cli(*common, "--out", tmp_path / "one"), env=_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0" if False else "--standalone",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                 "-m", "moa_engine.cli", *map(str, common), "--out", str(tmp_path / "two")]  # fmt: skip
     two = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -507,6 +507,34 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
         assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    # stage 2 (routers only, experts frozen) under DDP as well
+    router = ["train", "router", "--data", data, "--steps", 3, "--batch", 3, "--max-len", 64, "--dtype", "float64",
+              "--no-progress", "--checkpoint-every", 0]  # fmt: skip
+    one = subprocess.run(_cli(*router, "--moa", tmp_path / "one"), env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "moa_engine.cli",
+                *map(str, router), "--moa", str(tmp_path / "two")]  # fmt: skip
+    two = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = MoADir.load(tmp_path / "one").router, MoADir.load(tmp_path / "two").router
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert a[0].abs().max() > 0
+
+
+def test_sequential_training_gives_the_same_experts(tiny_dir, tmp_path):
+    data = _records(6, domains=("math", "chat"))
+    outs = []
+    for sequential in (False, True):
+        out = tmp_path / f"seq{sequential}"
+        train_experts(data, out, model=tiny_dir, cfg=_cfg(steps=3, batch=2, dtype="float64", checkpoint_every=1),
+                      expert=ExpertOptions(rank=3, alpha=6), data_opts=DataOptions(max_len=48), sequential=sequential)  # fmt: skip
+        outs.append(out)
+        assert not list(Path(f"{out}.train").rglob("checkpoint.pt"))  # removed once the output is written
+    for d in ("math", "chat"):
+        a, b = _expert_tensors(outs[0], d), _expert_tensors(outs[1], d)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
 def test_cli_train_experts_and_router(tiny_dir, tmp_path):

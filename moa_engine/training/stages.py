@@ -35,7 +35,7 @@ from moa_engine.moa_format import (
 
 from .dataset import EncodeReport, Example, encode_records, examples_digest, steps_for
 from .modules import MoAModel, enable_checkpointing
-from .trainer import Group, Plan, TrainConfig, config_fingerprint, init_distributed, train, world
+from .trainer import Group, Plan, TrainConfig, config_fingerprint, init_distributed, set_trainable, train, world
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -263,13 +263,20 @@ def train_experts(
         # One domain at a time: the same steps, each expert alone (one checkpoint folder each).
         from dataclasses import replace
 
+        subs = []
         for i, d in enumerate(names):
-            sub = replace(cfg, checkpoint_dir=str(Path(cfg.checkpoint_dir) / d), log_path=str(Path(cfg.checkpoint_dir) / d / "log.jsonl"))
+            folder = Path(cfg.checkpoint_dir) / d
+            # resuming: a finished domain reloads its final checkpoint; one not begun starts fresh
+            sub = replace(cfg, checkpoint_dir=str(folder), log_path=str(folder / "log.jsonl"),
+                          resume=cfg.resume and (folder / "checkpoint.pt").exists())  # fmt: skip
             plan = Plan({d: train_ex[d]}, {d: steps[d]}, {x: k for k, x in enumerate(names)}, {**fingerprint, "domain": d})
+            set_trainable(module, [groups[i]])
             records_log += train(_wrap_ddp(module, sub), [groups[i]], plan, stage1_loss(list(range(len(names)))), sub, module)
-            _finish_checkpoints(sub)
+            subs.append(sub)
     else:
+        subs = [cfg]
         plan = Plan(train_ex, steps, {d: k for k, d in enumerate(names)}, fingerprint)
+        set_trainable(module, groups)
         records_log = train(_wrap_ddp(module, cfg), groups, plan, stage1_loss(list(range(len(names)))), cfg, module)
     val_loss = evaluate_lm(module, val_ex, names, cfg) if any(val_ex.values()) else {}
     if world()[0] == 0:
@@ -277,7 +284,9 @@ def train_experts(
         with tempfile.TemporaryDirectory() as scratch:
             folders = {d: module.save_expert(d, Path(scratch) / d, base_name) for d in names}
             MoADir.save(out, config, folders, overwrite=True)
-    _finish_checkpoints(cfg)
+    _sync()
+    for sub in subs:
+        _finish_checkpoints(sub)
     return {"out": str(out), "domains": names, "steps": steps, "data": report.summary(), "val_loss": val_loss,
             "log": cfg.log_path, "final": records_log[-1] if records_log else None}  # fmt: skip
 
@@ -372,6 +381,7 @@ def train_router(
         joint=joint, expert_lr=expert_lr, domains=domains,
     )  # fmt: skip
     plan = Plan(train_ex, steps, index, fingerprint)
+    set_trainable(module, groups)
     expert_of_domain = [module.expert_index(d) for d in domains]
     log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint), cfg, module)
     accuracy = router_accuracy(module, val_ex, domains, cfg) if any(val_ex.values()) else {}
@@ -387,6 +397,7 @@ def train_router(
                     adapter_config = json.loads((moa.expert_paths[d] / ADAPTER_CONFIG).read_text())
                     experts[d] = module.save_expert(d, Path(scratch) / d, moa.config.base_model, adapter_config)
             MoADir.save(out, config, experts, router=list(module.routers), overwrite=True)
+    _sync()
     _finish_checkpoints(cfg)
     return {"out": str(out), "domains": domains, "steps": groups[0].steps, "data": report.summary(),
             "val_router_accuracy": accuracy, "log": cfg.log_path, "final": log[-1] if log else None}  # fmt: skip

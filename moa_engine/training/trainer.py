@@ -172,13 +172,7 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
     rank, world_size = world()
     device = torch.device(cfg.device)
     pad_id = _pad_id(module)
-    trainable = [p for g in groups for p in g.params]
-    if len({id(p) for p in trainable}) != len(trainable):
-        raise ValueError("a parameter is in two groups")
-    for p in module.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
+    trainable = set_trainable(module, groups)
     opt = _optimizer(groups, cfg)
     names = {id(p): n for n, p in module.named_parameters()}
 
@@ -229,8 +223,13 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
                         with autocast:
                             loss, metrics = loss_fn(model, batch, norms)
                         loss = loss * world_size  # DDP averages gradients over processes
-                    else:  # this process has no sample this step: contribute zero gradients
-                        loss, metrics = sum(p.sum() * 0.0 for p in trainable), {}
+                    else:  # no sample for this process this step: a forward of zero weight, so
+                        # that DDP's gradient reduction still sees every process
+                        d, i = chosen[0]
+                        batch = _to(collate([plan.examples[d][i]], plan.domain_index, pad_id), device)
+                        with autocast:
+                            loss, metrics = loss_fn(model, batch, norms)
+                        loss, metrics = loss * 0.0, {}
                     loss.backward()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, torch.zeros(n_domains, dtype=torch.float64)) + value.detach().double().cpu()
@@ -256,13 +255,28 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
                 log_file.flush()
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if ckpt_path is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            if ckpt_path is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
+                # the last one marks the run finished (a resume then has nothing left to do);
+                # the stage removes it once its output is written
                 _save_checkpoint(ckpt_path, step + 1, module, opt, plan, names, trainable)
     finally:
         bar.close()
         if log_file:
             log_file.close()
     return records
+
+
+def set_trainable(module, groups: list[Group]) -> list:
+    """requires_grad on the groups' parameters only (call it before wrapping in DDP, which
+    records the trainable parameters when it is built). Returns them."""
+    trainable = [p for g in groups for p in g.params]
+    if len({id(p) for p in trainable}) != len(trainable):
+        raise ValueError("a parameter is in two groups")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
 
 
 def _pad_id(module) -> int:
