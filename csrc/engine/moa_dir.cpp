@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <filesystem>
@@ -584,17 +585,19 @@ void check_consistent_dims(const std::vector<LoraWeights>& targets, const std::s
     throw_error<FormatError>(path, ": the modules disagree on the hidden size: {", listing, "}");
 }
 
-// (in, out) of each target module of the base model.
+// (in, out) of a target module (index into moa_target_modules()) of the base model.
 std::pair<int64_t, int64_t> base_dims(const ModelConfig& c, int module) {
   const int64_t H = c.hidden_size, I = c.intermediate_size;
   const int64_t Q = c.num_heads * c.head_dim, KV = c.num_kv_heads * c.head_dim;
-  static const char* order[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  const std::string m = order[module];
-  if (m == "q_proj") return {H, Q};
-  if (m == "k_proj" || m == "v_proj") return {H, KV};
-  if (m == "o_proj") return {Q, H};
-  if (m == "down_proj") return {I, H};
-  return {H, I};  // gate_proj, up_proj
+  switch (module) {
+    case 0: return {H, Q};   // q_proj
+    case 1:                  // k_proj
+    case 2: return {H, KV};  // v_proj
+    case 3: return {Q, H};   // o_proj
+    case 4:                  // gate_proj
+    case 5: return {H, I};   // up_proj
+    default: return {I, H};  // down_proj
+  }
 }
 
 // _check_against_base

@@ -12,7 +12,7 @@
 //
 // An expert's scale per module is alpha / r (alpha / sqrt(r) with use_rslora), r and
 // alpha the module's own: the first rank_pattern / alpha_pattern key k, in the file's
-// order, with regex_match("(.*\.)?(k)" , module name), else r / lora_alpha. Patterns are
+// order, with regex_match("(.*\.)?(k)", module name), else r / lora_alpha. Patterns are
 // ECMAScript regexes (std::regex): PEFT's Python patterns that use Python-only syntax,
 // such as (?P<name>...), are refused with a FormatError naming the pattern.
 // Options that change the forward beyond a plain low-rank update (DoRA, biases,

@@ -82,7 +82,7 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--moa") a.moa = value();
     else if (flag == "--domain") a.domain = value();
     else if (flag == "--routing") a.routing = value();
-    else if (flag == "--ids") a.ids = value(), a.has_ids = true;
+    else if (flag == "--ids") { a.ids = value(); a.has_ids = true; }
     else if (flag == "--file") a.file = value();
     else if (flag == "--max-new-tokens") a.max_new_tokens = to_int(value(), flag);
     else if (flag == "--temperature") a.sampling.temperature = to_float(value(), flag);
