@@ -18,6 +18,7 @@ layers_to_transform with layers_pattern, module subsets. Models: tiny_models.py.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -346,3 +347,20 @@ def test_python_only_regex_syntax_is_named(small_moa, tmp_path):
     cpp = _C.Engine(str(folder), max_seq_len=MAX_SEQ_LEN)
     with pytest.raises(ValueError, match=r"rank_pattern '\(\?P<m>q_proj\)' is not a regex this reader supports"):
         cpp.load_expert("plain", str(bad))
+
+
+def test_every_unsupported_option_refused_by_both(small_moa, tmp_path):
+    """The C++ table of refused adapter options covers moa_format._UNSUPPORTED (a new entry
+    in Python without one in C++ fails here)."""
+    from moa_engine.moa_format import _UNSUPPORTED, load_peft_adapter
+
+    folder, good = small_moa
+    cpp = _C.Engine(str(folder), max_seq_len=MAX_SEQ_LEN)
+    for key, _, what in _UNSUPPORTED:
+        bad = shutil.copytree(good / "experts" / "plain", tmp_path / key)
+        edit_json(bad / ADAPTER, lambda c: c.update({key: "all" if key == "bias" else True}))
+        with pytest.raises(ValueError, match=re.escape(f"{what} is not supported")):
+            load_peft_adapter(bad)
+        with pytest.raises(ValueError, match=re.escape(f"{bad / ADAPTER}: {what} is not supported ({key}=")):
+            cpp.load_expert(key, str(bad))
+    assert cpp.experts == []
