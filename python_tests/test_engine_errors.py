@@ -278,6 +278,23 @@ def test_invalid_config_json_raises(folder, text):
         load(folder)
 
 
+@pytest.mark.parametrize("field", ["vocab_size", "eos_token_id"])
+def test_deeply_nested_config_value_is_an_error_not_a_crash(folder, field):
+    """A value nested 100k deep: the message describes it instead of printing it (printing
+    recurses once per level and overflowed the stack). Run in a child process."""
+    text = (folder / "config.json").read_text()
+    depth = 100_000
+    text = text.replace(f'"{field}": ', f'"{field}": ' + "[" * depth + "1" + "]" * depth + ", \"_was\": ", 1)
+    (folder / "config.json").write_text(text)
+    code = (
+        "import sys, moa_engine._C as C\n"
+        "try:\n    C.Engine(sys.argv[1])\nexcept ValueError as e:\n    print('ValueError', str(e)[:300])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    assert proc.stdout.startswith("ValueError") and f"'{field}'" in proc.stdout and "a list of 1 items" in proc.stdout
+
+
 def test_invalid_generation_config_json_raises(folder):
     (folder / "generation_config.json").write_text("{eos: 2}")
     with pytest.raises(ValueError, match=r"generation_config\.json: not valid JSON"):

@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/json_describe.h"
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -47,7 +49,7 @@ T field(const json& j, const char* name, const std::string& source, T fallback) 
   } else {
     ok = it->is_string();
   }
-  if (!ok) throw_error<FormatError>(source, ": field '", name, "' has the wrong type (", it->dump(), ")");
+  if (!ok) throw_error<FormatError>(source, ": field '", name, "' has the wrong type (", describe_json(*it), ")");
   return it->get<T>();
 }
 
@@ -73,12 +75,12 @@ std::vector<int64_t> token_ids(const json& j, const char* name, const std::strin
     std::vector<int64_t> ids;
     for (const auto& v : *it) {
       if (!v.is_number_integer())
-        throw_error<FormatError>(source, ": field '", name, "' must hold integers, got ", it->dump());
+        throw_error<FormatError>(source, ": field '", name, "' must hold integers, got ", describe_json(*it));
       ids.push_back(v.get<int64_t>());
     }
     return ids;
   }
-  throw_error<FormatError>(source, ": field '", name, "' must be an integer or a list, got ", it->dump());
+  throw_error<FormatError>(source, ": field '", name, "' must be an integer or a list, got ", describe_json(*it));
 }
 
 void read_rope_scaling(const json& j, const std::string& source, ModelConfig& c) {
@@ -97,7 +99,7 @@ void read_rope_scaling(const json& j, const std::string& source, ModelConfig& c)
   c.rope_llama3_original_max_position =
       field<int64_t>(*it, "original_max_position_embeddings", source, 8192);
   if (c.rope_llama3_factor <= 0 || c.rope_llama3_high_freq_factor <= c.rope_llama3_low_freq_factor)
-    throw_error<FormatError>(source, ": invalid llama3 rope_scaling ", it->dump());
+    throw_error<FormatError>(source, ": invalid llama3 rope_scaling ", describe_json(*it));
 }
 
 // transformers 5 nests rope_theta (and the scaling) under "rope_parameters".

@@ -3,6 +3,8 @@
 // directory the same way.
 #include "engine/moa_dir.h"
 
+#include "engine/json_describe.h"
+
 #include <ATen/ATen.h>
 
 #include <nlohmann/json.hpp>
@@ -67,15 +69,7 @@ std::string join(const std::vector<std::string>& items) {
   return out + "]";
 }
 
-// A short description of a JSON value for messages. dump() recurses over nesting, so
-// containers are only described, never printed.
-std::string describe(const json& v) {
-  if (v.is_array()) return detail::concat("a list of ", v.size(), " items");
-  if (v.is_object()) return detail::concat("an object of ", v.size(), " keys");
-  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (s.size() > 80) s = s.substr(0, 77) + "...";
-  return s;
-}
+std::string describe(const json& v) { return describe_json(v); }
 
 const char* type_name(const json& v) {
   if (v.is_null()) return "null";
