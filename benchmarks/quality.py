@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working folder (default: build/quality)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    p.add_argument("--reuse-stage1", action="store_true",
+                   help="keep the working folder's finished stage-1 experts and mixed LoRA (same arguments) instead of training them again")
+    p.add_argument("--grow-steps", type=int, default=None, help="steps of the added domain's expert (default --steps)")
     args = p.parse_args(argv)
     if args.quick:
         args.records, args.val, args.steps, args.batch, args.router_steps = 16, 2, 2, 1, 2
@@ -84,9 +87,13 @@ def main(argv=None) -> int:
     if len(domains) < 3:
         raise SystemExit("--domains: at least 3 domains (the add-a-domain run adds the last one to the others)")
     work = Path(args.work or ROOT / "build" / ("quality-quick" if args.quick else "quality"))
+    stage1 = work / "stage1"
+    reuse = args.reuse_stage1 and (stage1 / "moa_config.json").exists()
     if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+        for child in work.iterdir():
+            if not (reuse and child.name in ("stage1", "stage1.log.jsonl", "mixed", "mixed.log.jsonl", "data")):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     # -- data ------------------------------------------------------------------------
@@ -106,9 +113,13 @@ def main(argv=None) -> int:
 
     # -- stage 1: the single-domain LoRAs, all domains at once ------------------------------
     t = time.perf_counter()
-    stage1 = work / "stage1"
-    s1 = train_experts(work / "data" / "train.jsonl", stage1, cfg=cfg(args.steps, args.lr, "stage1"), expert=expert,
-                       data_opts=data_opts, domains=domains)  # fmt: skip
+    if reuse:
+        log("stage 1: reusing the experts in the working folder")
+        lines = (work / "stage1.log.jsonl").read_text().splitlines()
+        s1 = {"final": json.loads(lines[-1]) if lines else None, "reused": True}
+    else:
+        s1 = train_experts(work / "data" / "train.jsonl", stage1, cfg=cfg(args.steps, args.lr, "stage1"), expert=expert,
+                           data_opts=data_opts, domains=domains)  # fmt: skip
     timings["stage1_s"] = time.perf_counter() - t
     log(f"stage 1: {len(domains)} experts x {args.steps} steps in {timings['stage1_s']:.0f} s")
 
@@ -116,7 +127,10 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     mixed_records = [Record("mixed", r.prompt, r.response, r.text) for r in train_records]
     mixed = work / "mixed"
-    train_experts(mixed_records, mixed, cfg=cfg(args.steps * len(domains), args.lr, "mixed"), expert=expert, data_opts=data_opts)
+    if reuse and (mixed / "moa_config.json").exists():
+        log("mixed LoRA: reusing the one in the working folder")
+    else:
+        train_experts(mixed_records, mixed, cfg=cfg(args.steps * len(domains), args.lr, "mixed"), expert=expert, data_opts=data_opts)
     timings["mixed_s"] = time.perf_counter() - t
     log(f"mixed LoRA: {args.steps * len(domains)} steps in {timings['mixed_s']:.0f} s")
 
@@ -156,7 +170,7 @@ def main(argv=None) -> int:
     new_path = work / "new.jsonl"
     write_records(new_path, [r for r in train_records if r.domain == new])
     sample = [r for d in old for r in [x for x in old_train if x.domain == d][: max(8, args.batch * 4)]]
-    add_domain(grow, new, new_path, router_data=sample, cfg=cfg(args.steps, args.lr, "grow-expert"),
+    add_domain(grow, new, new_path, router_data=sample, cfg=cfg(args.grow_steps or args.steps, args.lr, "grow-expert"),
                router_cfg=cfg(args.router_steps, args.router_lr, "grow-router2"), expert=expert, data_opts=data_opts)  # fmt: skip
     after = evaluate(Engine(experts=grow), val_records, ["label", "last"], **ev)
     timings["add_domain_s"] = time.perf_counter() - t
@@ -184,6 +198,7 @@ def main(argv=None) -> int:
         f"stage 1: {args.steps} steps x {args.batch} samples per domain (rank {args.rank}, lr {args.lr}); "
         f"mixed: {args.steps * len(domains)} steps x {args.batch} samples; stage 2 (joint): {args.router_steps} steps x "
         f"{args.batch} samples per domain (router lr {args.router_lr}, expert lr {args.expert_lr}, eta {args.eta}); "
+        f"added domain: {args.grow_steps or args.steps} expert steps, {args.router_steps} router steps; "
         f"max_len {args.max_len}; {args.val} held-out records per domain"
     )
     text = "\n".join([
