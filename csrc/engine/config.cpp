@@ -4,11 +4,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "engine/json_describe.h"
+#include "engine/json_util.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <type_traits>
 
 namespace moa::engine {
@@ -16,22 +14,10 @@ namespace {
 
 using nlohmann::json;
 
-std::string read_text(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw_error<FileNotFound>(path.string(), ": cannot open the file");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 json parse_json(const std::string& text, const std::string& source) {
-  try {
-    json j = json::parse(text);
-    if (!j.is_object()) throw_error<FormatError>(source, ": expected a JSON object at the top level");
-    return j;
-  } catch (const json::exception& e) {
-    throw_error<FormatError>(source, ": not valid JSON (", e.what(), ")");
-  }
+  json j = parse_json_text(text, source);
+  if (!j.is_object()) throw_error<FormatError>(source, ": expected a JSON object at the top level");
+  return j;
 }
 
 // A field of the expected JSON type, or the default when absent or null.
@@ -180,11 +166,11 @@ ModelConfig read_model_config(const std::string& model_dir) {
   const fs::path path = dir / "config.json";
   if (!fs::exists(path))
     throw_error<FileNotFound>(path.string(), ": missing (a model folder needs config.json)");
-  ModelConfig c = parse_model_config(read_text(path), path.string());
+  ModelConfig c = parse_model_config(read_text_file(path), path.string());
   // generation_config.json's eos ids take precedence, as in transformers' generate().
   const fs::path gen = dir / "generation_config.json";
   if (fs::exists(gen)) {
-    const json g = parse_json(read_text(gen), gen.string());
+    const json g = parse_json(read_text_file(gen), gen.string());
     const auto eos = token_ids(g, "eos_token_id", gen.string());
     if (!eos.empty()) c.eos_token_ids = eos;
   }

@@ -3,7 +3,7 @@
 // directory the same way.
 #include "engine/moa_dir.h"
 
-#include "engine/json_describe.h"
+#include "engine/json_util.h"
 
 #include <ATen/ATen.h>
 
@@ -14,14 +14,12 @@
 #include <charconv>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
 #include <optional>
 #include <regex>
 #include <set>
-#include <sstream>
 
 #include "moa/errors.h"
 
@@ -112,22 +110,6 @@ bool path_exists(const fs::path& p) {
   return fs::exists(p, ec);
 }
 
-std::string read_text(const fs::path& path) {
-  if (!is_file(path)) throw_error<FileNotFound>(path.string(), ": no such file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw_error<FileNotFound>(path.string(), ": cannot open the file");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-json parse_json(const std::string& text, const std::string& source) {
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    throw_error<FormatError>(source, ": not valid JSON (", e.what(), ")");
-  }
-}
 
 // Non-negative decimal digits -> int64; nullopt on overflow.
 std::optional<int64_t> parse_index(const std::string& digits) {
@@ -648,7 +630,7 @@ int64_t PeftAdapter::hidden_size() const {
 }
 
 MoaConfig parse_moa_config(const std::string& json_text, const std::string& source) {
-  const json j = parse_json(json_text, source);
+  const json j = parse_json_text(json_text, source);
   try {
     return moa_config_from_json(j);
   } catch (const FormatError& e) {
@@ -656,14 +638,14 @@ MoaConfig parse_moa_config(const std::string& json_text, const std::string& sour
   }
 }
 
-MoaConfig read_moa_config(const std::string& path) { return parse_moa_config(read_text(path), path); }
+MoaConfig read_moa_config(const std::string& path) { return parse_moa_config(read_text_file(path), path); }
 
 PeftAdapter read_peft_adapter(const std::string& folder_name, const std::string& name, const ModelConfig* base) {
   const fs::path folder(folder_name);
   if (!is_dir(folder)) throw_error<FileNotFound>(folder_name, ": no such PEFT adapter folder");
   const std::string config_path = (folder / kAdapterConfig).string();
   const std::string weights_path = (folder / kAdapterWeights).string();
-  json raw = parse_json(read_text(config_path), config_path);
+  json raw = parse_json_text(read_text_file(config_path), config_path);
   if (!raw.is_object()) throw_error<FormatError>(config_path, ": expected a JSON object, got ", type_name(raw));
   AdapterConfig config(std::move(raw), config_path);
   if (!is_file(weights_path)) {

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from moa_engine.moa_format import (
 
 from .dataset import EncodeReport, Example, encode_records, examples_digest, steps_for
 from .modules import MoAModel, enable_checkpointing
-from .trainer import Group, Plan, TrainConfig, config_fingerprint, init_distributed, set_trainable, train, world
+from .trainer import Group, Plan, TrainConfig, _barrier, config_fingerprint, init_distributed, set_trainable, train, world
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -205,11 +205,9 @@ def _wrap_ddp(module, cfg: TrainConfig):
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def _ckpt_cfg(cfg: TrainConfig, out: Path, what: str) -> TrainConfig:
-    """Default checkpoint folder: <out>.train/<what>; default log: <that folder>/log.jsonl."""
-    from dataclasses import replace
-
-    folder = cfg.checkpoint_dir or str(Path(f"{out}.train") / what)
+def _ckpt_cfg(cfg: TrainConfig, folder) -> TrainConfig:
+    """cfg with its checkpoint folder (default: `folder`) and log (default: <that folder>/log.jsonl)."""
+    folder = cfg.checkpoint_dir or str(folder)
     return replace(cfg, checkpoint_dir=folder, log_path=cfg.log_path or str(Path(folder) / "log.jsonl"))
 
 
@@ -241,7 +239,7 @@ def train_experts(
     if out.exists() and not overwrite and not cfg.resume:
         raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
     cfg.device = init_distributed(cfg.device)
-    cfg = _ckpt_cfg(cfg, out, "experts")
+    cfg = _ckpt_cfg(cfg, Path(f"{out}.train") / "experts")
     cfg.check()
     torch.manual_seed(cfg.seed)
     hf, tokenizer, folder, base_name = load_base(model, cfg)
@@ -261,7 +259,6 @@ def train_experts(
     records_log = []
     if sequential:
         # One domain at a time: the same steps, each expert alone (one checkpoint folder each).
-        from dataclasses import replace
 
         subs = []
         for i, d in enumerate(names):
@@ -284,7 +281,7 @@ def train_experts(
         with tempfile.TemporaryDirectory() as scratch:
             folders = {d: module.save_expert(d, Path(scratch) / d, base_name) for d in names}
             MoADir.save(out, config, folders, overwrite=True)
-    _sync()
+    _barrier()
     for sub in subs:
         _finish_checkpoints(sub)
     return {"out": str(out), "domains": names, "steps": steps, "data": report.summary(), "val_loss": val_loss,
@@ -349,7 +346,7 @@ def train_router(
     moa = MoADir.load(moa_dir)
     out = Path(out) if out is not None else moa.path
     cfg.device = init_distributed(cfg.device)
-    cfg = _ckpt_cfg(cfg, out, "router")
+    cfg = _ckpt_cfg(cfg, Path(f"{out}.train") / "router")
     cfg.check()
     torch.manual_seed(cfg.seed)
     eta = moa.config.eta if eta is None else eta
@@ -397,7 +394,7 @@ def train_router(
                     adapter_config = json.loads((moa.expert_paths[d] / ADAPTER_CONFIG).read_text())
                     experts[d] = module.save_expert(d, Path(scratch) / d, moa.config.base_model, adapter_config)
             MoADir.save(out, config, experts, router=list(module.routers), overwrite=True)
-    _sync()
+    _barrier()
     _finish_checkpoints(cfg)
     return {"out": str(out), "domains": domains, "steps": groups[0].steps, "data": report.summary(),
             "val_router_accuracy": accuracy, "log": cfg.log_path, "final": log[-1] if log else None}  # fmt: skip
@@ -468,13 +465,13 @@ def add_domain(
         import shutil
 
         shutil.rmtree(scratch)
-    _sync()
+    _barrier()
     try:
         # Stage 1 for the new domain alone, into a scratch MoA dir.
         staged = Path(scratch) / "new"
         base_arg = base_of_moa(moa)
         summary = train_experts(
-            records, staged, model=base_arg, cfg=_with_ckpt(cfg, work, "expert"), expert=expert,
+            records, staged, model=base_arg, cfg=replace(cfg, checkpoint_dir=str(work / "expert"), log_path=None), expert=expert,
             data_opts=data_opts, domains=[domain],
         )  # fmt: skip
         new_folder = Path(scratch) / "expert"
@@ -482,7 +479,7 @@ def add_domain(
             import shutil
 
             shutil.copytree(staged / "experts" / domain, new_folder)
-        _sync()
+        _barrier()
         domains = list(moa.config.domains) + [domain]
         config = MoAConfig(
             base_model=moa.config.base_model, domains=domains, target_modules=list(moa.config.target_modules),
@@ -500,33 +497,20 @@ def add_domain(
         widened_router = [torch.cat([w, torch.zeros(1, w.shape[1])]) for w in moa.router]
         if world()[0] == 0:
             MoADir.save(widened, config, experts, router=widened_router)
-        _sync()
-        result = train_router(widened, list(old_records) + list(records), cfg=_with_ckpt(router_cfg, work, "router"),
+        _barrier()
+        result = train_router(widened, list(old_records) + list(records), cfg=replace(router_cfg, checkpoint_dir=str(work / "router"), log_path=None),
                               data_opts=data_opts, out=widened, init_from_existing=True)  # fmt: skip
         if world()[0] == 0:
             final = MoADir.load(widened)
             experts = {d: (moa.expert_paths[d] if d in moa.expert_paths else final.expert_paths[d]) for d in domains}
             MoADir.save(moa.path, final.config, experts, router=final.router, overwrite=True)
-        _sync()
+        _barrier()
     finally:
         if world()[0] == 0:
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
     return {"out": str(moa.path), "expert": summary, "router": result}
-
-
-def _with_ckpt(cfg: TrainConfig, work: Path, what: str) -> TrainConfig:
-    from dataclasses import replace
-
-    folder = Path(work) / what
-    return replace(cfg, checkpoint_dir=str(folder), log_path=str(folder / "log.jsonl"))
-
-
-def _sync():
-    from .trainer import _barrier
-
-    _barrier()
 
 
 def _expert_options_like(moa: MoADir) -> ExpertOptions:
