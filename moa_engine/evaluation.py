@@ -70,39 +70,37 @@ def _domain_arg(mode: str, item: _Item) -> str:
 
 
 def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
-    """{domain: {"nll", "tokens", "ppl"}} plus, for a strategy, {"router_accuracy": {domain: acc}}."""
+    """{domain: {"nll", "tokens", "ppl"}} plus, for a strategy, {"router_accuracy": {domain: acc}}.
+
+    Rows are batched by length and right-padded: a causal model's real positions ignore the
+    padding, and a routed row pools over its first route_len tokens, which precede it."""
     sums: dict[str, list] = {}
     hits: dict[str, list] = {}
-    pad = 0
-    if mode in STRATEGIES:
-        for it in items:
-            logits, routing = engine.forward([it.ids], domain=None, return_routing=True, route_len=it.route_len)
-            nll, n = _nll(logits[0], it.ids, it.scored)
+    routed = mode in STRATEGIES
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    for start in range(0, len(order), batch):
+        chunk = [items[i] for i in order[start : start + batch]]
+        ids = torch.zeros((len(chunk), max(len(it.ids) for it in chunk)), dtype=torch.int64)
+        for b, it in enumerate(chunk):
+            ids[b, : len(it.ids)] = torch.tensor(it.ids)
+        if routed:
+            logits, routing = engine.forward(ids, domain=None, return_routing=True, route_len=[it.route_len for it in chunk])
+        else:
+            logits = engine.forward(ids, domain=[_domain_arg(mode, it) for it in chunk])
+        for b, it in enumerate(chunk):
+            nll, n = _nll(logits[b], it.ids, it.scored)
             s = sums.setdefault(it.domain, [0.0, 0])
             s[0] += nll
             s[1] += n
-            layers = routing[0].layer_domains
-            h = hits.setdefault(it.domain, [0, 0])
-            if mode == "per_layer":
-                h[0] += sum(d == it.domain for d in layers)
-                h[1] += len(layers)
-            else:
-                h[0] += int(routing[0].domain == it.domain)
-                h[1] += 1
-    else:
-        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
-        for start in range(0, len(order), batch):
-            chunk = [items[i] for i in order[start : start + batch]]
-            T = max(len(it.ids) for it in chunk)
-            ids = torch.full((len(chunk), T), pad, dtype=torch.int64)
-            for b, it in enumerate(chunk):  # right padding: a causal model's real positions ignore it
-                ids[b, : len(it.ids)] = torch.tensor(it.ids)
-            logits = engine.forward(ids, domain=[_domain_arg(mode, it) for it in chunk])
-            for b, it in enumerate(chunk):
-                nll, n = _nll(logits[b], it.ids, it.scored)
-                s = sums.setdefault(it.domain, [0.0, 0])
-                s[0] += nll
-                s[1] += n
+            if routed:
+                h = hits.setdefault(it.domain, [0, 0])
+                layers = routing[b].layer_domains
+                if mode == "per_layer":
+                    h[0] += sum(d == it.domain for d in layers)
+                    h[1] += len(layers)
+                else:
+                    h[0] += int(routing[b].domain == it.domain)
+                    h[1] += 1
     out = {d: {"nll": s[0] / max(1, s[1]), "tokens": s[1], "ppl": math.exp(s[0] / max(1, s[1]))} for d, s in sums.items()}
     result = {"domains": out}
     if hits:
