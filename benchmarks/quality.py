@@ -8,8 +8,9 @@ the same held-out records (moa_engine.evaluation):
   single        one LoRA per domain trained on that domain alone, each scored on its own domain
                 (stage 1 of MoA: concurrent stage-1 training equals separate training, which the
                 tests check, so these are the single-domain LoRAs)
-  mixed         one LoRA trained on all domains' records mixed, with the same total number of
-                optimiser steps and samples as the single-domain LoRAs together
+  mixed         one LoRA trained on all domains' records mixed, with as many samples as MoA
+                saw in all (stage 1 and the joint stage 2): (steps + router steps) x domains
+                steps of --batch samples
   moa-label     MoA after stage 2 (routers trained with the experts tuned jointly), each record
                 served by its own domain's expert
   moa-<s>       the same MoA routed by its routers over the prompt, strategy s (per_layer, last,
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--reuse-stage1", action="store_true",
                    help="keep the working folder's finished stage-1 experts and mixed LoRA (same arguments) instead of training them again")
     p.add_argument("--grow-steps", type=int, default=None, help="steps of the added domain's expert (default --steps)")
+    p.add_argument("--router-sample", type=int, default=64, help="records per old domain in add-domain's --router-data")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                   help="2: train stage 1 and the mixed LoRA in two processes at once, half the threads each")
     args = p.parse_args(argv)
     if args.quick:
         args.records, args.val, args.steps, args.batch, args.router_steps = 16, 2, 2, 1, 2
@@ -111,28 +115,30 @@ def main(argv=None) -> int:
     expert = ExpertOptions(rank=args.rank, alpha=2.0 * args.rank)
     timings = {}
 
-    # -- stage 1: the single-domain LoRAs, all domains at once ------------------------------
-    t = time.perf_counter()
+    # -- stage 1 (the single-domain LoRAs, all domains at once) and the mixed LoRA ----------
+    # The mixed LoRA sees as many samples as MoA does in all: stage 1 plus the joint stage 2.
+    mixed_steps = (args.steps + args.router_steps) * len(domains)
+    mixed = work / "mixed"
+    jobs = {}
     if reuse:
         log("stage 1: reusing the experts in the working folder")
         lines = (work / "stage1.log.jsonl").read_text().splitlines()
         s1 = {"final": json.loads(lines[-1]) if lines else None, "reused": True}
     else:
-        s1 = train_experts(work / "data" / "train.jsonl", stage1, cfg=cfg(args.steps, args.lr, "stage1"), expert=expert,
-                           data_opts=data_opts, domains=domains)  # fmt: skip
-    timings["stage1_s"] = time.perf_counter() - t
-    log(f"stage 1: {len(domains)} experts x {args.steps} steps in {timings['stage1_s']:.0f} s")
-
-    # -- the mixed LoRA: one adapter, all records, the same total steps and samples ----------
-    t = time.perf_counter()
-    mixed_records = [Record("mixed", r.prompt, r.response, r.text) for r in train_records]
-    mixed = work / "mixed"
+        jobs["stage1"] = dict(data=str(work / "data" / "train.jsonl"), out=str(stage1), cfg=cfg(args.steps, args.lr, "stage1"),
+                              expert=expert, data_opts=data_opts, domains=domains)  # fmt: skip
     if reuse and (mixed / "moa_config.json").exists():
         log("mixed LoRA: reusing the one in the working folder")
     else:
-        train_experts(mixed_records, mixed, cfg=cfg(args.steps * len(domains), args.lr, "mixed"), expert=expert, data_opts=data_opts)
-    timings["mixed_s"] = time.perf_counter() - t
-    log(f"mixed LoRA: {args.steps * len(domains)} steps in {timings['mixed_s']:.0f} s")
+        mixed_records = [Record("mixed", r.prompt, r.response, r.text) for r in train_records]
+        jobs["mixed"] = dict(data=mixed_records, out=str(mixed), cfg=cfg(mixed_steps, args.lr, "mixed"), expert=expert,
+                             data_opts=data_opts)  # fmt: skip
+    t = time.perf_counter()
+    results_of = _run_jobs(jobs, args.jobs)
+    s1 = results_of.get("stage1", s1 if reuse else None)
+    timings["stage1_and_mixed_s"] = time.perf_counter() - t
+    log(f"stage 1 ({len(domains)} experts x {args.steps} steps) and the mixed LoRA ({mixed_steps} steps) in "
+        f"{timings['stage1_and_mixed_s']:.0f} s ({args.jobs} process(es))")  # fmt: skip
 
     # -- stage 2: routers with the experts tuned jointly --------------------------------------
     t = time.perf_counter()
@@ -164,14 +170,14 @@ def main(argv=None) -> int:
     config = MoAConfig(base_model=s1dir.config.base_model, domains=old, target_modules=s1dir.config.target_modules, eta=args.eta)
     MoADir.save(grow, config, {d: s1dir.expert_paths[d] for d in old})
     old_train = [r for r in train_records if r.domain in old]
-    train_router(grow, old_train, cfg=cfg(args.router_steps, args.router_lr, "grow-router"), data_opts=data_opts)
+    train_router(grow, old_train, cfg=cfg(300, 3e-2, "grow-router"), data_opts=data_opts)  # experts frozen: a fit
     old_val = [r for r in val_records if r.domain in old]
     before = evaluate(Engine(experts=grow), old_val, ["label", "last"], **ev)
     new_path = work / "new.jsonl"
     write_records(new_path, [r for r in train_records if r.domain == new])
-    sample = [r for d in old for r in [x for x in old_train if x.domain == d][: max(8, args.batch * 4)]]
+    sample = [r for d in old for r in [x for x in old_train if x.domain == d][: args.router_sample]]
     add_domain(grow, new, new_path, router_data=sample, cfg=cfg(args.grow_steps or args.steps, args.lr, "grow-expert"),
-               router_cfg=cfg(args.router_steps, args.router_lr, "grow-router2"), expert=expert, data_opts=data_opts)  # fmt: skip
+               router_cfg=cfg(300, 3e-2, "grow-router2"), expert=expert, data_opts=data_opts)  # fmt: skip
     after = evaluate(Engine(experts=grow), val_records, ["label", "last"], **ev)
     timings["add_domain_s"] = time.perf_counter() - t
     growth = {"old_domains": old, "new_domain": new, "before": before, "after": after, "change_pct": {}}
@@ -196,9 +202,11 @@ def main(argv=None) -> int:
     new_row = after["label"]["domains"].get(new)
     budget = (
         f"stage 1: {args.steps} steps x {args.batch} samples per domain (rank {args.rank}, lr {args.lr}); "
-        f"mixed: {args.steps * len(domains)} steps x {args.batch} samples; stage 2 (joint): {args.router_steps} steps x "
-        f"{args.batch} samples per domain (router lr {args.router_lr}, expert lr {args.expert_lr}, eta {args.eta}); "
-        f"added domain: {args.grow_steps or args.steps} expert steps, {args.router_steps} router steps; "
+        f"mixed: {mixed_steps} steps x {args.batch} samples (as many as MoA's stages 1 and 2); stage 2 (joint): "
+        f"{args.router_steps} steps x {args.batch} samples per domain (router lr {args.router_lr}, expert lr "
+        f"{args.expert_lr}, eta {args.eta}), then the routers refitted on the tuned experts (300 full-batch steps); "
+        f"added domain: {args.grow_steps or args.steps} expert steps, routers fitted on the old and new records "
+        f"({args.router_sample} per old domain); "
         f"max_len {args.max_len}; {args.val} held-out records per domain"
     )
     text = "\n".join([
@@ -222,6 +230,27 @@ def main(argv=None) -> int:
     _plot(results, growth, out.with_suffix(".png"))
     log(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
+
+
+def _train_job(kwargs: dict, threads: int | None) -> dict:
+    from moa_engine.training import train_experts
+
+    if threads:
+        torch.set_num_threads(threads)
+    return train_experts(**kwargs)
+
+
+def _run_jobs(jobs: dict, n: int) -> dict:
+    """Each job's train_experts summary; with n = 2, the jobs run in two processes at once."""
+    if n == 1 or len(jobs) < 2:
+        return {name: _train_job(kw, None) for name, kw in jobs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // n)
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_train_job, kw, threads) for name, kw in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def _plot(results: dict, growth: dict, path: Path) -> None:

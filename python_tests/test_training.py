@@ -378,6 +378,80 @@ def test_router_stage_keeps_frozen_experts_and_routes_held_out_prompts(trained, 
     assert [c.domain for c in out] == labels
 
 
+def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_dir):
+    """router_features (prompt-only forwards, sorted and batched) against the routers' inputs
+    that a full teacher-forced forward of each record alone computes, in the records' order."""
+    from transformers import AutoTokenizer
+
+    from moa_engine.training import router_features
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    model = MoAModel(_tiny_llama(49152, seed=11), ["q_proj", "down_proj"])
+    for k, d in enumerate(("math", "prose", "chat")):
+        model.add_expert(d, rank=3, alpha=5, seed=k)
+        for p in model.expert_parameters(d)[1::2]:
+            torch.nn.init.normal_(p, std=0.3)  # B != 0: each expert moves the features
+    model.set_routers(["math", "prose", "chat"])
+    examples, _ = encode_records(_records(5, seed=4), tok, max_len=40)
+    index = {"math": 0, "prose": 1, "chat": 2}
+    for batch in (1, 4):
+        feats, labels = router_features(model, examples, index, "cpu", batch=batch)
+        assert feats.shape == (len(examples), 2, 48) and labels.tolist() == [index[e.domain] for e in examples]
+        for i, e in enumerate(examples):
+            b = collate([e], index, 0)
+            _, logits = model(b.input_ids, b.attention_mask, [index[e.domain]], b.route_mask)
+            ref = torch.stack([model._batch.pooled[l][0] for l in range(2)])
+            torch.testing.assert_close(feats[i], ref, rtol=1e-5, atol=1e-5)
+    # the features depend on the expert that ran the prompt (teacher forcing by the label)
+    other = [Example(e.input_ids, e.loss_mask, e.route_len, "chat" if e.domain == "math" else e.domain) for e in examples]
+    moved, _ = router_features(model, other, index, "cpu")
+    assert not torch.allclose(moved[labels == 0][:, 1], feats[labels == 0][:, 1])
+
+
+def test_fit_routers_separates_domains_and_weighs_them_equally():
+    """The full-batch fit against a plain per-layer torch logistic regression with the same
+    AdamW steps; duplicating one domain's samples changes nothing (each domain weighs 1/D)."""
+    from moa_engine.training import fit_routers
+
+    g = torch.Generator().manual_seed(7)
+    D, L, H, n = 3, 4, 23, 37
+    centers = torch.randn(L, D, H, generator=g) * 1.5
+    labels = torch.randint(0, D, (n,), generator=g)
+    labels[:D] = torch.arange(D)
+    feats = centers[:, labels].transpose(0, 1) + torch.randn(n, L, H, generator=g)
+    init = [torch.randn(D, H, generator=g) * 0.01 for _ in range(L)]
+    routers = [w.clone() for w in init]
+    res = fit_routers(routers, feats, labels, D, steps=60, lr=5e-2, weight_decay=0.01)
+    for l in range(L):  # the reference: one layer at a time, loss written out
+        w = init[l].clone().requires_grad_(True)
+        opt = torch.optim.AdamW([w], lr=5e-2, weight_decay=0.01, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, s / 60))).item()))
+        counts = torch.bincount(labels, minlength=D).float()
+        for _ in range(60):
+            logp = torch.log_softmax(feats[:, l] @ w.t(), -1)[torch.arange(n), labels]
+            loss = -sum(logp[labels == d].mean() for d in range(D) if counts[d] > 0) / D
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        torch.testing.assert_close(routers[l], w.detach(), rtol=1e-4, atol=1e-5)
+    assert min(res.accuracy) == 1.0 and res.loss < 0.1
+    # duplicating every sample of domain 0 five times: the same balanced loss, the same routers
+    dup = torch.cat([torch.arange(n)] + [torch.nonzero(labels == 0)[:, 0]] * 4)
+    again = [w.clone() for w in init]
+    fit_routers(again, feats[dup], labels[dup], D, steps=60, lr=5e-2, weight_decay=0.01)
+    for a, b in zip(routers, again):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match 3 routers"):
+        fit_routers(routers[:3], feats, labels, D, steps=1, lr=1e-2)
+    with pytest.raises(ValueError, match=r"routers must be \[4, 23\]"):
+        fit_routers(routers, feats, labels, D + 1, steps=1, lr=1e-2)
+    bad = feats.clone()
+    bad[3, 2, 5] = float("nan")
+    with pytest.raises(TrainingDiverged, match="not finite"):
+        fit_routers(routers, bad, labels, D, steps=1, lr=1e-2)
+
+
 def test_joint_router_training_tunes_the_experts(trained, tiny_dir, tmp_path):
     moa = tmp_path / "joint"
     shutil.copytree(trained["moa"], moa)

@@ -3,7 +3,7 @@
 
 from .dataset import Example, encode_records
 from .modules import MoALinear, MoAModel
-from .stages import DataOptions, ExpertOptions, add_domain, train_experts, train_router
+from .stages import DataOptions, ExpertOptions, RouterFit, add_domain, fit_routers, router_features, train_experts, train_router
 from .trainer import TrainConfig, TrainingDiverged
 
 __all__ = [
@@ -12,10 +12,13 @@ __all__ = [
     "ExpertOptions",
     "MoALinear",
     "MoAModel",
+    "RouterFit",
     "TrainConfig",
     "TrainingDiverged",
     "add_domain",
     "encode_records",
+    "fit_routers",
+    "router_features",
     "train_experts",
     "train_router",
 ]

@@ -31,14 +31,14 @@ def _targets(text):
     return tuple(names)
 
 
-def _common(p, lr: float, steps_help: str):
+def _common(p, lr: float | None, steps_help: str, lr_help: str | None = None):
     g = p.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, metavar="N", help=steps_help)
     length.add_argument("--epochs", type=_positive_float, metavar="E", help="passes over each domain's examples")
     g.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="samples per domain per step (default 8)")
     g.add_argument("--micro-batch", type=_positive_int, default=None, metavar="M", help="sequences per forward (gradient accumulation; default: the whole step)")
-    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--lr", type=_positive_float, default=lr, help=lr_help or f"peak learning rate (default {lr})")
     g.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warmup steps (default 0); then cosine decay")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="clip each expert's / the routers' gradient norm (default 1.0)")
@@ -112,16 +112,24 @@ def add_train_subcommands(subparsers) -> None:
     p = stages.add_parser(
         "router", help="stage 2: per-layer routers supervised by the domain labels",
         description="Trains a router at each decoder layer's input to predict the sample's domain "
-        "(L = L_LM + eta * mean_l CE), with the forward routed by the label. The experts stay frozen "
-        "unless --joint. Writes router.safetensors into the MoA directory (atomically).",
+        "(L = L_LM + eta * mean_l CE, each domain weighing the same), with the forward routed by the "
+        "label. Experts frozen (default): the LM loss is then a constant, so one no-grad forward over "
+        "each record's prompt gives the routers' inputs, and the routers are fitted on them with --steps "
+        "full-batch AdamW steps (one step = one epoch). --joint: --steps steps of --batch samples per "
+        "domain tune the experts and routers together, then the routers are refitted on the tuned "
+        "experts (--refit-steps). Writes router.safetensors into the MoA directory (atomically).",
     )  # fmt: skip
     p.add_argument("--moa", required=True, metavar="MOA_DIR")
     p.add_argument("--data", required=True, metavar="DATA.jsonl")
     p.add_argument("--eta", type=_positive_float, default=None, help="weight of the routers' loss (default: moa_config.json's)")
     p.add_argument("--joint", action="store_true", help="tune the experts together with the routers")
     p.add_argument("--expert-lr", type=_positive_float, default=None, help="experts' learning rate with --joint (default lr / 10)")
+    p.add_argument("--refit-steps", type=int, default=300, metavar="N",
+                   help="with --joint: full-batch steps fitting the routers to the tuned experts afterwards (default 300; 0: none)")
+    p.add_argument("--refit-lr", type=_positive_float, default=3e-2, help="learning rate of that fit (default 3e-2)")
     p.add_argument("--strategy", choices=["last", "per_layer", "vote"], default=None, help="serving strategy recorded in moa_config.json")
-    _common(p, 1e-3, "steps (default 100)")
+    _common(p, None, "steps (default 300 full-batch fit steps; with --joint 100 steps)",
+            "routers' peak learning rate (default 3e-2; with --joint 1e-3)")  # fmt: skip
     p.set_defaults(func=_run_router)
 
 
@@ -136,8 +144,8 @@ def add_add_domain_subcommand(subparsers) -> None:
     p.add_argument("--domain", required=True, metavar="NAME")
     p.add_argument("--data", required=True, metavar="NEW.jsonl", help="records of the new domain")
     p.add_argument("--router-data", default=None, metavar="OLD_SAMPLE.jsonl", help="records of the old domains (needed when the directory has routers)")
-    p.add_argument("--router-steps", type=_positive_int, default=None, help="router steps (default: --steps)")
-    p.add_argument("--router-lr", type=_positive_float, default=1e-3)
+    p.add_argument("--router-steps", type=_positive_int, default=300, help="full-batch steps fitting the widened routers (default 300)")
+    p.add_argument("--router-lr", type=_positive_float, default=3e-2, help="their learning rate (default 3e-2)")
     _expert_args(p)
     _common(p, 2e-4, "expert steps (default 100)")
     p.set_defaults(func=_run_add_domain)
@@ -171,12 +179,17 @@ def _run_experts(args) -> int:
 
 
 def _run_router(args) -> int:
-    from moa_engine.training import train_router
+    from moa_engine.training import RouterFit, train_router
 
     try:
+        if args.refit_steps < 0:
+            raise ValueError(f"--refit-steps must be >= 0, got {args.refit_steps}")
+        if args.lr is None:
+            args.lr = 1e-3 if args.joint else 3e-2
         summary = train_router(
-            args.moa, args.data, cfg=_train_config(args, 100), eta=args.eta, joint=args.joint,
+            args.moa, args.data, cfg=_train_config(args, 100 if args.joint else 300), eta=args.eta, joint=args.joint,
             expert_lr=args.expert_lr, data_opts=_data_options(args), strategy=args.strategy,
+            refit=RouterFit(steps=args.refit_steps, lr=args.refit_lr),
         )  # fmt: skip
     except _errors() as exc:
         print(f"moa train router: error: {exc}", file=sys.stderr)
@@ -192,8 +205,7 @@ def _run_add_domain(args) -> int:
 
     try:
         cfg = _train_config(args, 100)
-        router_cfg = replace(cfg, lr=args.router_lr, steps=args.router_steps or cfg.steps, epochs=None if (args.router_steps or cfg.steps) else cfg.epochs,
-                             checkpoint_dir=None, log_path=None)  # fmt: skip
+        router_cfg = replace(cfg, lr=args.router_lr, steps=args.router_steps, epochs=None, checkpoint_dir=None, log_path=None)
         expert = None
         if any(a != d for a, d in ((args.rank, 16), (args.alpha, 32.0), (args.targets, TARGET_MODULES), (args.rslora, False))):
             expert = ExpertOptions(args.rank, args.alpha, args.targets, args.rslora)

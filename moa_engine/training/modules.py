@@ -87,18 +87,51 @@ class MoALinear(nn.Module):
         return len(self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         ids = self._batch.token_experts
         if ids is None or self.num_experts == 0:
-            return y
-        dtype = y.dtype  # under autocast, the base linear's compute dtype
+            return self.base(x)
+        weight, bias = self.base.weight, self.base.bias
+        device = x.device.type
+        # the compute dtype: autocast's (as the base linear would run under it), else x's
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rank = max(a.shape[0] for a in self.lora_A)
-        A = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in self.lora_A]).to(dtype)
-        B = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in self.lora_B]).to(dtype)
+        A = torch.stack([a if a.shape[0] == rank else F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in self.lora_A]).to(dtype)
+        B = torch.stack([b if b.shape[1] == rank else F.pad(b, (0, rank - b.shape[1])) for b in self.lora_B]).to(dtype)
         scales = torch.tensor(self.scales, dtype=torch.float32, device=x.device)
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        delta = grouped_lora(x2, A, B, ids, scales)
-        return y + delta.view(y.shape)
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            # a trainable base (not what MoAModel builds): the unfused path, autograd for all
+            y = self.base(x)
+            return y + grouped_lora(x2, A, B, ids, scales).view(y.shape)
+        with torch.autocast(device, enabled=False):
+            y = _FrozenLinearWithExperts.apply(x2, weight.to(dtype), None if bias is None else bias.to(dtype), A, B, ids, scales)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class _FrozenLinearWithExperts(torch.autograd.Function):
+    """y = x W^T + b + (each token's expert update), W and b frozen, as one autograd node:
+    the update is added in place into the base's output, and in backward the transposed update
+    into the base's input gradient, so neither allocates, zero-fills and adds a separate
+    [T, features] tensor. dA and dB come from moa._grouped_lora_weight_grads."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, ids, scales):
+        y = F.linear(x, weight, bias)
+        torch.ops.moa.grouped_lora_add_(y, x, A, B, ids, scales)
+        ctx.save_for_backward(x, weight, A, B, ids, scales)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, A, B, ids, scales = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.mm(weight)
+            torch.ops.moa.grouped_lora_add_(grad_x, grad, B.transpose(1, 2), A.transpose(1, 2), ids, scales)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_a, grad_b = torch.ops.moa._grouped_lora_weight_grads(grad, x, A, B, ids, scales)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def decoder_layers(model) -> nn.ModuleList:

@@ -214,9 +214,8 @@ def _ckpt_cfg(cfg: TrainConfig, folder) -> TrainConfig:
 def _finish_checkpoints(cfg: TrainConfig) -> None:
     """A finished run's checkpoint is of no further use; its log stays."""
     if world()[0] == 0 and cfg.checkpoint_dir:
-        ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt"
-        if ckpt.exists():
-            ckpt.unlink()
+        for name in ("checkpoint.pt", "features.pt"):
+            (Path(cfg.checkpoint_dir) / name).unlink(missing_ok=True)
 
 
 def train_experts(
@@ -326,6 +325,15 @@ def _load_moa_model(moa: MoADir, cfg: TrainConfig):
     return module, tokenizer
 
 
+@dataclass
+class RouterFit:
+    """The routers' fit on cached features (see fit_routers): full-batch AdamW steps."""
+
+    steps: int = 300
+    lr: float = 3e-2
+    weight_decay: float = 0.0
+
+
 def train_router(
     moa_dir,
     data,
@@ -337,17 +345,28 @@ def train_router(
     strategy: str | None = None,
     out=None,
     init_from_existing: bool = False,
+    refit: RouterFit | None = None,
 ) -> dict:
-    """Stage 2: train the routers of `moa_dir` on `data` (records of its domains, sampled
-    balanced per domain), experts frozen or tuned too (joint). Writes the MoA directory (in
-    place, atomically, unless `out`)."""
-    cfg = cfg or TrainConfig(steps=100, lr=1e-3)
+    """Stage 2: train the routers of `moa_dir` on `data` (records of its domains, each domain
+    weighing the same). Writes the MoA directory (in place, atomically, unless `out`).
+
+    Experts frozen (default): the LM loss is a constant and the routers do not change the
+    label-routed forward, so one no-grad forward over every record's prompt gives the routers'
+    inputs and the routers are fitted on them: cfg.steps (or epochs: each step is a full pass)
+    full-batch AdamW steps at cfg.lr; cfg.batch is the prompts per encoding forward.
+    joint: cfg.steps steps of cfg.batch samples per domain of L = L_LM + eta * mean_l CE, the
+    routers at cfg.lr and the experts at expert_lr; then the routers are refitted on the tuned
+    experts' features (`refit`; RouterFit(steps=0): keep the jointly trained routers)."""
+    cfg = cfg or TrainConfig(steps=RouterFit.steps, lr=RouterFit.lr)
+    refit = refit or RouterFit()
     data_opts = data_opts or DataOptions()
     moa = MoADir.load(moa_dir)
     out = Path(out) if out is not None else moa.path
     cfg.device = init_distributed(cfg.device)
     cfg = _ckpt_cfg(cfg, Path(f"{out}.train") / "router")
     cfg.check()
+    if refit.steps < 0 or not refit.lr > 0 or refit.weight_decay < 0:
+        raise ValueError(f"refit: steps and weight_decay must be >= 0 and lr > 0, got {refit}")
     torch.manual_seed(cfg.seed)
     eta = moa.config.eta if eta is None else eta
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
@@ -366,21 +385,34 @@ def train_router(
         module.set_routers(domains, moa.router)  # e.g. widened routers: old rows kept
     else:
         module.set_routers(domains)
-    groups = [Group("routers", list(module.routers), 0, cfg.lr)]
-    steps = {d: steps_for(len(train_ex[d]), cfg.batch, cfg.steps, cfg.epochs) for d in present}
-    groups[0].steps = max(steps.values())
-    if joint:
-        elr = expert_lr if expert_lr is not None else cfg.lr / 10
-        groups += [Group(d, module.expert_parameters(d), steps[d], elr) for d in present]
     index = {d: k for k, d in enumerate(domains)}
     fingerprint = config_fingerprint(
         cfg, stage="router", data=examples_digest([e for d in present for e in train_ex[d]]), eta=eta,
         joint=joint, expert_lr=expert_lr, domains=domains,
     )  # fmt: skip
-    plan = Plan(train_ex, steps, index, fingerprint)
-    set_trainable(module, groups)
-    expert_of_domain = [module.expert_index(d) for d in domains]
-    log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint), cfg, module)
+    log, fit_steps, fit_lr, fit_wd = [], refit.steps, refit.lr, refit.weight_decay
+    if joint:
+        groups = [Group("routers", list(module.routers), 0, cfg.lr)]
+        steps = {d: steps_for(len(train_ex[d]), cfg.batch, cfg.steps, cfg.epochs) for d in present}
+        groups[0].steps = max(steps.values())
+        elr = expert_lr if expert_lr is not None else cfg.lr / 10
+        groups += [Group(d, module.expert_parameters(d), steps[d], elr) for d in present]
+        plan = Plan(train_ex, steps, index, fingerprint)
+        set_trainable(module, groups)
+        expert_of_domain = [module.expert_index(d) for d in domains]
+        log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint), cfg, module)
+        set_trainable(module, [])
+    else:
+        fit_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs))
+        fit_lr, fit_wd = cfg.lr, cfg.weight_decay
+    fit = None
+    if fit_steps:
+        examples = [e for d in present for e in train_ex[d]]
+        feats, labels = _shared_router_features(module, examples, index, cfg, fingerprint)
+        fit = fit_routers(list(module.routers), feats, labels, len(domains), fit_steps, fit_lr, fit_wd)
+        fit = {"steps": fit_steps, "lr": fit_lr, "loss": fit.loss, "train_accuracy_last": fit.accuracy[-1],
+               "train_accuracy_min": min(fit.accuracy), "records": len(examples)}  # fmt: skip
+        _append_log(cfg, {"stage": "router-fit", **fit})
     accuracy = router_accuracy(module, val_ex, domains, cfg) if any(val_ex.values()) else {}
     if world()[0] == 0:
         config = MoAConfig(
@@ -396,8 +428,49 @@ def train_router(
             MoADir.save(out, config, experts, router=list(module.routers), overwrite=True)
     _barrier()
     _finish_checkpoints(cfg)
-    return {"out": str(out), "domains": domains, "steps": groups[0].steps, "data": report.summary(),
-            "val_router_accuracy": accuracy, "log": cfg.log_path, "final": log[-1] if log else None}  # fmt: skip
+    return {"out": str(out), "domains": domains, "steps": max(len(log), fit_steps), "joint_steps": len(log), "fit": fit,
+            "data": report.summary(), "val_router_accuracy": accuracy, "log": cfg.log_path,
+            "final": log[-1] if log else fit}  # fmt: skip
+
+
+def _shared_router_features(module: MoAModel, examples: list[Example], index: dict[str, int], cfg: TrainConfig, fingerprint: dict):
+    """router_features of `examples`, each process encoding its share (examples[rank::world]),
+    all of them gathered on every process. With checkpointing on, the features are kept in the
+    checkpoint folder, and a resumed run with the same fingerprint reuses them."""
+    rank, world_size = world()
+    path = Path(cfg.checkpoint_dir) / "features.pt" if cfg.checkpoint_dir else None
+    if cfg.resume and path is not None and path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") == json.dumps(fingerprint, sort_keys=True):
+            return saved["features"], saved["labels"]
+    mine = list(range(rank, len(examples), world_size))
+    batch = cfg.micro_batch or cfg.batch * len(index)
+    feats, labels = router_features(module, [examples[i] for i in mine], index, cfg.device, batch, progress=cfg.progress and rank == 0)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (mine, feats, labels))
+        feats = torch.empty(len(examples), *feats.shape[1:], dtype=feats.dtype)
+        labels = torch.empty(len(examples), dtype=torch.int64)
+        for idx, f, y in parts:
+            feats[idx], labels[idx] = f, y
+    if rank == 0 and path is not None and cfg.checkpoint_every:
+        import io
+
+        from moa_engine._io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True), "features": feats, "labels": labels}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+    return feats, labels
+
+
+def _append_log(cfg: TrainConfig, record: dict) -> None:
+    if world()[0] == 0 and cfg.log_path:
+        Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(cfg.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
@@ -417,6 +490,98 @@ def router_accuracy(module: MoAModel, val: dict[str, list[Example]], domains: li
             hits += int((logits[-1].argmax(-1) == index[d]).sum())
         out[d] = hits / len(examples)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Router fitting on cached features
+# ---------------------------------------------------------------------------------------------
+#
+# With the forward routed by the label, a router changes nothing the model computes: its input
+# at layer l (the pooled output of layer l's input RMSNorm over the prompt) depends on the
+# experts only. With the experts fixed, the routers' loss is a convex, per-layer multinomial
+# logistic regression on features that one no-grad forward over each prompt gives, and the LM
+# loss is a constant. So the routers are fitted on those cached features, full batch, instead of
+# paying a forward and backward of the whole model per router step.
+
+
+@torch.no_grad()
+def router_features(module: MoAModel, examples: list[Example], domain_index: dict[str, int], device: str,
+                    batch: int = 16, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, L, H] float32 on the CPU, labels [N] int64): each example's pooled input of
+    every router, its prompt run through its own domain's expert, in the order of `examples`.
+    Only the routing tokens (input_ids[:route_len]) are run: causal attention makes them
+    independent of what follows."""
+    from .dataset import collate
+
+    if not len(module.routers):
+        raise ValueError("router_features: the model has no routers (set_routers first)")
+    N = len(examples)
+    feats = torch.empty(N, module.num_layers, module.hidden_size, dtype=torch.float32)
+    labels = torch.tensor([domain_index[e.domain] for e in examples], dtype=torch.int64)
+    order = sorted(range(N), key=lambda i: examples[i].route_len)  # little padding per batch
+    chunks = [order[i : i + batch] for i in range(0, N, batch)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(chunks), desc="router features", unit="batch", disable=not progress, dynamic_ncols=True)
+    for chunk in chunks:
+        prompts = [replace(examples[i], input_ids=examples[i].input_ids[: examples[i].route_len],
+                           loss_mask=examples[i].loss_mask[: examples[i].route_len]) for i in chunk]  # fmt: skip
+        b = collate(prompts, domain_index, 0)
+        experts = [module.expert_index(examples[i].domain) for i in chunk]
+        module(b.input_ids.to(device), b.attention_mask.to(device), experts, b.route_mask.to(device))
+        pooled = torch.stack([module._batch.pooled[l] for l in range(module.num_layers)], 1)
+        feats[torch.tensor(chunk)] = pooled.float().cpu()
+        bar.update(1)
+    bar.close()
+    module._batch.pooled = {}
+    return feats, labels
+
+
+@dataclass
+class FitResult:
+    loss: float  # the final balanced CE, mean over layers
+    accuracy: list[float]  # per layer, on the fitted features (balanced over domains)
+
+
+def fit_routers(routers: list[torch.Tensor], feats: torch.Tensor, labels: torch.Tensor, n_domains: int, steps: int,
+                lr: float, weight_decay: float = 0.0) -> FitResult:
+    """Fit every layer's router [D, H] in place to the cached features: `steps` full-batch AdamW
+    steps on the domain-balanced CE (each domain weighs the same, whatever its count), cosine
+    decay to lr / 10. Layers are independent; they are fitted together. Deterministic."""
+    if feats.ndim != 3 or feats.shape[0] != labels.shape[0] or feats.shape[1] != len(routers):
+        raise ValueError(f"fit_routers: features {list(feats.shape)} do not match {len(routers)} routers and {labels.shape[0]} labels")
+    if any(tuple(r.shape) != (n_domains, feats.shape[2]) for r in routers):
+        raise ValueError(f"fit_routers: routers must be [{n_domains}, {feats.shape[2]}], got {[list(r.shape) for r in routers][:2]}...")
+    if not bool(torch.isfinite(feats).all()):
+        from .trainer import TrainingDiverged
+
+        raise TrainingDiverged("router features are not finite (NaN or inf in the model's hidden states)")
+    counts = torch.bincount(labels, minlength=n_domains).to(torch.float32)
+    present = int((counts > 0).sum())
+    sample_w = 1.0 / (counts[labels] * present)  # sums to 1: each present domain 1 / present
+    W = torch.stack([r.detach().to("cpu", torch.float32) for r in routers]).clone().requires_grad_(True)  # [L, D, H]
+    X = feats.transpose(0, 1).contiguous()  # [L, N, H]
+    opt = torch.optim.AdamW([W], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    L = len(routers)
+    y = labels.expand(L, -1)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        logits = torch.bmm(X, W.transpose(1, 2))  # [L, N, D]
+        ce = F.cross_entropy(logits.reshape(-1, n_domains), y.reshape(-1), reduction="none").view(L, -1)
+        loss = (ce * sample_w).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        W.grad = None
+        for r, w in zip(routers, W):
+            r.data.copy_(w.to(r.device, r.dtype))
+        pred = torch.bmm(X, W.transpose(1, 2)).argmax(-1)  # [L, N]
+        hit = (pred == labels).to(torch.float32)
+        acc = [float((h * sample_w).sum()) for h in hit]
+    return FitResult(float(loss.detach()), acc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,8 +656,8 @@ def add_domain(
                 MoADir.save(moa.path, config, experts, overwrite=True)
             return {"out": str(moa.path), "expert": summary, "router": None}
         # The routers: widened by one zero row, retrained on old + new records (experts frozen).
-        router_cfg = router_cfg or TrainConfig(steps=cfg.steps, epochs=cfg.epochs, lr=1e-3, batch=cfg.batch,
-                                               seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)  # fmt: skip
+        router_cfg = router_cfg or TrainConfig(steps=RouterFit.steps, lr=RouterFit.lr, batch=cfg.batch, seed=cfg.seed,
+                                               dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)  # fmt: skip
         widened = Path(scratch) / "widened"
         widened_router = [torch.cat([w, torch.zeros(1, w.shape[1])]) for w in moa.router]
         if world()[0] == 0:
