@@ -163,6 +163,51 @@ def test_moa_model_matches_plain_torch_forward_and_grads():
     assert all(p.grad is None for p in hf.parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("N,chunk,bias", [(131, 16, False), (7, 64, True), (64, 64, False), (1, 3, True)])
+def test_linear_cross_entropy_matches_the_logits_way(N, chunk, bias):
+    """Chunked head + CE (gradient formed in the forward) against F.cross_entropy of the full
+    logits: per-token losses and the gradient of a random per-token weighting, float64."""
+    from moa_engine.training.linear_ce import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(N)
+    V, H = 301, 37
+    h = torch.randn(N, H, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(V, H, dtype=torch.float64, generator=g)
+    b = torch.randn(V, dtype=torch.float64, generator=g) if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    w = torch.rand(N, dtype=torch.float64, generator=g)
+    ours = linear_cross_entropy(h, W, y, b, chunk=chunk)
+    (gh,) = torch.autograd.grad((ours * w).sum(), h)
+    h2 = h.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h2, W, b), y, reduction="none")
+    (gh2,) = torch.autograd.grad((ref * w).sum(), h2)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, gh2, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_under_autocast_and_bad_input():
+    from moa_engine.training.linear_ce import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(50, 32, generator=g, requires_grad=True)
+    W = torch.randn(97, 32, generator=g) * 0.3
+    y = torch.randint(0, 97, (50,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, W, y, chunk=8)
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, W).float(), y, reduction="none")
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)  # both: a bfloat16 head, float32 softmax
+    (gh,) = torch.autograd.grad(ours.sum(), h)
+    (gr,) = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ W.t(), y, reduction="sum"), h)
+    assert torch.nn.functional.cosine_similarity(gh.flatten(), gr.flatten(), dim=0) > 0.99
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 97\)"):
+        linear_cross_entropy(h, W, torch.full((50,), 97))
+    with pytest.raises(ValueError, match="must be frozen"):
+        linear_cross_entropy(h, W.clone().requires_grad_(True), y)
+    with pytest.raises(ValueError, match="linear_cross_entropy: h"):
+        linear_cross_entropy(h, W, y[:-1])
+
+
 def test_saved_expert_loads_in_peft_with_the_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
     hf = _tiny_llama(101, seed=4)
@@ -237,6 +282,34 @@ def test_concurrent_step_equals_separate_steps(optimizer):
                 fresh = build()
                 for p, q in zip(alone.expert_parameters(other), fresh.expert_parameters(other)):
                     assert torch.equal(p, q)
+
+
+def test_length_buckets_and_bucketed_steps_equal_one_forward():
+    """Length-sorted forwards under a padded-token budget: the buckets themselves, and two
+    AdamW steps with every sequence alone / one forward per step / budgets between, equal."""
+    from moa_engine.training.trainer import length_buckets
+
+    lengths = [9, 3, 12, 3, 7, 30, 5]
+    buckets = length_buckets(list("abcdefg"), lengths, budget=18)
+    assert buckets == [["b", "d", "g"], ["e", "a"], ["c"], ["f"]]  # 3x5, 2x9, 12 (3x12 > 18), 30 alone
+    assert length_buckets([], [], 8) == [[]]
+    gen = torch.Generator().manual_seed(11)
+    examples = _random_examples(["a", "b"], 6, 71, gen)
+    weights = []
+    for budget in (1, 30, 10**6):
+        hf = _tiny_llama(71, seed=8, dtype=torch.float64)
+        m = MoAModel(hf, ["k_proj", "o_proj", "gate_proj"])
+        m.add_expert("a", 3, 6, seed=1)
+        m.add_expert("b", 5, 6, seed=2)
+        m.double()
+        cfg = TrainConfig(batch=3, steps=2, lr=0.02, dtype="float64", forward_tokens=budget, progress=False)
+        plan = Plan(examples, {"a": 2, "b": 2}, {"a": 0, "b": 1})
+        train(m, [Group(d, m.expert_parameters(d), 2, cfg.lr) for d in ("a", "b")], plan, stage1_loss([0, 1]), cfg)
+        weights.append([p.detach().clone() for d in ("a", "b") for p in m.expert_parameters(d)])
+    for other in weights[1:]:
+        for p, q in zip(weights[0], other):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert any(p.abs().max() > 0 for p in weights[0][1::2])
 
 
 def test_gradient_checkpointing_gives_the_same_step():

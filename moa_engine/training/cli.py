@@ -37,7 +37,9 @@ def _common(p, lr: float | None, steps_help: str, lr_help: str | None = None):
     length.add_argument("--steps", type=_positive_int, metavar="N", help=steps_help)
     length.add_argument("--epochs", type=_positive_float, metavar="E", help="passes over each domain's examples")
     g.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="samples per domain per step (default 8)")
-    g.add_argument("--micro-batch", type=_positive_int, default=None, metavar="M", help="sequences per forward (gradient accumulation; default: the whole step)")
+    g.add_argument("--micro-batch", type=_positive_int, default=None, metavar="M", help="sequences per forward (gradient accumulation; default: by --forward-tokens)")
+    g.add_argument("--forward-tokens", type=_positive_int, default=2048, metavar="N",
+                   help="without --micro-batch: each forward takes length-sorted sequences up to N padded tokens (default 2048)")
     g.add_argument("--lr", type=_positive_float, default=lr, help=lr_help or f"peak learning rate (default {lr})")
     g.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warmup steps (default 0); then cosine decay")
     g.add_argument("--weight-decay", type=float, default=0.0)
@@ -67,7 +69,7 @@ def _train_config(args, default_steps: int):
     return TrainConfig(
         batch=args.batch, steps=steps, epochs=args.epochs, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, optimizer=args.optimizer,
-        micro_batch=args.micro_batch, seed=args.seed, dtype=args.dtype, device=args.device,
+        micro_batch=args.micro_batch, forward_tokens=args.forward_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
         grad_checkpointing=args.grad_checkpointing, checkpoint_every=args.checkpoint_every,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, log_path=args.log, progress=not args.no_progress,
     )  # fmt: skip

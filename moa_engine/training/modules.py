@@ -31,6 +31,8 @@ from moa_engine.moa_format import (
 )
 from moa_engine.ops import grouped_lora
 
+from .linear_ce import linear_cross_entropy
+
 
 class _Batch:
     """What the injected modules read during one forward: each token's expert, and the mask of
@@ -315,6 +317,14 @@ class MoAModel(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)
+
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token CE [N] (float32) of the LM head on hidden [N, H] against labels [N]: the
+        frozen head through linear_ce (no [N, vocab] logits), a trainable one the plain way."""
+        head = self.hf.lm_head
+        if isinstance(head, nn.Linear) and not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad):
+            return linear_cross_entropy(hidden, head.weight, labels, head.bias)
+        return F.cross_entropy(self.lm_logits(hidden).float(), labels, reduction="none")
 
 
 def peft_lora_config(base_model: str, rank: int, alpha: float, target_modules, use_rslora: bool = False) -> dict:

@@ -122,8 +122,7 @@ def lm_loss(module, hidden, batch, norms, expert_of_row=None):
     D = len(norms["tokens"])
     if not bool(sel.any()):
         return hidden.sum() * 0.0, torch.zeros(D)
-    logits = module.lm_logits(hidden[sel]).float()
-    token_loss = F.cross_entropy(logits, batch.labels[sel], reduction="none")
+    token_loss = module.token_losses(hidden[sel], batch.labels[sel])
     rows = torch.tensor(batch.domains, device=hidden.device)
     token_domain = rows[:, None].expand_as(batch.labels)[sel]
     sums = torch.zeros(D, dtype=token_loss.dtype, device=hidden.device).index_add(0, token_domain, token_loss)
@@ -302,8 +301,7 @@ def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str
             b = collate(examples[i : i + batch], index, 0)
             hidden, _ = module(b.input_ids.to(cfg.device), b.attention_mask.to(cfg.device), [module.expert_index(d)] * len(b.domains))
             sel = b.labels.to(cfg.device) != -100
-            logits = module.lm_logits(hidden[sel]).float()
-            total += float(F.cross_entropy(logits, b.labels.to(cfg.device)[sel], reduction="sum"))
+            total += float(module.token_losses(hidden[sel], b.labels.to(cfg.device)[sel]).sum())
             count += int(sel.sum())
         out[d] = total / max(1, count)
     return out

@@ -46,7 +46,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0  # per group; None: no clipping
     optimizer: str = "adamw"  # adamw | sgd
-    micro_batch: int | None = None  # sequences per forward on one process; None: all
+    micro_batch: int | None = None  # sequences per forward on one process; None: by forward_tokens
+    forward_tokens: int = 2048  # without micro_batch: forwards of length-sorted sequences, each at most
+    #                             this many padded tokens (one longer sequence goes alone)
     seed: int = 0
     dtype: str = "float32"  # float32 | bfloat16 (autocast; float32 weights) | float64
     device: str = "cpu"
@@ -71,6 +73,7 @@ class TrainConfig:
         positive("epochs", self.epochs, allow_none=True)
         positive("lr", self.lr)
         positive("micro_batch", self.micro_batch, allow_none=True)
+        positive("forward_tokens", self.forward_tokens)
         positive("max_grad_norm", self.max_grad_norm, allow_none=True)
         if self.warmup < 0 or self.checkpoint_every < 0 or self.weight_decay < 0:
             raise ValueError("warmup, checkpoint_every and weight_decay must be >= 0")
@@ -208,8 +211,10 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
             ]
             norms = _norms(chosen, plan, n_domains)
             mine = chosen[rank::world_size]
-            size = cfg.micro_batch or max(1, len(mine))
-            chunks = [mine[i : i + size] for i in range(0, len(mine), size)] or [[]]
+            if cfg.micro_batch:
+                chunks = [mine[i : i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)] or [[]]
+            else:
+                chunks = length_buckets(mine, [len(plan.examples[d][i].input_ids) for d, i in mine], cfg.forward_tokens)
             sums: dict[str, torch.Tensor] = {}
             tokens = 0
             for c, chunk in enumerate(chunks):
@@ -264,6 +269,24 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
         if log_file:
             log_file.close()
     return records
+
+
+def length_buckets(items: list, lengths: list[int], budget: int) -> list[list]:
+    """items sorted by length (stable), cut into forwards of at most `budget` padded tokens
+    (count x longest); a sequence longer than the budget goes alone. Right padding to the
+    longest of the whole step wastes up to half the compute on mixed lengths; this keeps each
+    forward's padding to the spread of neighbouring lengths. [[]] for no items."""
+    order = sorted(range(len(items)), key=lambda k: lengths[k])
+    chunks: list[list] = []
+    current: list = []
+    for k in order:
+        if current and (len(current) + 1) * lengths[k] > budget:
+            chunks.append(current)
+            current = []
+        current.append(items[k])
+    if current:
+        chunks.append(current)
+    return chunks or [[]]
 
 
 def set_trainable(module, groups: list[Group]) -> list:
