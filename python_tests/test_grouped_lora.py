@@ -446,6 +446,54 @@ def test_weight_grads_op(pattern, dtype, gen):
     assert_within_bound("grad lora_b", grad_b, ref[2], same_dtype[2], dtype)
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION + [torch.float64], ids=str)
+@pytest.mark.parametrize("pattern", ["zipf", "blocks", "mixed_none", "all_paths", "distinct"])
+def test_training_ops_keep_v_and_equal_the_unfused_ops(pattern, dtype, gen):
+    """_grouped_lora_add_v_ adds what grouped_lora_add_ adds and keeps v = x A^T;
+    _grouped_lora_backward_ gives grad_x += the transposed update and the weight gradients of
+    _grouped_lora_weight_grads, bit for bit (the same kernels on the same plan), and the
+    float64 reference's within its bound."""
+    inputs = make_inputs(gen, in_features=111, out_features=203, rank=16, experts=7, pattern=pattern, dtype=dtype,
+                         x_layout="slice")  # fmt: skip
+    T = inputs.x.shape[0]
+    y = poisoned_y(inputs, gen)
+    y_ref = y.clone()
+    v = torch.full((T, 16), float("nan"), dtype=dtype)
+    assert OPS._grouped_lora_add_v_(y, v, *inputs.args()) is None
+    OPS.grouped_lora_add_(y_ref, *inputs.args())
+    assert torch.equal(y, y_ref)
+    ids = inputs.expert_ids.long()
+    rows = ids >= 0
+    a_of_row = inputs.lora_a[ids.clamp_min(0)]  # [T, r, in]
+    v_ref = torch.einsum("ti,tri->tr", inputs.x.double(), a_of_row.double())
+    torch.testing.assert_close(v[rows].double(), v_ref[rows], rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-2)
+    grad = randn((T, 203), gen, dtype)
+    grad_x = randn((T, 111), gen, dtype)
+    gx_ref = grad_x.clone()
+    ga, gb = OPS._grouped_lora_backward_(grad_x, grad, inputs.x, v, inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales)
+    OPS.grouped_lora_add_(gx_ref, grad, inputs.lora_b.transpose(1, 2), inputs.lora_a.transpose(1, 2), inputs.expert_ids, inputs.scales)
+    ra, rb = OPS._grouped_lora_weight_grads(grad, *inputs.args())
+    assert torch.equal(grad_x, gx_ref) and torch.equal(ga, ra) and torch.equal(gb, rb)
+    ref = grads_of(grouped_lora_ref, inputs, grad.double(), torch.float64)
+    same_dtype = grads_of(grouped_lora_torch, inputs, grad, dtype)
+    assert_within_bound("grad lora_a", ga, ref[1], same_dtype[1], dtype)
+    assert_within_bound("grad lora_b", gb, ref[2], same_dtype[2], dtype)
+
+
+def test_training_ops_reject_bad_v_and_grad_x(gen):
+    inputs = make_inputs(gen, in_features=11, out_features=7, rank=4, experts=3, pattern="all_paths")
+    T = inputs.x.shape[0]
+    y = torch.zeros(T, 7)
+    with pytest.raises(ValueError, match=r"expected v \[T, r\] with T=.*r=4"):
+        OPS._grouped_lora_add_v_(y, torch.empty(T, 5), *inputs.args())
+    with pytest.raises(TypeError, match="expected v to have the dtype of x"):
+        OPS._grouped_lora_add_v_(y, torch.empty(T, 4, dtype=torch.float64), *inputs.args())
+    with pytest.raises(ValueError, match="expected v contiguous"):
+        OPS._grouped_lora_add_v_(y, torch.empty(4, T).t(), *inputs.args())
+    with pytest.raises(ValueError, match="expected grad_x of x's shape"):
+        OPS._grouped_lora_backward_(torch.empty(T, 12), y, inputs.x, torch.empty(T, 4), inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales)
+
+
 def test_add_is_inference_only(gen):
     inputs = make_inputs(gen, in_features=111, out_features=37, rank=16, experts=7, pattern="all_paths")
     inputs.x.requires_grad_(True)
@@ -498,6 +546,11 @@ def test_opcheck_private_ops(shape, gen):
     torch.library.opcheck(OPS._grouped_lora_generic.default, inputs.args())
     grad_out = randn((inputs.x.shape[0], inputs.out_features), gen, torch.float32)
     torch.library.opcheck(OPS._grouped_lora_weight_grads.default, (grad_out, *inputs.args()))
+    v = torch.empty(inputs.x.shape[0], inputs.lora_a.shape[1])
+    torch.library.opcheck(OPS._grouped_lora_add_v_.default, (poisoned_y(inputs, gen), v, *inputs.args()))
+    grad_x = randn(tuple(inputs.x.shape), gen, torch.float32)
+    torch.library.opcheck(OPS._grouped_lora_backward_.default,
+                          (grad_x, grad_out, inputs.x, v, inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales))  # fmt: skip
 
 
 def test_torch_compile_fullgraph(gen):

@@ -79,6 +79,16 @@ void check_grouped_lora_args(const char* op, const at::Tensor& x, const at::Tens
   if (y != nullptr) check_same_device(op, y_name, *y, x);
 }
 
+void check_lora_v(const char* op, const at::Tensor& v, const at::Tensor& x,
+                  const at::Tensor& lora_a) {
+  TORCH_CHECK_VALUE(v.dim() == 2 && v.sym_size(0) == x.sym_size(0) &&
+                        v.sym_size(1) == lora_a.sym_size(1),
+                    op, ": expected v [T, r] with T=", x.sym_size(0), ", r=", lora_a.sym_size(1),
+                    " (from x and lora_a), got ", v.sym_sizes());
+  check_same_dtype(op, "v", v, x);
+  check_same_device(op, "v", v, x);
+}
+
 namespace {
 template <typename Id>
 void check_ids_on_host(const char* op, const Id* ids, int64_t T, int64_t E) {

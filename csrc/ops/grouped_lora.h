@@ -5,6 +5,11 @@
 //                expert_ids [T], scales [E]) -> [T, out]
 //   row t = scales[e] * (x[t] @ lora_a[e]^T) @ lora_b[e]^T with e = expert_ids[t];
 //   zero where e = -1. grouped_lora_add_(y, ...) adds the same update into y.
+// Training (CPU): _grouped_lora_add_v_(y, v, ...) is grouped_lora_add_ that also keeps the
+// rank-r intermediate v = x A^T [T, r] (rows of expert -1 unwritten), and
+// _grouped_lora_backward_(grad_x, grad, x, v, ...) takes it back: with u = grad B [T, r]
+// formed once, grad_x += s u A, and returns (dA, dB) = (s u^T x, s grad^T v) per expert,
+// so the backward neither recomputes v nor forms u twice.
 // The schemas and registrations are in registration.cpp.
 #pragma once
 
@@ -34,6 +39,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales);
 
+void grouped_lora_add_v_cpu(const at::Tensor& y, const at::Tensor& v, const at::Tensor& x,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            const at::Tensor& expert_ids, const at::Tensor& scales);
+std::tuple<at::Tensor, at::Tensor> grouped_lora_backward_cpu(
+    const at::Tensor& grad_x, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& v,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& expert_ids,
+    const at::Tensor& scales);
+
 // Any device: built from ATen ops (CUDA tensors use these until kernels land).
 at::Tensor grouped_lora_generic(const at::Tensor& x, const at::Tensor& lora_a,
                                 const at::Tensor& lora_b, const at::Tensor& expert_ids,
@@ -55,6 +68,17 @@ void grouped_lora_add_meta(const at::Tensor& y, const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_meta(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales);
+
+void grouped_lora_add_v_meta(const at::Tensor& y, const at::Tensor& v, const at::Tensor& x,
+                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                             const at::Tensor& expert_ids, const at::Tensor& scales);
+std::tuple<at::Tensor, at::Tensor> grouped_lora_backward_meta(
+    const at::Tensor& grad_x, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& v,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& expert_ids,
+    const at::Tensor& scales);
+// The intermediate v of the training ops: [T, r], the dtype and device of x.
+void check_lora_v(const char* op, const at::Tensor& v, const at::Tensor& x,
+                  const at::Tensor& lora_a);
 
 // Autograd: differentiable in x, lora_a and lora_b.
 at::Tensor grouped_lora_autograd(const at::Tensor& x, const at::Tensor& lora_a,

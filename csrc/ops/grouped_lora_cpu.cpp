@@ -27,10 +27,11 @@ cpu::Plan make_plan(const at::Tensor& expert_ids, int64_t num_experts) {
   return cpu::make_plan(ids.const_data_ptr<int64_t>(), T, num_experts, options);
 }
 
-// y += grouped update; arguments already checked.
+// y += grouped update; arguments already checked. v_out: where to keep V = x A^T
+// (contiguous [T, r]), or undefined for a scratch V.
 void add_update(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
                 const at::Tensor& lora_b, const at::Tensor& expert_ids,
-                const at::Tensor& scales) {
+                const at::Tensor& scales, const at::Tensor& v_out = at::Tensor()) {
   const int64_t T = x.size(0), in = x.size(1);
   const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
   if (T == 0 || r == 0 || in == 0 || out == 0) return;
@@ -39,7 +40,7 @@ void add_update(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora
   const at::Tensor b = lora_b.contiguous();
   const at::Tensor s = scales.contiguous();
   const at::Tensor target = blas_ready(y) ? y : y.contiguous();
-  const at::Tensor v = at::empty({T, r}, x.options());  // V: [T, r]
+  const at::Tensor v = v_out.defined() ? v_out : at::empty({T, r}, x.options());  // V: [T, r]
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora", [&] {
     const cpu::Plan plan = make_plan<scalar_t>(expert_ids, E);
     cpu::shrink<scalar_t>(plan, xr.const_data_ptr<scalar_t>(), row_stride(xr),
@@ -105,6 +106,61 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
                                v.const_data_ptr<scalar_t>(), r, s.const_data_ptr<float>(),
                                grad_b.mutable_data_ptr<scalar_t>(), out, r);
   });
+  return {grad_a, grad_b};
+}
+
+void grouped_lora_add_v_cpu(const at::Tensor& y, const at::Tensor& v, const at::Tensor& x,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            const at::Tensor& expert_ids, const at::Tensor& scales) {
+  constexpr const char* op = "moa._grouped_lora_add_v_";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &y);
+  check_lora_v(op, v, x, lora_a);
+  TORCH_CHECK_VALUE(v.is_contiguous(), op, ": expected v contiguous");
+  check_expert_ids_range(op, expert_ids, lora_a.size(0));
+  add_update(y, x, lora_a, lora_b, expert_ids, scales, v);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_lora_backward_cpu(
+    const at::Tensor& grad_x, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& v,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& expert_ids,
+    const at::Tensor& scales) {
+  constexpr const char* op = "moa._grouped_lora_backward_";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
+  check_lora_v(op, v, x, lora_a);
+  TORCH_CHECK_VALUE(grad_x.sizes() == x.sizes(), op, ": expected grad_x of x's shape ",
+                    x.sizes(), ", got ", grad_x.sizes());
+  TORCH_CHECK_TYPE(grad_x.scalar_type() == x.scalar_type() && grad_x.device() == x.device(), op,
+                   ": expected grad_x with the dtype and device of x");
+  check_expert_ids_range(op, expert_ids, lora_a.size(0));
+  at::Tensor grad_a = at::zeros(lora_a.sizes(), lora_a.options());  // [E, r, in]
+  at::Tensor grad_b = at::zeros(lora_b.sizes(), lora_b.options());  // [E, out, r]
+  const int64_t T = x.size(0), in = x.size(1);
+  const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
+  if (T == 0 || r == 0 || in == 0 || out == 0) return {grad_a, grad_b};
+  const at::Tensor xr = as_blas_ready(x);
+  const at::Tensor g = as_blas_ready(grad);
+  const at::Tensor vc = v.contiguous();
+  const at::Tensor bt = lora_b.transpose(1, 2).contiguous();  // B^T: [E, r, out]
+  const at::Tensor at_ = lora_a.transpose(1, 2).contiguous();  // A^T: [E, in, r]
+  const at::Tensor s = scales.contiguous();
+  const at::Tensor target = blas_ready(grad_x) ? grad_x : grad_x.contiguous();
+  const at::Tensor u = at::empty({T, r}, x.options());  // U = g B: [T, r]
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_backward", [&] {
+    const cpu::Plan plan = make_plan<scalar_t>(expert_ids, E);
+    cpu::shrink<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
+                          bt.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), out, r);
+    // grad_x += s_e U A_e: expand with A^T [E, in, r] in the place of B [E, out, r]
+    cpu::expand_add<scalar_t>(plan, u.const_data_ptr<scalar_t>(), at_.const_data_ptr<scalar_t>(),
+                              s.const_data_ptr<float>(), target.mutable_data_ptr<scalar_t>(),
+                              row_stride(target), in, r);
+    cpu::weight_grad<scalar_t>(plan, u.const_data_ptr<scalar_t>(), r, xr.const_data_ptr<scalar_t>(),
+                               row_stride(xr), s.const_data_ptr<float>(),
+                               grad_a.mutable_data_ptr<scalar_t>(), r, in);
+    cpu::weight_grad<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
+                               vc.const_data_ptr<scalar_t>(), r, s.const_data_ptr<float>(),
+                               grad_b.mutable_data_ptr<scalar_t>(), out, r);
+  });
+  if (!target.is_same(grad_x)) grad_x.copy_(target);
   return {grad_a, grad_b};
 }
 

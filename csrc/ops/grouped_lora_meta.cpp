@@ -28,4 +28,26 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_meta(
           at::empty_symint(lora_b.sym_sizes(), lora_b.options())};
 }
 
+void grouped_lora_add_v_meta(const at::Tensor& y, const at::Tensor& v, const at::Tensor& x,
+                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                             const at::Tensor& expert_ids, const at::Tensor& scales) {
+  constexpr const char* op = "moa._grouped_lora_add_v_";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &y);
+  check_lora_v(op, v, x, lora_a);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_lora_backward_meta(
+    const at::Tensor& grad_x, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& v,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& expert_ids,
+    const at::Tensor& scales) {
+  constexpr const char* op = "moa._grouped_lora_backward_";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
+  check_lora_v(op, v, x, lora_a);
+  check_grouped_lora_args(op, grad_x, lora_a, lora_b, expert_ids, scales);  // grad_x like x
+  TORCH_CHECK_VALUE(grad_x.sym_sizes() == x.sym_sizes(), op, ": expected grad_x of x's shape ",
+                    x.sym_sizes(), ", got ", grad_x.sym_sizes());
+  return {at::empty_symint(lora_a.sym_sizes(), lora_a.options()),
+          at::empty_symint(lora_b.sym_sizes(), lora_b.options())};
+}
+
 }  // namespace moa::ops

@@ -114,25 +114,37 @@ class _FrozenLinearWithExperts(torch.autograd.Function):
     """y = x W^T + b + (each token's expert update), W and b frozen, as one autograd node:
     the update is added in place into the base's output, and in backward the transposed update
     into the base's input gradient, so neither allocates, zero-fills and adds a separate
-    [T, features] tensor. dA and dB come from moa._grouped_lora_weight_grads."""
+    [T, features] tensor. On the CPU the forward keeps the rank-r intermediate v = x A^T and
+    the backward reuses it and forms u = grad B once (moa._grouped_lora_add_v_ /
+    _grouped_lora_backward_); elsewhere grouped_lora_add_ and _grouped_lora_weight_grads."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, ids, scales):
         y = F.linear(x, weight, bias)
-        torch.ops.moa.grouped_lora_add_(y, x, A, B, ids, scales)
-        ctx.save_for_backward(x, weight, A, B, ids, scales)
+        v = None
+        if x.device.type == "cpu" and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+            v = x.new_empty(x.shape[0], A.shape[1])
+            torch.ops.moa._grouped_lora_add_v_(y, v, x, A, B, ids, scales)
+        else:
+            torch.ops.moa.grouped_lora_add_(y, x, A, B, ids, scales)
+        ctx.save_for_backward(x, weight, A, B, ids, scales, v)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, A, B, ids, scales = ctx.saved_tensors
+        x, weight, A, B, ids, scales, v = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        if need_x:
             grad_x = grad.mm(weight)
-            torch.ops.moa.grouped_lora_add_(grad_x, grad, B.transpose(1, 2), A.transpose(1, 2), ids, scales)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_a, grad_b = torch.ops.moa._grouped_lora_weight_grads(grad, x, A, B, ids, scales)
+        if need_x and need_w and v is not None:
+            grad_a, grad_b = torch.ops.moa._grouped_lora_backward_(grad_x, grad, x, v, A, B, ids, scales)
+        else:
+            if need_x:
+                torch.ops.moa.grouped_lora_add_(grad_x, grad, B.transpose(1, 2), A.transpose(1, 2), ids, scales)
+            if need_w:
+                grad_a, grad_b = torch.ops.moa._grouped_lora_weight_grads(grad, x, A, B, ids, scales)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
