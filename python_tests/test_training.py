@@ -28,6 +28,7 @@ from moa_engine.training import (
     DataOptions,
     ExpertOptions,
     MoAModel,
+    RouterFit,
     TrainConfig,
     TrainingDiverged,
     add_domain,
@@ -590,6 +591,10 @@ def test_bad_inputs_name_the_problem(tiny_dir, tmp_path, trained):
     other = _write_jsonl(tmp_path / "o.jsonl", _records(4, domains=("code", "math")))
     with pytest.raises(ValueError, match=r"domain\(s\) \['code'\] that the MoA directory does not have"):
         train_router(trained["moa"], other, cfg=_cfg())
+    with pytest.raises(ValueError, match="fitted by full-batch AdamW: --optimizer sgd and --warmup apply to --joint"):
+        train_router(trained["moa"], trained["data"], cfg=_cfg(optimizer="sgd"), out=tmp_path / "r")
+    with pytest.raises(ValueError, match=r"refit: steps and weight_decay must be >= 0"):
+        train_router(trained["moa"], trained["data"], cfg=_cfg(), joint=True, refit=RouterFit(steps=-1), out=tmp_path / "r")
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint at"):
         train_experts(data, tmp_path / "c", model=tiny_dir, cfg=_cfg(resume=True, checkpoint_dir=str(tmp_path / "none")))
 

@@ -401,6 +401,9 @@ def train_router(
         log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint), cfg, module)
         set_trainable(module, [])
     else:
+        if cfg.optimizer != "adamw" or cfg.warmup:
+            raise ValueError("with the experts frozen the routers are fitted by full-batch AdamW: --optimizer sgd and "
+                             "--warmup apply to --joint training only")  # fmt: skip
         fit_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs))
         fit_lr, fit_wd = cfg.lr, cfg.weight_decay
     fit = None
