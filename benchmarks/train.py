@@ -2,12 +2,14 @@
 
 Systems, trained on the same model, dtype, sequence length, rank and total batch:
 - PEFT: `peft.get_peft_model(model, LoraConfig(r, lora_alpha, the 7 target modules, dropout 0,
-  CAUSAL_LM))`, AdamW over its trainable parameters, the standard loop:
+  CAUSAL_LM))`, AdamW over its trainable parameters (fused=True: the optimizer transformers'
+  Trainer picks by default with torch >= 2.8, "adamw_torch_fused"), the standard loop:
   loss = model(input_ids, attention_mask, labels=input_ids).loss; backward; clip_grad_norm_(1.0);
   step; zero_grad. One adapter.
 - ours (E experts): `moa_engine.training.trainer.train` (the loop `moa-engine train experts`
   runs) with `stages.stage1_loss` on a MoAModel holding E experts, E domains, all E experts
-  trained concurrently in every step (per-expert AdamW groups, per-group clipping at 1.0).
+  trained concurrently in every step (per-expert AdamW groups, fused, per-group clipping at 1.0;
+  the LM loss through training/linear_ce.py, the frozen head in row chunks).
 - ours (1 expert): the same loop with one domain and one expert, the whole batch in it; the gap
   between the two "ours" rows is the cost of training E experts at once instead of one.
 
@@ -184,7 +186,7 @@ class PeftSystem:
     def run_round(self, dtype):
         args = self.args
         device = torch.device(args.device)
-        opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0, fused=True)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
         clock = StepClock(args.device)
         losses = []
@@ -424,7 +426,7 @@ def build_payload(args, env, folder, rows, summary, peak_rss, elapsed):
             "dtypes": args.dtype, "seq_len": args.seq_len, "batch": args.batch, "experts": args.experts,
             "sequences_per_domain": args.batch // args.experts, "rank": args.rank, "alpha": args.alpha,
             "target_modules": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj", "lr": args.lr,
-            "optimizer": "AdamW (weight decay 0)", "max_grad_norm": 1.0, "steps": args.steps,
+            "optimizer": "AdamW (weight decay 0, fused, on both)", "max_grad_norm": 1.0, "steps": args.steps,
             "warmup": args.warmup, "rounds": args.rounds, "grad_checkpointing": args.grad_checkpointing,
             "threads": torch.get_num_threads(), "device": args.device, "quick": args.quick,
             "single_expert_row": not args.no_single, "data_seed": DATA_SEED,
@@ -435,7 +437,7 @@ def build_payload(args, env, folder, rows, summary, peak_rss, elapsed):
             "step": "wall time between consecutive optimizer.step() ends, device synchronized; the first "
             "warmup steps of every round dropped; median over every timed step of every round",
             "tokens_per_s": "tokens per step / median step time",
-            "PEFT": "get_peft_model(LoraConfig(r, alpha, 7 modules, dropout 0, CAUSAL_LM)); AdamW; "
+            "PEFT": "get_peft_model(LoraConfig(r, alpha, 7 modules, dropout 0, CAUSAL_LM)); AdamW(fused=True); "
             "model(input_ids, attention_mask, labels=input_ids).loss; backward; clip 1.0; step; zero_grad",
             "ours": "moa_engine.training.trainer.train + stages.stage1_loss, MoAModel with E experts, "
             "E domains of batch / E sequences each per step",
