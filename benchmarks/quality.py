@@ -33,6 +33,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
         return TrainConfig(batch=args.batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=args.seed,
                            checkpoint_every=0, progress=False, log_path=str(work / f"{what}.log.jsonl"))  # fmt: skip
 
+    def fit_cfg(what):  # the routers' fit with frozen experts: full-batch steps, no warmup
+        return replace(cfg(300, 3e-2, what), warmup=0)
+
     expert = ExpertOptions(rank=args.rank, alpha=2.0 * args.rank)
     timings = {}
 
@@ -170,14 +174,14 @@ def main(argv=None) -> int:
     config = MoAConfig(base_model=s1dir.config.base_model, domains=old, target_modules=s1dir.config.target_modules, eta=args.eta)
     MoADir.save(grow, config, {d: s1dir.expert_paths[d] for d in old})
     old_train = [r for r in train_records if r.domain in old]
-    train_router(grow, old_train, cfg=cfg(300, 3e-2, "grow-router"), data_opts=data_opts)  # experts frozen: a fit
+    train_router(grow, old_train, cfg=fit_cfg("grow-router"), data_opts=data_opts)  # experts frozen: a fit
     old_val = [r for r in val_records if r.domain in old]
     before = evaluate(Engine(experts=grow), old_val, ["label", "last"], **ev)
     new_path = work / "new.jsonl"
     write_records(new_path, [r for r in train_records if r.domain == new])
     sample = [r for d in old for r in [x for x in old_train if x.domain == d][: args.router_sample]]
     add_domain(grow, new, new_path, router_data=sample, cfg=cfg(args.grow_steps or args.steps, args.lr, "grow-expert"),
-               router_cfg=cfg(300, 3e-2, "grow-router2"), expert=expert, data_opts=data_opts)  # fmt: skip
+               router_cfg=fit_cfg("grow-router2"), expert=expert, data_opts=data_opts)  # fmt: skip
     after = evaluate(Engine(experts=grow), val_records, ["label", "last"], **ev)
     timings["add_domain_s"] = time.perf_counter() - t
     growth = {"old_domains": old, "new_domain": new, "before": before, "after": after, "change_pct": {}}

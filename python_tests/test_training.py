@@ -700,6 +700,16 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
     r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--steps", 2, "--batch", 2, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    # add-domain: --warmup is the new expert's; the routers' fit takes none
+    new = _write_jsonl(tmp_path / "code.jsonl", _records(4, seed=2, domains=("code",)))
+    r = subprocess.run(_cli("add-domain", "--moa", tmp_path / "m", "--domain", "code", "--data", new, "--router-data", data,
+                            "--steps", 2, "--batch", 2, "--warmup", 1, "--router-steps", 5, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert MoADir.load(tmp_path / "m").config.domains == ["math", "chat", "code"]
+    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--warmup", 2, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "apply to --joint" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x", "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr

@@ -207,7 +207,8 @@ def _run_add_domain(args) -> int:
 
     try:
         cfg = _train_config(args, 100)
-        router_cfg = replace(cfg, lr=args.router_lr, steps=args.router_steps, epochs=None, checkpoint_dir=None, log_path=None)
+        router_cfg = replace(cfg, lr=args.router_lr, steps=args.router_steps, epochs=None, warmup=0, optimizer="adamw",
+                             checkpoint_dir=None, log_path=None)  # the routers' fit: full-batch AdamW
         expert = None
         if any(a != d for a, d in ((args.rank, 16), (args.alpha, 32.0), (args.targets, TARGET_MODULES), (args.rslora, False))):
             expert = ExpertOptions(args.rank, args.alpha, args.targets, args.rslora)
