@@ -89,6 +89,13 @@ void check_lora_v(const char* op, const at::Tensor& v, const at::Tensor& x,
   check_same_device(op, "v", v, x);
 }
 
+void check_grad_x(const char* op, const at::Tensor& grad_x, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad_x.sym_sizes() == x.sym_sizes(), op, ": expected grad_x of x's shape ",
+                    x.sym_sizes(), ", got ", grad_x.sym_sizes());
+  check_same_dtype(op, "grad_x", grad_x, x);
+  check_same_device(op, "grad_x", grad_x, x);
+}
+
 namespace {
 template <typename Id>
 void check_ids_on_host(const char* op, const Id* ids, int64_t T, int64_t E) {

@@ -79,6 +79,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_backward_meta(
 // The intermediate v of the training ops: [T, r], the dtype and device of x.
 void check_lora_v(const char* op, const at::Tensor& v, const at::Tensor& x,
                   const at::Tensor& lora_a);
+// The gradient of x that _grouped_lora_backward_ adds into: x's shape, dtype and device.
+void check_grad_x(const char* op, const at::Tensor& grad_x, const at::Tensor& x);
 
 // Autograd: differentiable in x, lora_a and lora_b.
 at::Tensor grouped_lora_autograd(const at::Tensor& x, const at::Tensor& lora_a,

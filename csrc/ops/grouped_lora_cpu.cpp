@@ -74,12 +74,16 @@ void grouped_lora_add_cpu(const at::Tensor& y, const at::Tensor& x, const at::Te
   add_update(y, x, lora_a, lora_b, expert_ids, scales);
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales) {
-  constexpr const char* op = "moa._grouped_lora_weight_grads";
-  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
-  check_expert_ids_range(op, expert_ids, lora_a.size(0));
+namespace {
+
+// The backward of the update, arguments checked: returns (dA, dB) and, when grad_x is
+// defined, adds the transposed update into it. v: V = x A^T kept from the forward, or
+// undefined to form it here. U = grad B is formed once for both.
+//   dA[e] = s_e U_e^T X_e: [r, in];   dB[e] = s_e G_e^T V_e: [out, r];   grad_x += s_e U A_e
+std::tuple<at::Tensor, at::Tensor> backward_update(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& v, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales,
+    const at::Tensor& grad_x) {
   at::Tensor grad_a = at::zeros(lora_a.sizes(), lora_a.options());  // [E, r, in]
   at::Tensor grad_b = at::zeros(lora_b.sizes(), lora_b.options());  // [E, out, r]
   const int64_t T = x.size(0), in = x.size(1);
@@ -87,26 +91,48 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
   if (T == 0 || r == 0 || in == 0 || out == 0) return {grad_a, grad_b};
   const at::Tensor xr = as_blas_ready(x);
   const at::Tensor g = as_blas_ready(grad);
-  const at::Tensor a = lora_a.contiguous();
   const at::Tensor bt = lora_b.transpose(1, 2).contiguous();  // B^T: [E, r, out]
   const at::Tensor s = scales.contiguous();
-  const at::Tensor v = at::empty({T, r}, x.options());  // V = x A^T: [T, r]
-  const at::Tensor u = at::empty({T, r}, x.options());  // U = g B:   [T, r]
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_weight_grads", [&] {
+  const at::Tensor vc = v.defined() ? v.contiguous() : at::empty({T, r}, x.options());
+  const at::Tensor u = at::empty({T, r}, x.options());
+  at::Tensor target;
+  if (grad_x.defined()) target = blas_ready(grad_x) ? grad_x : grad_x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_backward", [&] {
     const cpu::Plan plan = make_plan<scalar_t>(expert_ids, E);
-    cpu::shrink<scalar_t>(plan, xr.const_data_ptr<scalar_t>(), row_stride(xr),
-                          a.const_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), in, r);
+    if (!v.defined()) {
+      const at::Tensor a = lora_a.contiguous();
+      cpu::shrink<scalar_t>(plan, xr.const_data_ptr<scalar_t>(), row_stride(xr),
+                            a.const_data_ptr<scalar_t>(), vc.mutable_data_ptr<scalar_t>(), in, r);
+    }
     cpu::shrink<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
                           bt.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), out, r);
-    // dA[e] = s_e U_e^T X_e: [r, in];   dB[e] = s_e G_e^T V_e: [out, r]
+    if (target.defined()) {
+      // expand with A^T [E, in, r] in the place of B [E, out, r]
+      const at::Tensor at_ = lora_a.transpose(1, 2).contiguous();
+      cpu::expand_add<scalar_t>(plan, u.const_data_ptr<scalar_t>(), at_.const_data_ptr<scalar_t>(),
+                                s.const_data_ptr<float>(), target.mutable_data_ptr<scalar_t>(),
+                                row_stride(target), in, r);
+    }
     cpu::weight_grad<scalar_t>(plan, u.const_data_ptr<scalar_t>(), r, xr.const_data_ptr<scalar_t>(),
                                row_stride(xr), s.const_data_ptr<float>(),
                                grad_a.mutable_data_ptr<scalar_t>(), r, in);
     cpu::weight_grad<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
-                               v.const_data_ptr<scalar_t>(), r, s.const_data_ptr<float>(),
+                               vc.const_data_ptr<scalar_t>(), r, s.const_data_ptr<float>(),
                                grad_b.mutable_data_ptr<scalar_t>(), out, r);
   });
+  if (target.defined() && !target.is_same(grad_x)) grad_x.copy_(target);
   return {grad_a, grad_b};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales) {
+  constexpr const char* op = "moa._grouped_lora_weight_grads";
+  check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
+  check_expert_ids_range(op, expert_ids, lora_a.size(0));
+  return backward_update(grad, x, at::Tensor(), lora_a, lora_b, expert_ids, scales, at::Tensor());
 }
 
 void grouped_lora_add_v_cpu(const at::Tensor& y, const at::Tensor& v, const at::Tensor& x,
@@ -127,41 +153,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_backward_cpu(
   constexpr const char* op = "moa._grouped_lora_backward_";
   check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
   check_lora_v(op, v, x, lora_a);
-  TORCH_CHECK_VALUE(grad_x.sizes() == x.sizes(), op, ": expected grad_x of x's shape ",
-                    x.sizes(), ", got ", grad_x.sizes());
-  TORCH_CHECK_TYPE(grad_x.scalar_type() == x.scalar_type() && grad_x.device() == x.device(), op,
-                   ": expected grad_x with the dtype and device of x");
+  check_grad_x(op, grad_x, x);
   check_expert_ids_range(op, expert_ids, lora_a.size(0));
-  at::Tensor grad_a = at::zeros(lora_a.sizes(), lora_a.options());  // [E, r, in]
-  at::Tensor grad_b = at::zeros(lora_b.sizes(), lora_b.options());  // [E, out, r]
-  const int64_t T = x.size(0), in = x.size(1);
-  const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
-  if (T == 0 || r == 0 || in == 0 || out == 0) return {grad_a, grad_b};
-  const at::Tensor xr = as_blas_ready(x);
-  const at::Tensor g = as_blas_ready(grad);
-  const at::Tensor vc = v.contiguous();
-  const at::Tensor bt = lora_b.transpose(1, 2).contiguous();  // B^T: [E, r, out]
-  const at::Tensor at_ = lora_a.transpose(1, 2).contiguous();  // A^T: [E, in, r]
-  const at::Tensor s = scales.contiguous();
-  const at::Tensor target = blas_ready(grad_x) ? grad_x : grad_x.contiguous();
-  const at::Tensor u = at::empty({T, r}, x.options());  // U = g B: [T, r]
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_lora_backward", [&] {
-    const cpu::Plan plan = make_plan<scalar_t>(expert_ids, E);
-    cpu::shrink<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
-                          bt.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), out, r);
-    // grad_x += s_e U A_e: expand with A^T [E, in, r] in the place of B [E, out, r]
-    cpu::expand_add<scalar_t>(plan, u.const_data_ptr<scalar_t>(), at_.const_data_ptr<scalar_t>(),
-                              s.const_data_ptr<float>(), target.mutable_data_ptr<scalar_t>(),
-                              row_stride(target), in, r);
-    cpu::weight_grad<scalar_t>(plan, u.const_data_ptr<scalar_t>(), r, xr.const_data_ptr<scalar_t>(),
-                               row_stride(xr), s.const_data_ptr<float>(),
-                               grad_a.mutable_data_ptr<scalar_t>(), r, in);
-    cpu::weight_grad<scalar_t>(plan, g.const_data_ptr<scalar_t>(), row_stride(g),
-                               vc.const_data_ptr<scalar_t>(), r, s.const_data_ptr<float>(),
-                               grad_b.mutable_data_ptr<scalar_t>(), out, r);
-  });
-  if (!target.is_same(grad_x)) grad_x.copy_(target);
-  return {grad_a, grad_b};
+  return backward_update(grad, x, v, lora_a, lora_b, expert_ids, scales, grad_x);
 }
 
 }  // namespace moa::ops

@@ -43,9 +43,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_lora_backward_meta(
   constexpr const char* op = "moa._grouped_lora_backward_";
   check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
   check_lora_v(op, v, x, lora_a);
-  check_grouped_lora_args(op, grad_x, lora_a, lora_b, expert_ids, scales);  // grad_x like x
-  TORCH_CHECK_VALUE(grad_x.sym_sizes() == x.sym_sizes(), op, ": expected grad_x of x's shape ",
-                    x.sym_sizes(), ", got ", grad_x.sym_sizes());
+  check_grad_x(op, grad_x, x);
   return {at::empty_symint(lora_a.sym_sizes(), lora_a.options()),
           at::empty_symint(lora_b.sym_sizes(), lora_b.options())};
 }

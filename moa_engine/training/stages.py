@@ -35,7 +35,7 @@ from moa_engine.moa_format import (
 
 from .dataset import EncodeReport, Example, encode_records, examples_digest, steps_for
 from .modules import MoAModel, enable_checkpointing
-from .trainer import Group, Plan, TrainConfig, _barrier, config_fingerprint, init_distributed, set_trainable, train, world
+from .trainer import Group, Plan, TrainConfig, _barrier, atomic_torch_save, config_fingerprint, init_distributed, set_trainable, train, world
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -410,9 +410,9 @@ def train_router(
     if fit_steps:
         examples = [e for d in present for e in train_ex[d]]
         feats, labels = _shared_router_features(module, examples, index, cfg, fingerprint)
-        fit = fit_routers(list(module.routers), feats, labels, len(domains), fit_steps, fit_lr, fit_wd)
-        fit = {"steps": fit_steps, "lr": fit_lr, "loss": fit.loss, "train_accuracy_last": fit.accuracy[-1],
-               "train_accuracy_min": min(fit.accuracy), "records": len(examples)}  # fmt: skip
+        result = fit_routers(list(module.routers), feats, labels, len(domains), fit_steps, fit_lr, fit_wd)
+        fit = {"steps": fit_steps, "lr": fit_lr, "loss": result.loss, "train_accuracy_last": result.accuracy[-1],
+               "train_accuracy_min": min(result.accuracy), "records": len(examples)}  # fmt: skip
         _append_log(cfg, {"stage": "router-fit", **fit})
     accuracy = router_accuracy(module, val_ex, domains, cfg) if any(val_ex.values()) else {}
     if world()[0] == 0:
@@ -457,13 +457,7 @@ def _shared_router_features(module: MoAModel, examples: list[Example], index: di
         for idx, f, y in parts:
             feats[idx], labels[idx] = f, y
     if rank == 0 and path is not None and cfg.checkpoint_every:
-        import io
-
-        from moa_engine._io import atomic_write_bytes
-
-        buf = io.BytesIO()
-        torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True), "features": feats, "labels": labels}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_torch_save({"fingerprint": json.dumps(fingerprint, sort_keys=True), "features": feats, "labels": labels}, path)
     return feats, labels
 
 

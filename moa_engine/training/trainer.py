@@ -410,17 +410,22 @@ def _save_checkpoint(path: Path, step: int, module, opt, plan: Plan, names, trai
             "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(),  # dropout, if the model has any
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(state, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_torch_save(state, path)
     _barrier()
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _load_checkpoint(path: Path, module, opt, plan: Plan, names, trainable) -> int:
