@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -533,6 +534,131 @@ def test_joint_router_training_tunes_the_experts(trained, tiny_dir, tmp_path):
     changed = [d for d in trained["stage1"] if not all(torch.equal(trained["stage1"][d][k], _expert_tensors(moa, d)[k]) for k in trained["stage1"][d])]
     assert changed == ["math", "prose", "chat"]
     assert MoADir.load(moa).router is not None
+
+
+def _held_out_losses(moa, data, opts: DataOptions, seed: int = 0) -> dict:
+    """Each expert's mean token loss on its domain's held-out split, computed afresh from the
+    written MoA directory (plain per-example sums, not evaluate_lm's batching)."""
+    from moa_engine.training.stages import _load_moa_model, as_records, prepare
+
+    cfg = TrainConfig(progress=False)
+    module, tok = _load_moa_model(MoADir.load(moa), cfg)
+    _, val, _ = prepare(as_records(data), tok, opts, seed, MoADir.load(moa).config.domains)
+    out = {}
+    with torch.no_grad():
+        for d, examples in val.items():
+            total, count = 0.0, 0
+            for e in examples:
+                ids = torch.tensor([e.input_ids])
+                hidden, _ = module(ids, torch.ones_like(ids), [module.expert_index(d)])
+                logits = module.hf.lm_head(hidden[0]).double()
+                labels = torch.tensor(e.input_ids[1:])
+                keep = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
+                nll = torch.nn.functional.cross_entropy(logits[:-1], labels, reduction="none")
+                total, count = total + float(nll[keep].sum()), count + int(keep.sum())
+            out[d] = total / count
+    return out
+
+
+def test_joint_keep_best_ends_each_expert_at_its_lowest_held_out_loss(trained, tmp_path):
+    """keep_best: the log's measurements every 2 steps (step 0 = the stage-1 experts); each
+    expert ends at the argmin, and the written expert's held-out loss, recomputed from the files,
+    is that minimum. An expert kept at step 0 is bit-identical to its stage-1 files."""
+    moa = tmp_path / "joint"
+    shutil.copytree(trained["moa"], moa)
+    opts = DataOptions(max_len=64, val_fraction=0.3)
+    out = train_router(moa, trained["data"], cfg=_cfg(steps=6, lr=1e-2, seed=1), joint=True, expert_lr=1e-2,
+                       data_opts=opts, keep_best=2)  # fmt: skip
+    log = [json.loads(l) for l in Path(out["log"]).read_text().splitlines()]
+    measured = {r["step"]: r["val_loss"] for r in log if "val_loss" in r and "step" in r}
+    assert sorted(measured) == [2, 4, 6]
+    kept = out["kept"]
+    assert set(kept) == {"math", "prose", "chat"}
+    fresh = _held_out_losses(moa, trained["data"], opts, seed=1)
+    stage1 = _held_out_losses(trained["moa"], trained["data"], opts, seed=1)
+    for d, k in kept.items():
+        history = {0: stage1[d], **{s: v[d] for s, v in measured.items()}}
+        best = min(history, key=history.get)
+        assert k["step"] == best, (d, history, k)
+        assert fresh[d] == pytest.approx(history[best], rel=1e-4, abs=1e-5)
+        same = all(torch.equal(trained["stage1"][d][n], _expert_tensors(moa, d)[n]) for n in trained["stage1"][d])
+        assert same == (best == 0), (d, best)
+    assert any(k["step"] > 0 for k in kept.values())  # the tiny experts are far from trained
+
+
+def test_keep_best_restores_weights_that_were_made_worse(trained):
+    """KeepBest alone: step 0 measured, one expert made worse by noise and another better by
+    nothing (unchanged), a measurement, restore(): the noisy expert is back bit for bit."""
+    from moa_engine.training.stages import KeepBest, _load_moa_model, as_records, prepare
+
+    cfg = TrainConfig(progress=False)
+    moa = MoADir.load(trained["moa"])
+    module, tok = _load_moa_model(moa, cfg)
+    _, val, _ = prepare(as_records(trained["data"]), tok, DataOptions(max_len=64, val_fraction=0.3), 0, moa.config.domains)
+    keeper = KeepBest(module, val, moa.config.domains, cfg, every=2, total=4, path=None)
+    before = [p.detach().clone() for p in module.expert_parameters("math")]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in module.expert_parameters("math"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    record = {}
+    keeper(1, record)
+    assert record == {}  # not a measuring step
+    keeper(2, record)
+    assert record["val_loss"]["math"] > keeper.best["math"]["loss"]
+    kept = keeper.restore()
+    assert kept["math"]["step"] == 0 and kept["prose"]["step"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, module.expert_parameters("math")))
+
+
+def test_keep_best_survives_an_interrupted_run(trained, tmp_path, monkeypatch):
+    """Interrupted right after a measurement (before that step's checkpoint) and resumed: the
+    same experts as an uninterrupted run."""
+    from moa_engine.training import stages
+
+    opts = DataOptions(max_len=64, val_fraction=0.3)
+    runs = {}
+    for name in ("ref", "cut"):
+        moa = tmp_path / name
+        shutil.copytree(trained["moa"], moa)
+        runs[name] = moa
+        cfg = _cfg(steps=6, lr=1e-2, checkpoint_every=2, checkpoint_dir=str(tmp_path / f"{name}.ckpt"))
+        kwargs = dict(cfg=cfg, joint=True, expert_lr=0.05, data_opts=opts, keep_best=2)
+        if name == "cut":
+            real = stages.KeepBest.__call__
+
+            def cut(self, steps_done, record):
+                real(self, steps_done, record)
+                if steps_done == 4:
+                    raise KeyboardInterrupt
+
+            monkeypatch.setattr(stages.KeepBest, "__call__", cut)
+            with pytest.raises(KeyboardInterrupt):
+                train_router(moa, trained["data"], **kwargs)
+            monkeypatch.setattr(stages.KeepBest, "__call__", real)
+            kwargs["cfg"] = replace(cfg, resume=True)
+        out = train_router(moa, trained["data"], **kwargs)
+        runs[name + "_kept"] = out["kept"]
+    assert runs["ref_kept"] == runs["cut_kept"]
+    for d in ("math", "prose", "chat"):
+        a, b = _expert_tensors(runs["ref"], d), _expert_tensors(runs["cut"], d)
+        assert all(torch.equal(a[k], b[k]) for k in a), d
+
+
+def test_keep_best_in_stage1_and_its_errors(tiny_dir, tmp_path, trained):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(24))
+    opts = DataOptions(max_len=64, val_fraction=0.25)
+    out = train_experts(data, tmp_path / "s1", model=tiny_dir, cfg=_cfg(steps=4), expert=ExpertOptions(rank=4, alpha=8),
+                        data_opts=opts, keep_best=2)  # fmt: skip
+    fresh = _held_out_losses(tmp_path / "s1", data, opts)
+    for d, k in out["kept"].items():
+        assert k["step"] in (0, 2, 4) and fresh[d] == pytest.approx(k["val_loss"], rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match=r"keep-best needs held-out examples .*--val-fraction"):
+        train_experts(data, tmp_path / "s2", model=tiny_dir, cfg=_cfg(steps=2), data_opts=DataOptions(max_len=64), keep_best=1)
+    with pytest.raises(ValueError, match="keep-best applies to --joint"):
+        train_router(trained["moa"], trained["data"], cfg=_cfg(), data_opts=opts, keep_best=2, out=tmp_path / "r")
+    with pytest.raises(ValueError, match="evaluation interval must be > 0"):
+        train_experts(data, tmp_path / "s3", model=tiny_dir, cfg=_cfg(steps=2), data_opts=opts, keep_best=-1)
 
 
 def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path):

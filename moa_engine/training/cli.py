@@ -107,6 +107,9 @@ def add_train_subcommands(subparsers) -> None:
     p.add_argument("--domains", default=None, metavar="A,B", help="the domains, in router order (default: as first seen)")
     p.add_argument("--sequential", action="store_true", help="train one domain at a time")
     p.add_argument("--overwrite", action="store_true", help="replace an existing MoA_DIR")
+    p.add_argument("--keep-best", type=int, default=0, metavar="N",
+                   help="every N steps measure each expert's held-out loss (needs --val-fraction) and end each "
+                   "expert at its best weights (early stopping; default 0: off)")  # fmt: skip
     _expert_args(p)
     _common(p, 2e-4, "steps per domain (default 100)")
     p.set_defaults(func=_run_experts)
@@ -129,6 +132,9 @@ def add_train_subcommands(subparsers) -> None:
     p.add_argument("--refit-steps", type=int, default=300, metavar="N",
                    help="with --joint: full-batch steps fitting the routers to the tuned experts afterwards (default 300; 0: none)")
     p.add_argument("--refit-lr", type=_positive_float, default=3e-2, help="learning rate of that fit (default 3e-2)")
+    p.add_argument("--keep-best", type=int, default=0, metavar="N",
+                   help="with --joint: every N steps measure each expert's held-out loss (needs --val-fraction) "
+                   "and end each expert at its best weights, its stage-1 ones included (default 0: off)")  # fmt: skip
     p.add_argument("--strategy", choices=["last", "per_layer", "vote"], default=None, help="serving strategy recorded in moa_config.json")
     _common(p, None, "steps (default 300 full-batch fit steps; with --joint 100 steps)",
             "routers' peak learning rate (default 3e-2; with --joint 1e-3)")  # fmt: skip
@@ -171,7 +177,7 @@ def _run_experts(args) -> int:
         summary = train_experts(
             args.data, args.out, model=args.model, cfg=_train_config(args, 100),
             expert=ExpertOptions(args.rank, args.alpha, args.targets, args.rslora), data_opts=_data_options(args),
-            domains=domains, sequential=args.sequential, overwrite=args.overwrite,
+            domains=domains, sequential=args.sequential, overwrite=args.overwrite, keep_best=args.keep_best,
         )  # fmt: skip
     except _errors() as exc:
         print(f"moa train experts: error: {exc}", file=sys.stderr)
@@ -186,12 +192,14 @@ def _run_router(args) -> int:
     try:
         if args.refit_steps < 0:
             raise ValueError(f"--refit-steps must be >= 0, got {args.refit_steps}")
+        if args.keep_best < 0:
+            raise ValueError(f"--keep-best must be >= 0, got {args.keep_best}")
         if args.lr is None:
             args.lr = 1e-3 if args.joint else 3e-2
         summary = train_router(
             args.moa, args.data, cfg=_train_config(args, 100 if args.joint else 300), eta=args.eta, joint=args.joint,
             expert_lr=args.expert_lr, data_opts=_data_options(args), strategy=args.strategy,
-            refit=RouterFit(steps=args.refit_steps, lr=args.refit_lr),
+            refit=RouterFit(steps=args.refit_steps, lr=args.refit_lr), keep_best=args.keep_best,
         )  # fmt: skip
     except _errors() as exc:
         print(f"moa train router: error: {exc}", file=sys.stderr)

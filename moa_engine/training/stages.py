@@ -213,7 +213,7 @@ def _ckpt_cfg(cfg: TrainConfig, folder) -> TrainConfig:
 def _finish_checkpoints(cfg: TrainConfig) -> None:
     """A finished run's checkpoint is of no further use; its log stays."""
     if world()[0] == 0 and cfg.checkpoint_dir:
-        for name in ("checkpoint.pt", "features.pt"):
+        for name in ("checkpoint.pt", "features.pt", "keep_best.pt"):
             (Path(cfg.checkpoint_dir) / name).unlink(missing_ok=True)
 
 
@@ -227,9 +227,12 @@ def train_experts(
     domains=None,
     sequential: bool = False,
     overwrite: bool = False,
+    keep_best: int = 0,
 ) -> dict:
     """Stage 1: one LoRA expert per domain of `data` (a JSONL path or records), written as a MoA
-    directory at `out` (experts only, no router). Returns a summary dict."""
+    directory at `out` (experts only, no router). Returns a summary dict. keep_best > 0: every
+    keep_best steps each expert's held-out loss (data_opts.val_fraction > 0) is measured and each
+    expert ends at its best weights (see KeepBest)."""
     cfg = cfg or TrainConfig(steps=100)
     expert = expert or ExpertOptions()
     data_opts = data_opts or DataOptions()
@@ -254,7 +257,7 @@ def train_experts(
         rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential,
     )  # fmt: skip
     groups = [Group(d, module.expert_parameters(d), steps[d], cfg.lr) for d in names]
-    records_log = []
+    records_log, kept = [], {}
     if sequential:
         # One domain at a time: the same steps, each expert alone (one checkpoint folder each).
 
@@ -266,13 +269,23 @@ def train_experts(
                           resume=cfg.resume and (folder / "checkpoint.pt").exists())  # fmt: skip
             plan = Plan({d: train_ex[d]}, {d: steps[d]}, {x: k for k, x in enumerate(names)}, {**fingerprint, "domain": d})
             set_trainable(module, [groups[i]])
-            records_log += train(_wrap_ddp(module, sub), [groups[i]], plan, stage1_loss(list(range(len(names)))), sub, module)
+            keeper = _keeper(module, {d: val_ex[d]}, names, sub, keep_best, plan.total_steps)
+            records_log += train(_wrap_ddp(module, sub), [groups[i]], plan, stage1_loss(list(range(len(names)))), sub, module,
+                                 after_step=keeper)  # fmt: skip
+            if keeper is not None:
+                kept.update(keeper.restore())
             subs.append(sub)
     else:
         subs = [cfg]
         plan = Plan(train_ex, steps, {d: k for k, d in enumerate(names)}, fingerprint)
         set_trainable(module, groups)
-        records_log = train(_wrap_ddp(module, cfg), groups, plan, stage1_loss(list(range(len(names)))), cfg, module)
+        keeper = _keeper(module, val_ex, names, cfg, keep_best, plan.total_steps)
+        records_log = train(_wrap_ddp(module, cfg), groups, plan, stage1_loss(list(range(len(names)))), cfg, module,
+                            after_step=keeper)  # fmt: skip
+        if keeper is not None:
+            kept.update(keeper.restore())
+    if kept:
+        _append_log(cfg, {"stage": "keep-best", "kept": kept})
     val_loss = evaluate_lm(module, val_ex, names, cfg) if any(val_ex.values()) else {}
     if world()[0] == 0:
         config = MoAConfig(base_model=base_name, domains=names, target_modules=list(module.target_modules))
@@ -282,7 +295,7 @@ def train_experts(
     _barrier()
     for sub in subs:
         _finish_checkpoints(sub)
-    return {"out": str(out), "domains": names, "steps": steps, "data": report.summary(), "val_loss": val_loss,
+    return {"out": str(out), "domains": names, "steps": steps, "data": report.summary(), "val_loss": val_loss, "kept": kept or None,
             "log": cfg.log_path, "final": records_log[-1] if records_log else None}  # fmt: skip
 
 
@@ -305,6 +318,63 @@ def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str
             count += int(sel.sum())
         out[d] = total / max(1, count)
     return out
+
+
+def _keeper(module, val, names, cfg: TrainConfig, every: int, total: int):
+    """A KeepBest over `val` when every > 0 (kept in the checkpoint folder when checkpointing)."""
+    if not every:
+        return None
+    path = Path(cfg.checkpoint_dir) / "keep_best.pt" if cfg.checkpoint_dir and cfg.checkpoint_every else None
+    return KeepBest(module, val, names, cfg, every, total, path)
+
+
+class KeepBest:
+    """Early stopping per expert: every `every` steps (and after the last one) each expert's mean
+    token loss on its domain's held-out examples is measured, and the expert's weights with the
+    lowest loss so far are kept; step 0, the weights before this training, takes part. restore()
+    puts each expert back to its best. The record (and, with checkpointing, the kept weights,
+    written atomically) survives a resume: a re-run step re-measures the same loss."""
+
+    def __init__(self, module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig,
+                 every: int, total: int, path: Path | None):  # fmt: skip
+        if every <= 0:
+            raise ValueError(f"keep-best: the evaluation interval must be > 0 steps, got {every}")
+        missing = [d for d in val if not val[d]]
+        if missing or not val:
+            raise ValueError(f"keep-best needs held-out examples of every trained domain (--val-fraction > 0); "
+                             f"none for {missing or list(val)}")  # fmt: skip
+        self.module, self.val, self.names, self.cfg = module, val, names, cfg
+        self.every, self.total, self.path = every, total, path
+        self.best: dict[str, dict] = {}  # domain -> {"step", "loss", "state": [tensors]}
+        self.history: list[dict] = []
+        if cfg.resume and path is not None and path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            self.best, self.history = saved["best"], saved["history"]
+        if not any(h["step"] == 0 for h in self.history):
+            self.measure(0)
+
+    def measure(self, step: int) -> dict[str, float]:
+        losses = evaluate_lm(self.module, self.val, self.names, self.cfg)
+        for d, loss in losses.items():
+            if d not in self.best or loss < self.best[d]["loss"]:
+                state = [p.detach().to("cpu", copy=True) for p in self.module.expert_parameters(d)]
+                self.best[d] = {"step": step, "loss": loss, "state": state}
+        self.history = [h for h in self.history if h["step"] != step] + [{"step": step, "val_loss": losses}]
+        if self.path is not None and world()[0] == 0:
+            atomic_torch_save({"best": self.best, "history": self.history}, self.path)
+        return losses
+
+    def __call__(self, steps_done: int, record: dict) -> None:
+        if steps_done % self.every == 0 or steps_done == self.total:
+            record["val_loss"] = self.measure(steps_done)
+
+    def restore(self) -> dict:
+        """Each expert back to its best weights; returns {domain: {"step", "val_loss"}}."""
+        with torch.no_grad():
+            for d, b in self.best.items():
+                for p, v in zip(self.module.expert_parameters(d), b["state"]):
+                    p.copy_(v.to(p.device, p.dtype))
+        return {d: {"step": b["step"], "val_loss": b["loss"]} for d, b in self.best.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +414,7 @@ def train_router(
     out=None,
     init_from_existing: bool = False,
     refit: RouterFit | None = None,
+    keep_best: int = 0,
 ) -> dict:
     """Stage 2: train the routers of `moa_dir` on `data` (records of its domains, each domain
     weighing the same). Writes the MoA directory (in place, atomically, unless `out`).
@@ -354,7 +425,10 @@ def train_router(
     full-batch AdamW steps at cfg.lr; cfg.batch is the prompts per encoding forward.
     joint: cfg.steps steps of cfg.batch samples per domain of L = L_LM + eta * mean_l CE, the
     routers at cfg.lr and the experts at expert_lr; then the routers are refitted on the tuned
-    experts' features (`refit`; RouterFit(steps=0): keep the jointly trained routers)."""
+    experts' features (`refit`; RouterFit(steps=0): keep the jointly trained routers).
+    keep_best > 0 (joint only): every keep_best steps each expert's loss on its domain's held-out
+    examples (data_opts.val_fraction > 0) is measured, and each expert ends at its best weights,
+    the stage-1 ones (step 0) included (see KeepBest)."""
     cfg = cfg or TrainConfig(steps=RouterFit.steps, lr=RouterFit.lr)
     refit = refit or RouterFit()
     data_opts = data_opts or DataOptions()
@@ -388,7 +462,7 @@ def train_router(
         cfg, stage="router", data=examples_digest([e for d in present for e in train_ex[d]]), eta=eta,
         joint=joint, expert_lr=expert_lr, domains=domains,
     )  # fmt: skip
-    log, fit_steps, fit_lr, fit_wd = [], refit.steps, refit.lr, refit.weight_decay
+    log, fit_steps, fit_lr, fit_wd, kept = [], refit.steps, refit.lr, refit.weight_decay, None
     if joint:
         groups = [Group("routers", list(module.routers), 0, cfg.lr)]
         steps = {d: steps_for(len(train_ex[d]), cfg.batch, cfg.steps, cfg.epochs) for d in present}
@@ -398,9 +472,16 @@ def train_router(
         plan = Plan(train_ex, steps, index, fingerprint)
         set_trainable(module, groups)
         expert_of_domain = [module.expert_index(d) for d in domains]
-        log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint), cfg, module)
+        keeper = _keeper(module, {d: val_ex[d] for d in present}, domains, cfg, keep_best, plan.total_steps)
+        log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint),
+                    cfg, module, after_step=keeper)  # fmt: skip
         set_trainable(module, [])
+        if keeper is not None:
+            kept = keeper.restore()
+            _append_log(cfg, {"stage": "keep-best", "kept": kept})
     else:
+        if keep_best:
+            raise ValueError("keep-best applies to --joint training (with the experts frozen nothing changes them)")
         if cfg.optimizer != "adamw" or cfg.warmup:
             raise ValueError("with the experts frozen the routers are fitted by full-batch AdamW: --optimizer sgd and "
                              "--warmup apply to --joint training only")  # fmt: skip
@@ -429,7 +510,7 @@ def train_router(
             MoADir.save(out, config, experts, router=list(module.routers), overwrite=True)
     _barrier()
     _finish_checkpoints(cfg)
-    return {"out": str(out), "domains": domains, "steps": max(len(log), fit_steps), "joint_steps": len(log), "fit": fit,
+    return {"out": str(out), "domains": domains, "steps": max(len(log), fit_steps), "joint_steps": len(log), "fit": fit, "kept": kept,
             "data": report.summary(), "val_router_accuracy": accuracy, "log": cfg.log_path,
             "final": log[-1] if log else fit}  # fmt: skip
 

@@ -167,9 +167,12 @@ def _barrier() -> None:
 LossFn = Callable
 
 
-def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainConfig, module=None) -> list[dict]:
+def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainConfig, module=None,
+          after_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Run the plan; returns the per-step log records. `model` is what loss_fn is called with
-    (a DDP wrapper when distributed); `module` the bare MoAModel (defaults to model)."""
+    (a DDP wrapper when distributed); `module` the bare MoAModel (defaults to model).
+    after_step(steps_done, record), when given, runs after every optimizer step, before that
+    step's checkpoint is written (so a resumed run never skips it); it may add to the record."""
     cfg.check()
     module = module if module is not None else model
     rank, world_size = world()
@@ -254,6 +257,8 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
             opt.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
             record = _record(step, stats, norms, plan, elapsed, lrs)
+            if after_step is not None:
+                after_step(step + 1, record)
             records.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
