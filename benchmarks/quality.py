@@ -11,8 +11,10 @@ the same held-out records (moa_engine.evaluation):
   mixed         one LoRA trained on all domains' records mixed, with as many samples as MoA
                 saw in all (stage 1 and the joint stage 2): (steps + router steps) x domains
                 steps of --batch samples
-  moa-label     MoA after stage 2 (routers trained with the experts tuned jointly), each record
-                served by its own domain's expert
+  moa-label     MoA after stage 2 (routers trained with the experts tuned jointly; with
+                --keep-best each expert ends at its best state by the loss on held-out training
+                records no system trains on, the stage-1 state included), each record served by its own
+                domain's expert
   moa-<s>       the same MoA routed by its routers over the prompt, strategy s (per_layer, last,
                 vote), with the routers' accuracy per domain
 
@@ -42,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+HOLD_OUT = 0.2  # see main: the split score's [0.1, 0.2), as the data build took [0, 0.1)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run (tiny budgets)")
@@ -56,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--expert-lr", type=float, default=2e-4, help="experts' lr in the joint stage 2")
     p.add_argument("--router-lr", type=float, default=1e-2)
     p.add_argument("--eta", type=float, default=0.1)
+    p.add_argument("--keep-best", type=int, default=5,
+                   help="stage 2: every N joint steps each expert's loss on held-out training records (about a ninth); "
+                   "each expert ends at its best (0: off)")  # fmt: skip
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working folder (default: build/quality)")
@@ -82,6 +90,7 @@ def main(argv=None) -> int:
     from moa_engine import Engine
     from moa_engine._io import atomic_write_json, atomic_write_text
     from moa_engine.data import build_corpora, read_records, write_records
+    from moa_engine.data.records import split_records
     from moa_engine.data.records import Record
     from moa_engine.evaluation import evaluate, markdown_table
     from moa_engine.moa_format import MoAConfig, MoADir
@@ -105,8 +114,15 @@ def main(argv=None) -> int:
     build = build_corpora(work / "data", domains, max_per_domain=args.records, seed=args.seed, val_fraction=0.1, progress=False)
     train_records = read_records(work / "data" / "train.jsonl")
     val_records = read_records(work / "data" / "val.jsonl")
+    # Some training records are held out of every system's training; stage 2's keep-best measures
+    # on them. The split is the records' seeded content hash (split_records), so stage 2, given
+    # val_fraction HOLD_OUT, recomputes it. The data build already sent the hash's lowest tenth
+    # to val.jsonl (the scored records, never trained on), so HOLD_OUT = 0.2 holds out the next
+    # tenth: about a ninth of train.jsonl.
+    all_train = train_records
+    train_records, dev_records = split_records(all_train, HOLD_OUT, args.seed)
     counts = {d: sum(r.domain == d for r in train_records) for d in domains}
-    log(f"data: train {counts}, val {len(val_records)} records")
+    log(f"data: train {counts}, held out for keep-best {len(dev_records)}, scored {len(val_records)} records")
     data_opts = DataOptions(max_len=args.max_len)
 
     def cfg(steps, lr, what):
@@ -129,7 +145,7 @@ def main(argv=None) -> int:
         lines = (work / "stage1.log.jsonl").read_text().splitlines()
         s1 = {"final": json.loads(lines[-1]) if lines else None, "reused": True}
     else:
-        jobs["stage1"] = dict(data=str(work / "data" / "train.jsonl"), out=str(stage1), cfg=cfg(args.steps, args.lr, "stage1"),
+        jobs["stage1"] = dict(data=train_records, out=str(stage1), cfg=cfg(args.steps, args.lr, "stage1"),
                               expert=expert, data_opts=data_opts, domains=domains)  # fmt: skip
     if reuse and (mixed / "moa_config.json").exists():
         log("mixed LoRA: reusing the one in the working folder")
@@ -148,8 +164,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     moa = work / "moa"
     shutil.copytree(stage1, moa)
-    s2 = train_router(moa, work / "data" / "train.jsonl", cfg=cfg(args.router_steps, args.router_lr, "stage2"), eta=args.eta,
-                      joint=True, expert_lr=args.expert_lr, data_opts=data_opts)  # fmt: skip
+    s2_opts = replace(data_opts, val_fraction=HOLD_OUT) if args.keep_best else data_opts
+    s2 = train_router(moa, all_train if args.keep_best else train_records, cfg=cfg(args.router_steps, args.router_lr, "stage2"), eta=args.eta,
+                      joint=True, expert_lr=args.expert_lr, data_opts=s2_opts, keep_best=args.keep_best)  # fmt: skip
     timings["stage2_s"] = time.perf_counter() - t
     log(f"stage 2 (joint): {args.router_steps} steps in {timings['stage2_s']:.0f} s")
 
@@ -208,10 +225,14 @@ def main(argv=None) -> int:
         f"stage 1: {args.steps} steps x {args.batch} samples per domain (rank {args.rank}, lr {args.lr}); "
         f"mixed: {mixed_steps} steps x {args.batch} samples (as many as MoA's stages 1 and 2); stage 2 (joint): "
         f"{args.router_steps} steps x {args.batch} samples per domain (router lr {args.router_lr}, expert lr "
-        f"{args.expert_lr}, eta {args.eta}), then the routers refitted on the tuned experts (300 full-batch steps); "
+        f"{args.expert_lr}, eta {args.eta}"
+        + (f"; each expert kept at its best of steps 0, {args.keep_best}, ... by its loss on the held-out records"
+           if args.keep_best else "")
+        + "), then the routers refitted on the tuned experts (300 full-batch steps, each prompt through a random expert); "
         f"added domain: {args.grow_steps or args.steps} expert steps, routers fitted on the old and new records "
         f"({args.router_sample} per old domain); "
-        f"max_len {args.max_len}; {args.val} held-out records per domain"
+        f"max_len {args.max_len}; every system trained on the same {sum(counts.values())} records "
+        f"({len(dev_records)} more held out for keep-best); {args.val} scored records per domain"
     )
     text = "\n".join([
         "### Per-domain perplexity (held-out), router accuracy, math exact match", "", table, "",
@@ -222,9 +243,10 @@ def main(argv=None) -> int:
     print(text)
     payload = {
         "benchmark": "quality", "quick": args.quick, "args": vars(args), "budget": budget,
-        "data": {"train": counts, "val_per_domain": args.val, "sources": build.get("sources", {})},
+        "data": {"train": counts, "held_out_for_keep_best": len(dev_records), "val_per_domain": args.val,
+                 "sources": build.get("sources", {})},
         "results": results, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
-        "stage1_final": s1.get("final"), "stage2_final": s2.get("final"),
+        "stage1_final": s1.get("final"), "stage2_final": s2.get("final"), "stage2_kept": s2.get("kept"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads()},
     }  # fmt: skip

@@ -481,6 +481,58 @@ def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_d
     other = [Example(e.input_ids, e.loss_mask, e.route_len, "chat" if e.domain == "math" else e.domain) for e in examples]
     moved, _ = router_features(model, other, index, "cpu")
     assert not torch.allclose(moved[labels == 0][:, 1], feats[labels == 0][:, 1])
+    # experts=: each prompt through the given expert, still labelled with its own domain
+    ran = [(i * 7 + 1) % 3 for i in range(len(examples))]
+    given, given_labels = router_features(model, examples, index, "cpu", batch=3, experts=ran)
+    assert given_labels.tolist() == labels.tolist()
+    for i, e in enumerate(examples):
+        b = collate([e], index, 0)
+        model(b.input_ids, b.attention_mask, [ran[i]], b.route_mask)
+        torch.testing.assert_close(given[i], torch.stack([model._batch.pooled[l][0] for l in range(2)]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one index in"):
+        router_features(model, examples, index, "cpu", experts=[0])
+
+
+def test_routers_fitted_through_random_experts_tell_the_domain_whatever_expert_ran_below(tiny_dir):
+    """Experts with a strong imprint. Routers fitted on teacher-forced features (each prompt
+    through its own expert) against routers fitted through serving_experts' random experts, both
+    scored on held-out prompts run through each expert in turn, as the routing pass may: the
+    random-expert fit is right under every expert (a miss allowed); the teacher-forced one is
+    not (it learnt the experts' imprint: right under the label's expert only)."""
+    from transformers import AutoTokenizer
+
+    from moa_engine.training import fit_routers, router_features, serving_experts
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    names = ["math", "prose", "chat"]
+    model = MoAModel(_tiny_llama(49152, seed=12, layers=3), ["q_proj", "v_proj", "down_proj"])
+    for k, d in enumerate(names):
+        model.add_expert(d, rank=4, alpha=8, seed=k)
+        for p in model.expert_parameters(d)[1::2]:
+            torch.nn.init.normal_(p, std=1.0)
+    model.set_routers(names)
+    index = {d: k for k, d in enumerate(names)}
+    train_ex, _ = encode_records(_records(30, seed=1), tok, max_len=40)
+    held, _ = encode_records(_records(12, seed=2), tok, max_len=40)
+    assert sorted(serving_experts(model, names, 600, 0)) != [0] * 600 and set(serving_experts(model, names, 600, 0)) == {0, 1, 2}
+    assert serving_experts(model, names, 50, 3) == serving_experts(model, names, 50, 3)
+
+    def fit(experts):
+        feats, labels = router_features(model, train_ex, index, "cpu", experts=experts)
+        routers = [torch.zeros(3, 48) for _ in range(3)]
+        fit_routers(routers, feats, labels, 3, steps=300, lr=3e-2)
+        return routers[-1]
+
+    def accuracy_under(w, e):
+        feats, labels = router_features(model, held, index, "cpu", experts=[e] * len(held))
+        return float(((feats[:, -1] @ w.t()).argmax(-1) == labels).float().mean())
+
+    robust = fit(serving_experts(model, names, len(train_ex), 0))
+    forced = fit(None)
+    robust_acc = [accuracy_under(robust, e) for e in range(3)]
+    forced_acc = [accuracy_under(forced, e) for e in range(3)]
+    assert min(robust_acc) >= 0.95, (robust_acc, forced_acc)
+    assert min(forced_acc) <= 0.5, (robust_acc, forced_acc)  # the imprint, not the domain
 
 
 def test_fit_routers_separates_domains_and_weighs_them_equally():

@@ -3,7 +3,7 @@
 
 from .dataset import Example, encode_records
 from .modules import MoALinear, MoAModel
-from .stages import DataOptions, ExpertOptions, RouterFit, add_domain, fit_routers, router_features, train_experts, train_router
+from .stages import DataOptions, ExpertOptions, RouterFit, add_domain, fit_routers, router_features, serving_experts, train_experts, train_router
 from .trainer import TrainConfig, TrainingDiverged
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "encode_records",
     "fit_routers",
     "router_features",
+    "serving_experts",
     "train_experts",
     "train_router",
 ]

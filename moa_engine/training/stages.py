@@ -254,7 +254,7 @@ def train_experts(
     steps = {d: steps_for(len(train_ex[d]), cfg.batch, cfg.steps, cfg.epochs) for d in names}
     fingerprint = config_fingerprint(
         cfg, stage="experts", data=examples_digest([e for d in names for e in train_ex[d]]),
-        rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential,
+        rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential, keep_best=keep_best,
     )  # fmt: skip
     groups = [Group(d, module.expert_parameters(d), steps[d], cfg.lr) for d in names]
     records_log, kept = [], {}
@@ -460,7 +460,7 @@ def train_router(
     index = {d: k for k, d in enumerate(domains)}
     fingerprint = config_fingerprint(
         cfg, stage="router", data=examples_digest([e for d in present for e in train_ex[d]]), eta=eta,
-        joint=joint, expert_lr=expert_lr, domains=domains,
+        joint=joint, expert_lr=expert_lr, domains=domains, keep_best=keep_best, router_inputs="random-expert",
     )  # fmt: skip
     log, fit_steps, fit_lr, fit_wd, kept = [], refit.steps, refit.lr, refit.weight_decay, None
     if joint:
@@ -515,8 +515,18 @@ def train_router(
             "final": log[-1] if log else fit}  # fmt: skip
 
 
+def serving_experts(module: MoAModel, domains: list[str], n: int, seed: int) -> list[int]:
+    """The expert each of n prompts runs through when the routers' inputs are encoded: one of the
+    routed domains' experts, drawn uniformly and independently of the prompt's own domain
+    (deterministic in seed). See the note above router_features."""
+    g = torch.Generator().manual_seed(seed)
+    pool = [module.expert_index(d) for d in domains]
+    return [pool[k] for k in torch.randint(0, len(pool), (n,), generator=g).tolist()]
+
+
 def _shared_router_features(module: MoAModel, examples: list[Example], index: dict[str, int], cfg: TrainConfig, fingerprint: dict):
-    """router_features of `examples`, each process encoding its share (examples[rank::world]),
+    """router_features of `examples`, each prompt through an expert drawn by serving_experts,
+    each process encoding its share (examples[rank::world]),
     all of them gathered on every process. With checkpointing on, the features are kept in the
     checkpoint folder, and a resumed run with the same fingerprint reuses them."""
     rank, world_size = world()
@@ -525,9 +535,11 @@ def _shared_router_features(module: MoAModel, examples: list[Example], index: di
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == json.dumps(fingerprint, sort_keys=True):
             return saved["features"], saved["labels"]
+    ran = serving_experts(module, list(index), len(examples), cfg.seed)
     mine = list(range(rank, len(examples), world_size))
     batch = cfg.micro_batch or cfg.batch * len(index)
-    feats, labels = router_features(module, [examples[i] for i in mine], index, cfg.device, batch, progress=cfg.progress and rank == 0)
+    feats, labels = router_features(module, [examples[i] for i in mine], index, cfg.device, batch,
+                                    progress=cfg.progress and rank == 0, experts=[ran[i] for i in mine])  # fmt: skip
     if world_size > 1:
         import torch.distributed as dist
 
@@ -551,30 +563,36 @@ def _append_log(cfg: TrainConfig, record: dict) -> None:
 
 @torch.no_grad()
 def router_accuracy(module: MoAModel, val: dict[str, list[Example]], domains: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
-    """Share of held-out examples whose last layer's router picks their own domain."""
-    from .dataset import collate
-
+    """Share of held-out examples whose last layer's router picks their own domain, each prompt
+    run through an expert drawn as for training (serving_experts): the router must tell the
+    prompt's domain whatever expert ran the layers below it."""
     index = {d: k for k, d in enumerate(domains)}
-    out = {}
-    for d, examples in val.items():
-        if not examples:
-            continue
-        hits = 0
-        for i in range(0, len(examples), batch):
-            b = collate(examples[i : i + batch], index, 0)
-            _, logits = module(b.input_ids.to(cfg.device), b.attention_mask.to(cfg.device), [module.expert_index(d)] * len(b.domains), b.route_mask.to(cfg.device))
-            hits += int((logits[-1].argmax(-1) == index[d]).sum())
-        out[d] = hits / len(examples)
-    return out
+    examples = [e for d in val for e in val[d]]
+    if not examples:
+        return {}
+    ran = serving_experts(module, domains, len(examples), cfg.seed + 1)
+    feats, labels = router_features(module, examples, index, cfg.device, batch, experts=ran)
+    w = module.routers[-1].detach().to("cpu", torch.float32)
+    hit = (feats[:, -1] @ w.t()).argmax(-1) == labels
+    return {d: float(hit[labels == index[d]].float().mean()) for d in val if val[d]}
 
 
 # ---------------------------------------------------------------------------------------------
 # Router fitting on cached features
 # ---------------------------------------------------------------------------------------------
 #
-# With the forward routed by the label, a router changes nothing the model computes: its input
-# at layer l (the pooled output of layer l's input RMSNorm over the prompt) depends on the
-# experts only. With the experts fixed, the routers' loss is a convex, per-layer multinomial
+# Which expert runs the prompt while the routers' inputs are encoded matters. At serving, the
+# routing pass runs layer l's expert as router l chose, so a router sees hidden states shaped by
+# whatever experts ran below it. Under teacher forcing (the label's expert everywhere) the
+# features carry the label's expert's own imprint: a router fitted on them learns to recognise
+# that imprint rather than the prompt's domain (on the packaged corpora, teacher-forced routers
+# at the last layer were right 100% of the time under the label's expert and 35-47% under
+# another), so one wrong early choice carries through every layer. Each prompt is therefore
+# encoded through an expert drawn at random (serving_experts), and labelled with its own
+# domain: the routers learn the domain whatever expert ran below them.
+#
+# With the experts fixed, a router changes nothing the model computes: its input at layer l
+# (the pooled output of layer l's input RMSNorm over the prompt) depends on the experts only. With the experts fixed, the routers' loss is a convex, per-layer multinomial
 # logistic regression on features that one no-grad forward over each prompt gives, and the LM
 # loss is a constant. So the routers are fitted on those cached features, full batch, instead of
 # paying a forward and backward of the whole model per router step.
@@ -582,16 +600,19 @@ def router_accuracy(module: MoAModel, val: dict[str, list[Example]], domains: li
 
 @torch.no_grad()
 def router_features(module: MoAModel, examples: list[Example], domain_index: dict[str, int], device: str,
-                    batch: int = 16, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    batch: int = 16, progress: bool = False, experts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, L, H] float32 on the CPU, labels [N] int64): each example's pooled input of
-    every router, its prompt run through its own domain's expert, in the order of `examples`.
-    Only the routing tokens (input_ids[:route_len]) are run: causal attention makes them
+    every router, in the order of `examples`, its prompt run through experts[i] (an expert index
+    of `module`; default: its own domain's expert, teacher forcing); the label is always its
+    domain. Only the routing tokens (input_ids[:route_len]) are run: causal attention makes them
     independent of what follows."""
     from .dataset import collate
 
     if not len(module.routers):
         raise ValueError("router_features: the model has no routers (set_routers first)")
     N = len(examples)
+    if experts is not None and (len(experts) != N or any(not 0 <= e < len(module.experts) for e in experts)):
+        raise ValueError(f"router_features: experts must give one index in [0, {len(module.experts)}) per example ({N})")
     feats = torch.empty(N, module.num_layers, module.hidden_size, dtype=torch.float32)
     labels = torch.tensor([domain_index[e.domain] for e in examples], dtype=torch.int64)
     order = sorted(range(N), key=lambda i: examples[i].route_len)  # little padding per batch
@@ -603,8 +624,8 @@ def router_features(module: MoAModel, examples: list[Example], domain_index: dic
         prompts = [replace(examples[i], input_ids=examples[i].input_ids[: examples[i].route_len],
                            loss_mask=examples[i].loss_mask[: examples[i].route_len]) for i in chunk]  # fmt: skip
         b = collate(prompts, domain_index, 0)
-        experts = [module.expert_index(examples[i].domain) for i in chunk]
-        module(b.input_ids.to(device), b.attention_mask.to(device), experts, b.route_mask.to(device))
+        ran = [module.expert_index(examples[i].domain) if experts is None else experts[i] for i in chunk]
+        module(b.input_ids.to(device), b.attention_mask.to(device), ran, b.route_mask.to(device))
         pooled = torch.stack([module._batch.pooled[l] for l in range(module.num_layers)], 1)
         feats[torch.tensor(chunk)] = pooled.float().cpu()
         bar.update(1)
