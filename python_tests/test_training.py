@@ -888,6 +888,19 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
     r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--warmup", 2, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "apply to --joint" in r.stderr and "Traceback" not in r.stderr
+    # --keep-best: joint with a held-out split; refused without --joint or without the split
+    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--joint", "--steps", 2, "--batch", 2,
+                            "--keep-best", 1, "--val-fraction", 0.25, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["kept"]) == {"math", "chat"}
+    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--keep-best", 2, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "keep-best applies to --joint" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k", "--steps", 2,
+                            "--keep-best", 1, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "--val-fraction" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x", "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
