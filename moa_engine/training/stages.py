@@ -257,7 +257,7 @@ def train_experts(
         rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential, keep_best=keep_best,
     )  # fmt: skip
     groups = [Group(d, module.expert_parameters(d), steps[d], cfg.lr) for d in names]
-    records_log, kept = [], {}
+    records_log, kept, history = [], {}, []
     if sequential:
         # One domain at a time: the same steps, each expert alone (one checkpoint folder each).
 
@@ -274,6 +274,7 @@ def train_experts(
                                  after_step=keeper)  # fmt: skip
             if keeper is not None:
                 kept.update(keeper.restore())
+                history += [{"domain": d, **h} for h in keeper.history]
             subs.append(sub)
     else:
         subs = [cfg]
@@ -284,8 +285,9 @@ def train_experts(
                             after_step=keeper)  # fmt: skip
         if keeper is not None:
             kept.update(keeper.restore())
+            history = keeper.history
     if kept:
-        _append_log(cfg, {"stage": "keep-best", "kept": kept})
+        _append_log(cfg, {"stage": "keep-best", "kept": kept, "history": history})
     val_loss = evaluate_lm(module, val_ex, names, cfg) if any(val_ex.values()) else {}
     if world()[0] == 0:
         config = MoAConfig(base_model=base_name, domains=names, target_modules=list(module.target_modules))
@@ -478,7 +480,7 @@ def train_router(
         set_trainable(module, [])
         if keeper is not None:
             kept = keeper.restore()
-            _append_log(cfg, {"stage": "keep-best", "kept": kept})
+            _append_log(cfg, {"stage": "keep-best", "kept": kept, "history": keeper.history})
     else:
         if keep_best:
             raise ValueError("keep-best applies to --joint training (with the experts frozen nothing changes them)")
