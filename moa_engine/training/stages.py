@@ -284,8 +284,7 @@ def train_experts(
         records_log = train(_wrap_ddp(module, cfg), groups, plan, stage1_loss(list(range(len(names)))), cfg, module,
                             after_step=keeper)  # fmt: skip
         if keeper is not None:
-            kept.update(keeper.restore())
-            history = keeper.history
+            kept, history = keeper.restore(), keeper.history
     if kept:
         _append_log(cfg, {"stage": "keep-best", "kept": kept, "history": history})
     val_loss = evaluate_lm(module, val_ex, names, cfg) if any(val_ex.values()) else {}
@@ -594,9 +593,9 @@ def router_accuracy(module: MoAModel, val: dict[str, list[Example]], domains: li
 # domain: the routers learn the domain whatever expert ran below them.
 #
 # With the experts fixed, a router changes nothing the model computes: its input at layer l
-# (the pooled output of layer l's input RMSNorm over the prompt) depends on the experts only. With the experts fixed, the routers' loss is a convex, per-layer multinomial
-# logistic regression on features that one no-grad forward over each prompt gives, and the LM
-# loss is a constant. So the routers are fitted on those cached features, full batch, instead of
+# (the pooled output of layer l's input RMSNorm over the prompt) depends on the experts only.
+# The routers' loss is then a convex, per-layer multinomial logistic regression on features
+# that one no-grad forward over each prompt gives, and the LM loss is a constant. So the routers are fitted on those cached features, full batch, instead of
 # paying a forward and backward of the whole model per router step.
 
 
