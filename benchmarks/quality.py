@@ -64,7 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--keep-best", type=int, default=5,
                    help="stage 2: every N joint steps each expert's loss on held-out training records (about a ninth); "
                    "each expert ends at its best (0: off)")  # fmt: skip
+    p.add_argument("--keep-best-margin", type=float, default=1.0,
+                   help="stage 2: a later state counts as better only by more than this many standard errors of the "
+                   "paired per-record difference (default 1: the one-standard-error rule; 0: the plain minimum)")  # fmt: skip
     p.add_argument("--max-len", type=int, default=160)
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the paired comparisons")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working folder (default: build/quality)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
     from moa_engine.data import build_corpora, read_records, write_records
     from moa_engine.data.records import split_records
     from moa_engine.data.records import Record
-    from moa_engine.evaluation import evaluate, markdown_table
+    from moa_engine.evaluation import compare, comparison_table, evaluate, markdown_table
     from moa_engine.moa_format import MoAConfig, MoADir
     from moa_engine.training import DataOptions, ExpertOptions, TrainConfig, add_domain, train_experts, train_router
 
@@ -166,7 +170,8 @@ def main(argv=None) -> int:
     shutil.copytree(stage1, moa)
     s2_opts = replace(data_opts, val_fraction=HOLD_OUT) if args.keep_best else data_opts
     s2 = train_router(moa, all_train if args.keep_best else train_records, cfg=cfg(args.router_steps, args.router_lr, "stage2"), eta=args.eta,
-                      joint=True, expert_lr=args.expert_lr, data_opts=s2_opts, keep_best=args.keep_best)  # fmt: skip
+                      joint=True, expert_lr=args.expert_lr, data_opts=s2_opts, keep_best=args.keep_best,
+                      keep_best_margin=args.keep_best_margin if args.keep_best else 0.0)  # fmt: skip
     timings["stage2_s"] = time.perf_counter() - t
     log(f"stage 2 (joint): {args.router_steps} steps in {timings['stage2_s']:.0f} s")
 
@@ -210,6 +215,9 @@ def main(argv=None) -> int:
 
     # -- report ---------------------------------------------------------------------------
     table = markdown_table(results)
+    # Paired bootstrap over the scored records: is a difference larger than the records' spread?
+    pairs = [("moa-label", "single"), ("moa-label", "mixed"), ("moa-last", "single"), ("moa-last", "mixed"), ("mixed", "single")]
+    comparisons = {f"{a} vs {b}": compare(results[a], results[b], n_boot=args.bootstrap, seed=args.seed) for a, b in pairs}
     grow_rows = ["| domain | " + " | ".join(f"{m} ppl before | after | change" for m in ("label", "last")) + " | router acc before | after |",
                  "|---|" + "---|---|---|" * 2 + "---|---|"]  # fmt: skip
     for d in old:
@@ -227,6 +235,8 @@ def main(argv=None) -> int:
         f"{args.router_steps} steps x {args.batch} samples per domain (router lr {args.router_lr}, expert lr "
         f"{args.expert_lr}, eta {args.eta}"
         + (f"; each expert kept at its best of steps 0, {args.keep_best}, ... by its loss on the held-out records"
+           + (f", a later state counting as better only by more than {args.keep_best_margin:g} standard error(s)"
+              if args.keep_best_margin else "")
            if args.keep_best else "")
         + "), then the routers refitted on the tuned experts (300 full-batch steps, each prompt through a random expert); "
         f"added domain: {args.grow_steps or args.steps} expert steps, routers fitted on the old and new records "
@@ -237,6 +247,11 @@ def main(argv=None) -> int:
     text = "\n".join([
         "### Per-domain perplexity (held-out), router accuracy, math exact match", "", table, "",
         f"Budget: {budget}.", "",
+        "### MoA against the baselines: change in average perplexity (paired bootstrap over the scored records)", "",
+        comparison_table(comparisons), "",
+        f"Each of {args.bootstrap} draws resamples every domain's scored records with replacement, the same "
+        "records for both systems; P(lower) is the share of draws where the first system's average "
+        "perplexity is the lower.", "",
         f"### Adding a domain ({new}) to a MoA of {', '.join(old)}", "", *grow_rows, "",
         f"New domain {new}: label-routed perplexity {new_row['ppl']:.3f}" if new_row else "",
     ])  # fmt: skip
@@ -245,7 +260,7 @@ def main(argv=None) -> int:
         "benchmark": "quality", "quick": args.quick, "args": vars(args), "budget": budget,
         "data": {"train": counts, "held_out_for_keep_best": len(dev_records), "val_per_domain": args.val,
                  "sources": build.get("sources", {})},
-        "results": results, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
+        "results": results, "comparisons": comparisons, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
         "stage1_final": s1.get("final"), "stage2_final": s2.get("final"), "stage2_kept": s2.get("kept"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads()},

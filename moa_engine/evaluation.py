@@ -13,6 +13,10 @@ For each domain of the held-out records:
                (per_layer: the share of (record, layer) choices);
   exact match  for chat records of the domains in `exact_match_domains`: greedy generation from the
                prompt, served the same way, equal to the response after stripping whitespace.
+
+Each mode's result keeps every record's NLL sum and scored-token count, so two systems scored on
+the same records can be compared record by record: `compare` gives the change in average
+perplexity with a paired, domain-stratified bootstrap interval.
 """
 
 from __future__ import annotations
@@ -70,12 +74,15 @@ def _domain_arg(mode: str, item: _Item) -> str:
 
 
 def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
-    """{domain: {"nll", "tokens", "ppl"}} plus, for a strategy, {"router_accuracy": {domain: acc}}.
+    """{"domains": {domain: {"nll", "tokens", "ppl"}}, "records": {domain: {"nll": [...], "tokens":
+    [...]}}} plus, for a strategy, {"router_accuracy": {domain: acc}}. "records" holds each record's
+    NLL sum and scored-token count, in the order of `items`.
 
     Rows are batched by length and right-padded: a causal model's real positions ignore the
     padding, and a routed row pools over its first route_len tokens, which precede it."""
     sums: dict[str, list] = {}
     hits: dict[str, list] = {}
+    per_item: list[tuple[float, int] | None] = [None] * len(items)
     routed = mode in STRATEGIES
     order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
     for start in range(0, len(order), batch):
@@ -87,8 +94,9 @@ def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
             logits, routing = engine.forward(ids, domain=None, return_routing=True, route_len=[it.route_len for it in chunk])
         else:
             logits = engine.forward(ids, domain=[_domain_arg(mode, it) for it in chunk])
-        for b, it in enumerate(chunk):
+        for b, (i, it) in enumerate(zip(order[start : start + batch], chunk)):
             nll, n = _nll(logits[b], it.ids, it.scored)
+            per_item[i] = (nll, n)
             s = sums.setdefault(it.domain, [0.0, 0])
             s[0] += nll
             s[1] += n
@@ -102,7 +110,12 @@ def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
                     h[0] += int(routing[b].domain == it.domain)
                     h[1] += 1
     out = {d: {"nll": s[0] / max(1, s[1]), "tokens": s[1], "ppl": math.exp(s[0] / max(1, s[1]))} for d, s in sums.items()}
-    result = {"domains": out}
+    records: dict[str, dict] = {}
+    for it, (nll, n) in zip(items, per_item):
+        r = records.setdefault(it.domain, {"nll": [], "tokens": []})
+        r["nll"].append(nll)
+        r["tokens"].append(n)
+    result = {"domains": out, "records": records}
     if hits:
         result["router_accuracy"] = {d: h[0] / max(1, h[1]) for d, h in hits.items()}
     return result
@@ -159,6 +172,84 @@ def evaluate(
             res["exact_match"] = exact_match(engine, em_items, mode, max_new_tokens)
         results[mode] = res
     return results
+
+
+def compare(a: dict, b: dict, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """System a against system b, both scored on the same records (results of `evaluate` for one
+    mode each): the change in average perplexity, 100 * (avg_ppl(a) / avg_ppl(b) - 1), with a
+    paired bootstrap interval.
+
+    Each of n_boot draws resamples every domain's records with replacement (the same records for
+    a and b, so what the two systems share cancels), recomputes each domain's perplexity
+    exp(sum NLL / sum tokens) and averages over the domains as `evaluate` does. The interval is
+    the draws' central `confidence` share (percentile bootstrap).
+
+    Returns {"change_pct", "interval_pct": [lo, hi], "p_lower": share of draws where a's average
+    perplexity is below b's, "n_boot", "confidence", "records": {domain: n}, "domains": {d:
+    {"change_pct", "interval_pct"}}}."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    ra, rb = a.get("records"), b.get("records")
+    if ra is None or rb is None:
+        raise ValueError("compare needs per-record results (a mode's result from evaluate)")
+    if set(ra) != set(rb):
+        raise ValueError(f"the two systems were scored on different domains: {sorted(ra)} vs {sorted(rb)}")
+    if not ra:
+        raise ValueError("no scored records to compare")
+    gen = torch.Generator().manual_seed(seed)
+    avg_a = torch.zeros(n_boot + 1, dtype=torch.float64)
+    avg_b = torch.zeros_like(avg_a)
+    per_domain = {}
+    for d in ra:
+        if ra[d]["tokens"] != rb[d]["tokens"]:
+            raise ValueError(f"domain {d!r}: the two systems' records differ (scored-token counts do not match); "
+                             "compare needs both scored on the same records with the same tokenizer")  # fmt: skip
+        tokens = torch.tensor(ra[d]["tokens"], dtype=torch.float64)
+        nll_a = torch.tensor(ra[d]["nll"], dtype=torch.float64)
+        nll_b = torch.tensor(rb[d]["nll"], dtype=torch.float64)
+        n = len(tokens)
+        # Row 0 is the sample itself; rows 1.. are the bootstrap draws.
+        idx = torch.cat([torch.arange(n)[None], torch.randint(0, n, (n_boot, n), generator=gen)])
+        count = tokens[idx].sum(1).clamp_min(1.0)
+        ppl_a = torch.exp(nll_a[idx].sum(1) / count)
+        ppl_b = torch.exp(nll_b[idx].sum(1) / count)
+        avg_a += ppl_a / len(ra)
+        avg_b += ppl_b / len(ra)
+        per_domain[d] = 100.0 * (ppl_a / ppl_b - 1.0)
+    alpha = (1.0 - confidence) / 2.0
+
+    def summary(change: torch.Tensor) -> dict:
+        lo, hi = torch.quantile(change[1:], torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
+        return {"change_pct": float(change[0]), "interval_pct": [lo, hi]}
+
+    out = summary(100.0 * (avg_a / avg_b - 1.0))
+    out.update(p_lower=float((avg_a[1:] < avg_b[1:]).double().mean()), n_boot=n_boot, confidence=confidence,
+               records={d: len(ra[d]["tokens"]) for d in ra}, domains={d: summary(c) for d, c in per_domain.items()})  # fmt: skip
+    return out
+
+
+def comparison_table(pairs: dict) -> str:
+    """Rows: {title: compare(...)}; columns: the change in average perplexity, its interval, the
+    share of draws where the first system is lower, and each domain's change."""
+    domains = []
+    for c in pairs.values():
+        domains += [d for d in c["domains"] if d not in domains]
+    conf = next(iter(pairs.values()))["confidence"] if pairs else 0.95
+    head = ["comparison", "avg ppl change", f"{100 * conf:.0f}% interval", "P(lower)"] + [f"{d} change" for d in domains]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for title, c in pairs.items():
+        lo, hi = c["interval_pct"]
+        row = [title, f"{c['change_pct']:+.2f}%", f"[{lo:+.2f}%, {hi:+.2f}%]", f"{100 * c['p_lower']:.0f}%"]
+        for d in domains:
+            if d in c["domains"]:
+                dlo, dhi = c["domains"][d]["interval_pct"]
+                row.append(f"{c['domains'][d]['change_pct']:+.2f}% [{dlo:+.1f}, {dhi:+.1f}]")
+            else:
+                row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def _check_mode(engine, mode: str) -> None:

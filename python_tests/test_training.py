@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -697,6 +698,56 @@ def test_keep_best_survives_an_interrupted_run(trained, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), d
 
 
+def test_keep_best_margin_moves_an_expert_only_by_more_than_its_standard_error(trained, tmp_path, monkeypatch):
+    """keep_best_margin: the per-example held-out losses of every measurement, recorded as they
+    are taken, replayed through the rule written out here (a state replaces the kept one when
+    its mean token loss is lower by more than margin x the paired standard error) give the kept
+    steps; a huge margin keeps every expert at its stage-1 weights, bit for bit."""
+    import statistics
+
+    from moa_engine.training import stages
+
+    calls = []
+    real = stages.example_losses
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append({d: (s.tolist(), c.tolist()) for d, (s, c) in out.items()})
+        return out
+
+    monkeypatch.setattr(stages, "example_losses", spy)
+    opts = DataOptions(max_len=64, val_fraction=0.3)
+    margin = 1.0 + random.random()
+    moa = tmp_path / "m"
+    shutil.copytree(trained["moa"], moa)
+    out = train_router(moa, trained["data"], cfg=_cfg(steps=6, lr=1e-2, seed=2), joint=True, expert_lr=2e-2,
+                       data_opts=opts, keep_best=2, keep_best_margin=margin)  # fmt: skip
+    assert len(calls) == 4  # steps 0, 2, 4, 6
+    for d in ("math", "prose", "chat"):
+        counts = calls[0][d][1]
+        kept_step, kept = 0, calls[0][d][0]
+        for step, c in zip((2, 4, 6), calls[1:]):
+            diff = [a - b for a, b in zip(kept, c[d][0])]
+            gain = sum(diff) / sum(counts)
+            se = len(diff) ** 0.5 * statistics.stdev(diff) / sum(counts)
+            if gain > 0 and gain > margin * se:
+                kept_step, kept = step, c[d][0]
+        assert out["kept"][d]["step"] == kept_step, (d, margin)
+        assert out["kept"][d]["val_loss"] == pytest.approx(sum(kept) / sum(counts), rel=1e-9)
+        same = all(torch.equal(trained["stage1"][d][n], _expert_tensors(moa, d)[n]) for n in trained["stage1"][d])
+        assert same == (kept_step == 0)
+    moa = tmp_path / "m2"
+    shutil.copytree(trained["moa"], moa)
+    out = train_router(moa, trained["data"], cfg=_cfg(steps=4, lr=1e-2, seed=2), joint=True, expert_lr=2e-2,
+                       data_opts=opts, keep_best=2, keep_best_margin=1e9)  # fmt: skip
+    assert {d: k["step"] for d, k in out["kept"].items()} == {"math": 0, "prose": 0, "chat": 0}
+    for d in ("math", "prose", "chat"):
+        assert all(torch.equal(trained["stage1"][d][n], _expert_tensors(moa, d)[n]) for n in trained["stage1"][d])
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="keep-best margin must be a finite number >= 0"):
+            train_router(moa, trained["data"], cfg=_cfg(steps=2), joint=True, data_opts=opts, keep_best=2, keep_best_margin=bad)
+
+
 def test_keep_best_in_stage1_and_its_errors(tiny_dir, tmp_path, trained):
     data = _write_jsonl(tmp_path / "d.jsonl", _records(24))
     opts = DataOptions(max_len=64, val_fraction=0.25)
@@ -890,13 +941,17 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
     assert r.returncode == 1 and "apply to --joint" in r.stderr and "Traceback" not in r.stderr
     # --keep-best: joint with a held-out split; refused without --joint or without the split
     r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--joint", "--steps", 2, "--batch", 2,
-                            "--keep-best", 1, "--val-fraction", 0.25, "--no-progress"),
+                            "--keep-best", 1, "--keep-best-margin", 0.5, "--val-fraction", 0.25, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["kept"]) == {"math", "chat"}
     r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--keep-best", 2, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "keep-best applies to --joint" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--joint", "--steps", 2,
+                            "--keep-best-margin", 1, "--val-fraction", 0.25, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "--keep-best-margin applies with --keep-best" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k", "--steps", 2,
                             "--keep-best", 1, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
@@ -955,6 +1010,17 @@ def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir)
             loss, _ = lm_loss(module, hidden, batch, norms)
         assert results["label"]["domains"][d]["nll"] == pytest.approx(float(loss), rel=1e-4)
         assert results["label"]["domains"][d]["tokens"] == int(norms["tokens"][0])
+        # Each record's own NLL sum and token count, in the records' order, from a forward of it alone.
+        per = results["label"]["records"][d]
+        assert len(per["nll"]) == len(ex)
+        for k, e in enumerate(ex):
+            one = collate([e], {d: 0}, pad_id=2)
+            with torch.no_grad():
+                hidden, _ = module(one.input_ids, one.attention_mask, [module.expert_index(d)])
+                n = torch.tensor([float((one.labels != -100).sum())])
+                loss_k, _ = lm_loss(module, hidden, one, {"tokens": n})
+            assert per["tokens"][k] == int(n[0])
+            assert per["nll"][k] == pytest.approx(float(loss_k) * int(n[0]), rel=1e-4)
     assert set(results["last"]["router_accuracy"]) == {"math", "prose", "chat"}
     assert results["label"]["average_ppl"] < results["base"]["average_ppl"]
     assert "exact_match" in results["label"] and set(results["label"]["exact_match"]) == {"math"}
@@ -972,3 +1038,15 @@ def test_cli_eval(trained, tiny_dir, tmp_path):
     r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "nope"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "'nope' is not base, label" in r.stderr
+    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "base,label,last",
+                            "--compare", "last:label,label:base", "--bootstrap", 300, "--json", tmp_path / "c.json", "--max-len", 64),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "| last vs label |" in r.stdout and "| label vs base |" in r.stdout
+    saved = json.loads((tmp_path / "c.json").read_text())
+    c = saved["comparisons"]["label vs base"]
+    assert c["n_boot"] == 300 and c["change_pct"] == pytest.approx(100 * (saved["label"]["average_ppl"] / saved["base"]["average_ppl"] - 1))
+    for spec, msg in (("last:vote", "'vote' is not one of the evaluated modes"), ("last", "'last' is not A:B")):
+        r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "label,last", "--compare", spec),
+                           env=_env(), capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 1 and msg in r.stderr, r.stderr

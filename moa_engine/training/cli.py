@@ -110,6 +110,10 @@ def add_train_subcommands(subparsers) -> None:
     p.add_argument("--keep-best", type=int, default=0, metavar="N",
                    help="every N steps measure each expert's held-out loss (needs --val-fraction) and end each "
                    "expert at its best weights (early stopping; default 0: off)")  # fmt: skip
+    p.add_argument("--keep-best-margin", type=float, default=0.0, metavar="Z",
+                   help="with --keep-best: a later state counts as better only if its held-out loss is lower by "
+                   "more than Z standard errors of the paired per-example difference (1: the one-standard-error "
+                   "rule; default 0: the plain minimum)")  # fmt: skip
     _expert_args(p)
     _common(p, 2e-4, "steps per domain (default 100)")
     p.set_defaults(func=_run_experts)
@@ -135,6 +139,10 @@ def add_train_subcommands(subparsers) -> None:
     p.add_argument("--keep-best", type=int, default=0, metavar="N",
                    help="with --joint: every N steps measure each expert's held-out loss (needs --val-fraction) "
                    "and end each expert at its best weights, its stage-1 ones included (default 0: off)")  # fmt: skip
+    p.add_argument("--keep-best-margin", type=float, default=0.0, metavar="Z",
+                   help="with --keep-best: a later state counts as better only if its held-out loss is lower by "
+                   "more than Z standard errors of the paired per-example difference (1: the one-standard-error "
+                   "rule; default 0: the plain minimum)")  # fmt: skip
     p.add_argument("--strategy", choices=["last", "per_layer", "vote"], default=None, help="serving strategy recorded in moa_config.json")
     _common(p, None, "steps (default 300 full-batch fit steps; with --joint 100 steps)",
             "routers' peak learning rate (default 3e-2; with --joint 1e-3)")  # fmt: skip
@@ -169,6 +177,12 @@ def _errors():
     return (OSError, ValueError, TrainingDiverged)
 
 
+def _keep_best_margin(args) -> float:
+    if args.keep_best_margin and not args.keep_best:
+        raise ValueError("--keep-best-margin applies with --keep-best N")
+    return args.keep_best_margin
+
+
 def _run_experts(args) -> int:
     from moa_engine.training import ExpertOptions, train_experts
 
@@ -178,6 +192,7 @@ def _run_experts(args) -> int:
             args.data, args.out, model=args.model, cfg=_train_config(args, 100),
             expert=ExpertOptions(args.rank, args.alpha, args.targets, args.rslora), data_opts=_data_options(args),
             domains=domains, sequential=args.sequential, overwrite=args.overwrite, keep_best=args.keep_best,
+            keep_best_margin=_keep_best_margin(args),
         )  # fmt: skip
     except _errors() as exc:
         print(f"moa train experts: error: {exc}", file=sys.stderr)
@@ -200,6 +215,7 @@ def _run_router(args) -> int:
             args.moa, args.data, cfg=_train_config(args, 100 if args.joint else 300), eta=args.eta, joint=args.joint,
             expert_lr=args.expert_lr, data_opts=_data_options(args), strategy=args.strategy,
             refit=RouterFit(steps=args.refit_steps, lr=args.refit_lr), keep_best=args.keep_best,
+            keep_best_margin=_keep_best_margin(args),
         )  # fmt: skip
     except _errors() as exc:
         print(f"moa train router: error: {exc}", file=sys.stderr)
@@ -250,6 +266,10 @@ def add_eval_subcommand(subparsers) -> None:
     p.add_argument("--exact-match", default="math", metavar="D,D", help="domains scored by exact match (default math)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=24)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compare", default=None, metavar="A:B[,A:B]",
+                   help="also compare mode A against mode B: the change in average perplexity with a paired "
+                   "bootstrap interval over the records (e.g. last:label,label:base); both must be in --modes")  # fmt: skip
+    p.add_argument("--bootstrap", type=_positive_int, default=2000, metavar="N", help="bootstrap draws for --compare")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON (atomically)")
     p.set_defaults(func=_run_eval)
 
@@ -258,7 +278,7 @@ def _run_eval(args) -> int:
     from moa_engine import Engine
     from moa_engine._io import atomic_write_json
     from moa_engine.data.records import read_records
-    from moa_engine.evaluation import evaluate, markdown_table
+    from moa_engine.evaluation import compare, comparison_table, evaluate, markdown_table
 
     try:
         engine = Engine(args.model, experts=args.moa, dtype=args.dtype)
@@ -266,14 +286,34 @@ def _run_eval(args) -> int:
             modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         else:
             modes = ["base"] + (["label"] if engine.experts else []) + (["per_layer", "last", "vote"] if engine.router_domains else [])
+        pairs = _compare_pairs(args.compare, modes) if args.compare else []
         results = evaluate(
             engine, read_records(args.data), modes, max_len=args.max_len, limit=args.limit,
             exact_match_domains=tuple(d for d in args.exact_match.split(",") if d), max_new_tokens=args.max_new_tokens,
         )  # fmt: skip
+        comparisons = {f"{a} vs {b}": compare(results[a], results[b], n_boot=args.bootstrap) for a, b in pairs}
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"moa eval: error: {exc}", file=sys.stderr)
         return 1
     print(markdown_table(results))
+    if comparisons:
+        print()
+        print(comparison_table(comparisons))
     if args.json:
-        atomic_write_json(args.json, results)
+        atomic_write_json(args.json, {**results, "comparisons": comparisons} if comparisons else results)
     return 0
+
+
+def _compare_pairs(spec: str, modes: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for part in (x.strip() for x in spec.split(",")):
+        if not part:
+            continue
+        a, sep, b = part.partition(":")
+        if not sep or not a or not b:
+            raise ValueError(f"--compare: {part!r} is not A:B (two modes joined by a colon)")
+        for m in (a, b):
+            if m not in modes:
+                raise ValueError(f"--compare: {m!r} is not one of the evaluated modes {modes}")
+        pairs.append((a, b))
+    return pairs

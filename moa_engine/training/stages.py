@@ -228,11 +228,14 @@ def train_experts(
     sequential: bool = False,
     overwrite: bool = False,
     keep_best: int = 0,
+    keep_best_margin: float = 0.0,
 ) -> dict:
     """Stage 1: one LoRA expert per domain of `data` (a JSONL path or records), written as a MoA
     directory at `out` (experts only, no router). Returns a summary dict. keep_best > 0: every
     keep_best steps each expert's held-out loss (data_opts.val_fraction > 0) is measured and each
-    expert ends at its best weights (see KeepBest)."""
+    expert ends at its best weights; a later state counts as better only by more than
+    keep_best_margin standard errors (see KeepBest)."""
+    _check_margin(keep_best_margin)
     cfg = cfg or TrainConfig(steps=100)
     expert = expert or ExpertOptions()
     data_opts = data_opts or DataOptions()
@@ -255,6 +258,7 @@ def train_experts(
     fingerprint = config_fingerprint(
         cfg, stage="experts", data=examples_digest([e for d in names for e in train_ex[d]]),
         rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential, keep_best=keep_best,
+        **({"keep_best_margin": keep_best_margin} if keep_best_margin else {}),
     )  # fmt: skip
     groups = [Group(d, module.expert_parameters(d), steps[d], cfg.lr) for d in names]
     records_log, kept, history = [], {}, []
@@ -269,7 +273,7 @@ def train_experts(
                           resume=cfg.resume and (folder / "checkpoint.pt").exists())  # fmt: skip
             plan = Plan({d: train_ex[d]}, {d: steps[d]}, {x: k for k, x in enumerate(names)}, {**fingerprint, "domain": d})
             set_trainable(module, [groups[i]])
-            keeper = _keeper(module, {d: val_ex[d]}, names, sub, keep_best, plan.total_steps)
+            keeper = _keeper(module, {d: val_ex[d]}, names, sub, keep_best, plan.total_steps, keep_best_margin)
             records_log += train(_wrap_ddp(module, sub), [groups[i]], plan, stage1_loss(list(range(len(names)))), sub, module,
                                  after_step=keeper)  # fmt: skip
             if keeper is not None:
@@ -280,7 +284,7 @@ def train_experts(
         subs = [cfg]
         plan = Plan(train_ex, steps, {d: k for k, d in enumerate(names)}, fingerprint)
         set_trainable(module, groups)
-        keeper = _keeper(module, val_ex, names, cfg, keep_best, plan.total_steps)
+        keeper = _keeper(module, val_ex, names, cfg, keep_best, plan.total_steps, keep_best_margin)
         records_log = train(_wrap_ddp(module, cfg), groups, plan, stage1_loss(list(range(len(names)))), cfg, module,
                             after_step=keeper)  # fmt: skip
         if keeper is not None:
@@ -301,8 +305,10 @@ def train_experts(
 
 
 @torch.no_grad()
-def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
-    """Mean token loss per domain on held-out examples, each through its own domain's expert."""
+def example_losses(module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig,
+                   batch: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """{domain: (each held-out example's summed token loss, its token count)}, float64, in the
+    examples' order, each example through its own domain's expert."""
     from .dataset import collate
 
     out = {}
@@ -310,23 +316,46 @@ def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str
     for d, examples in val.items():
         if not examples:
             continue
-        total, count = 0.0, 0
+        sums, counts = [], []
         for i in range(0, len(examples), batch):
             b = collate(examples[i : i + batch], index, 0)
             hidden, _ = module(b.input_ids.to(cfg.device), b.attention_mask.to(cfg.device), [module.expert_index(d)] * len(b.domains))
             sel = b.labels.to(cfg.device) != -100
-            total += float(module.token_losses(hidden[sel], b.labels.to(cfg.device)[sel]).sum())
-            count += int(sel.sum())
-        out[d] = total / max(1, count)
+            per_row = sel.sum(1)
+            losses = module.token_losses(hidden[sel], b.labels.to(cfg.device)[sel]).double().cpu()
+            sums += [x.sum() for x in losses.split(per_row.tolist())]
+            counts += per_row.tolist()
+        out[d] = (torch.stack(sums), torch.tensor(counts, dtype=torch.float64))
     return out
 
 
-def _keeper(module, val, names, cfg: TrainConfig, every: int, total: int):
+def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
+    """Mean token loss per domain on held-out examples, each through its own domain's expert."""
+    return {d: float(s.sum() / c.sum().clamp_min(1.0)) for d, (s, c) in example_losses(module, val, names, cfg, batch).items()}
+
+
+def _keeper(module, val, names, cfg: TrainConfig, every: int, total: int, margin: float = 0.0):
     """A KeepBest over `val` when every > 0 (kept in the checkpoint folder when checkpointing)."""
     if not every:
         return None
     path = Path(cfg.checkpoint_dir) / "keep_best.pt" if cfg.checkpoint_dir and cfg.checkpoint_every else None
-    return KeepBest(module, val, names, cfg, every, total, path)
+    return KeepBest(module, val, names, cfg, every, total, path, margin)
+
+
+def _check_margin(margin: float) -> None:
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"keep-best margin must be a finite number >= 0 (standard errors), got {margin!r}")
+
+
+def keep_best_gain(kept: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
+    """How much lower the new state's mean token loss is than the kept one's, over the same
+    examples (per-example loss sums `kept` and `new`, token counts `counts`), and that gain's
+    standard error from the paired per-example differences: sqrt(n) * sd(kept_i - new_i) / tokens
+    (0 with a single example)."""
+    diff = kept - new
+    tokens = float(counts.sum().clamp_min(1.0))
+    se = math.sqrt(len(diff)) * float(diff.std()) / tokens if len(diff) > 1 else 0.0
+    return float(diff.sum()) / tokens, se
 
 
 class KeepBest:
@@ -334,19 +363,26 @@ class KeepBest:
     token loss on its domain's held-out examples is measured, and the expert's weights with the
     lowest loss so far are kept; step 0, the weights before this training, takes part. restore()
     puts each expert back to its best. The record (and, with checkpointing, the kept weights,
-    written atomically) survives a resume: a re-run step re-measures the same loss."""
+    written atomically) survives a resume: a re-run step re-measures the same loss.
+
+    margin > 0: a measured state replaces the kept one only if its loss is lower by more than
+    `margin` standard errors of the paired per-example difference (keep_best_gain), as the
+    one-standard-error rule prefers the least-trained model the data cannot tell from the best.
+    A few held-out examples then cannot move an expert off its start by noise; margin 0 keeps the
+    plain minimum."""
 
     def __init__(self, module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig,
-                 every: int, total: int, path: Path | None):  # fmt: skip
+                 every: int, total: int, path: Path | None, margin: float = 0.0):  # fmt: skip
         if every <= 0:
             raise ValueError(f"keep-best: the evaluation interval must be > 0 steps, got {every}")
+        _check_margin(margin)
         missing = [d for d in val if not val[d]]
         if missing or not val:
             raise ValueError(f"keep-best needs held-out examples of every trained domain (--val-fraction > 0); "
                              f"none for {missing or list(val)}")  # fmt: skip
         self.module, self.val, self.names, self.cfg = module, val, names, cfg
-        self.every, self.total, self.path = every, total, path
-        self.best: dict[str, dict] = {}  # domain -> {"step", "loss", "state": [tensors]}
+        self.every, self.total, self.path, self.margin = every, total, path, float(margin)
+        self.best: dict[str, dict] = {}  # domain -> {"step", "loss", "sums", "state": [tensors]}
         self.history: list[dict] = []
         if cfg.resume and path is not None and path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -354,12 +390,19 @@ class KeepBest:
         if not any(h["step"] == 0 for h in self.history):
             self.measure(0)
 
+    def _replaces(self, best: dict, sums: torch.Tensor, counts: torch.Tensor, loss: float) -> bool:
+        if not self.margin:
+            return loss < best["loss"]
+        gain, se = keep_best_gain(best["sums"], sums, counts)
+        return gain > 0 and gain > self.margin * se
+
     def measure(self, step: int) -> dict[str, float]:
-        losses = evaluate_lm(self.module, self.val, self.names, self.cfg)
-        for d, loss in losses.items():
-            if d not in self.best or loss < self.best[d]["loss"]:
+        losses = {}
+        for d, (sums, counts) in example_losses(self.module, self.val, self.names, self.cfg).items():
+            loss = losses[d] = float(sums.sum() / counts.sum().clamp_min(1.0))
+            if d not in self.best or self._replaces(self.best[d], sums, counts, loss):
                 state = [p.detach().to("cpu", copy=True) for p in self.module.expert_parameters(d)]
-                self.best[d] = {"step": step, "loss": loss, "state": state}
+                self.best[d] = {"step": step, "loss": loss, "sums": sums, "state": state}
         self.history = [h for h in self.history if h["step"] != step] + [{"step": step, "val_loss": losses}]
         if self.path is not None and world()[0] == 0:
             atomic_torch_save({"best": self.best, "history": self.history}, self.path)
@@ -416,6 +459,7 @@ def train_router(
     init_from_existing: bool = False,
     refit: RouterFit | None = None,
     keep_best: int = 0,
+    keep_best_margin: float = 0.0,
 ) -> dict:
     """Stage 2: train the routers of `moa_dir` on `data` (records of its domains, each domain
     weighing the same). Writes the MoA directory (in place, atomically, unless `out`).
@@ -429,7 +473,9 @@ def train_router(
     experts' features (`refit`; RouterFit(steps=0): keep the jointly trained routers).
     keep_best > 0 (joint only): every keep_best steps each expert's loss on its domain's held-out
     examples (data_opts.val_fraction > 0) is measured, and each expert ends at its best weights,
-    the stage-1 ones (step 0) included (see KeepBest)."""
+    the stage-1 ones (step 0) included; a later state counts as better only by more than
+    keep_best_margin standard errors (see KeepBest)."""
+    _check_margin(keep_best_margin)
     cfg = cfg or TrainConfig(steps=RouterFit.steps, lr=RouterFit.lr)
     refit = refit or RouterFit()
     data_opts = data_opts or DataOptions()
@@ -462,6 +508,7 @@ def train_router(
     fingerprint = config_fingerprint(
         cfg, stage="router", data=examples_digest([e for d in present for e in train_ex[d]]), eta=eta,
         joint=joint, expert_lr=expert_lr, domains=domains, keep_best=keep_best, router_inputs="random-expert",
+        **({"keep_best_margin": keep_best_margin} if keep_best_margin else {}),
     )  # fmt: skip
     log, fit_steps, fit_lr, fit_wd, kept = [], refit.steps, refit.lr, refit.weight_decay, None
     if joint:
@@ -473,7 +520,7 @@ def train_router(
         plan = Plan(train_ex, steps, index, fingerprint)
         set_trainable(module, groups)
         expert_of_domain = [module.expert_index(d) for d in domains]
-        keeper = _keeper(module, {d: val_ex[d] for d in present}, domains, cfg, keep_best, plan.total_steps)
+        keeper = _keeper(module, {d: val_ex[d] for d in present}, domains, cfg, keep_best, plan.total_steps, keep_best_margin)
         log = train(_wrap_ddp(module, cfg), groups, plan, stage2_loss(expert_of_domain, list(range(len(domains))), eta, joint),
                     cfg, module, after_step=keeper)  # fmt: skip
         set_trainable(module, [])
