@@ -242,7 +242,8 @@ def main(argv=None) -> int:
         f"added domain: {args.grow_steps or args.steps} expert steps, routers fitted on the old and new records "
         f"({args.router_sample} per old domain); "
         f"max_len {args.max_len}; every system trained on the same {sum(counts.values())} records "
-        f"({len(dev_records)} more held out for keep-best); {args.val} scored records per domain"
+        f"({len(dev_records)} more held out for keep-best); scored records: "
+        + ", ".join(f"{d} {len(v['tokens'])}" for d, v in results["single"]["records"].items())
     )
     text = "\n".join([
         "### Per-domain perplexity (held-out), router accuracy, math exact match", "", table, "",
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     atomic_write_json(out, payload)
     atomic_write_text(out.with_suffix(".md"), text + "\n")
-    _plot(results, growth, out.with_suffix(".png"))
+    _plot(results, growth, comparisons, out.with_suffix(".png"))
     log(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 
@@ -294,7 +295,7 @@ def _run_jobs(jobs: dict, n: int) -> dict:
         return {name: f.result() for name, f in futures.items()}
 
 
-def _plot(results: dict, growth: dict, path: Path) -> None:
+def _plot(results: dict, growth: dict, comparisons: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +303,7 @@ def _plot(results: dict, growth: dict, path: Path) -> None:
 
     systems = list(results)
     domains = list(next(iter(results.values()))["domains"])
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(18, 4.5), gridspec_kw={"width_ratios": [3, 2, 2]})
     width = 0.8 / len(systems)
     for i, s in enumerate(systems):
         values = [results[s]["domains"].get(d, {}).get("ppl", 0) for d in domains] + [results[s]["average_ppl"]]
@@ -312,6 +313,17 @@ def _plot(results: dict, growth: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Per-domain perplexity by system")
+    # The comparisons: each pair's change in average perplexity with its bootstrap interval.
+    names = list(comparisons)[::-1]
+    mid = [comparisons[n]["change_pct"] for n in names]
+    lo = [m - comparisons[n]["interval_pct"][0] for m, n in zip(mid, names)]
+    hi = [comparisons[n]["interval_pct"][1] - m for m, n in zip(mid, names)]
+    ax3.errorbar(mid, range(len(names)), xerr=[lo, hi], fmt="o", capsize=4)
+    ax3.axvline(0.0, color="grey", lw=0.8, ls="--")
+    ax3.set_yticks(range(len(names)), names, fontsize=8)
+    conf = next(iter(comparisons.values()))["confidence"] if comparisons else 0.95
+    ax3.set_xlabel(f"change in average perplexity (%), {100 * conf:.0f}% paired bootstrap interval")
+    ax3.set_title("MoA against the baselines")
     old = growth["old_domains"]
     for i, mode in enumerate(("label", "last")):
         ax2.bar([k + i * 0.4 for k in range(len(old))], [growth["change_pct"][mode][d] for d in old], 0.4, label=mode)
