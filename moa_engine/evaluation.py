@@ -230,12 +230,15 @@ def compare(a: dict, b: dict, n_boot: int = 2000, confidence: float = 0.95, seed
     return out
 
 
+def _domains_of(rows) -> list[str]:
+    """Every domain of the rows' "domains", in first-seen order."""
+    return list(dict.fromkeys(d for row in rows for d in row["domains"]))
+
+
 def comparison_table(pairs: dict) -> str:
     """Rows: {title: compare(...)}; columns: the change in average perplexity, its interval, the
     share of draws where the first system is lower, and each domain's change."""
-    domains = []
-    for c in pairs.values():
-        domains += [d for d in c["domains"] if d not in domains]
+    domains = _domains_of(pairs.values())
     conf = next(iter(pairs.values()))["confidence"] if pairs else 0.95
     head = ["comparison", "avg ppl change", f"{100 * conf:.0f}% interval", "P(lower)"] + [f"{d} change" for d in domains]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -267,11 +270,7 @@ def _check_mode(engine, mode: str) -> None:
 
 def markdown_table(results: dict, title_of=lambda m: m) -> str:
     """Rows: systems; columns: each domain's perplexity, the average, router accuracy, exact match."""
-    domains = []
-    for res in results.values():
-        for d in res["domains"]:
-            if d not in domains:
-                domains.append(d)
+    domains = _domains_of(results.values())
     head = ["system"] + [f"{d} ppl" for d in domains] + ["avg ppl", "router acc", "exact match"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, res in results.items():

@@ -110,10 +110,7 @@ def add_train_subcommands(subparsers) -> None:
     p.add_argument("--keep-best", type=int, default=0, metavar="N",
                    help="every N steps measure each expert's held-out loss (needs --val-fraction) and end each "
                    "expert at its best weights (early stopping; default 0: off)")  # fmt: skip
-    p.add_argument("--keep-best-margin", type=float, default=0.0, metavar="Z",
-                   help="with --keep-best: a later state counts as better only if its held-out loss is lower by "
-                   "more than Z standard errors of the paired per-example difference (1: the one-standard-error "
-                   "rule; default 0: the plain minimum)")  # fmt: skip
+    _keep_best_margin_arg(p)
     _expert_args(p)
     _common(p, 2e-4, "steps per domain (default 100)")
     p.set_defaults(func=_run_experts)
@@ -139,10 +136,7 @@ def add_train_subcommands(subparsers) -> None:
     p.add_argument("--keep-best", type=int, default=0, metavar="N",
                    help="with --joint: every N steps measure each expert's held-out loss (needs --val-fraction) "
                    "and end each expert at its best weights, its stage-1 ones included (default 0: off)")  # fmt: skip
-    p.add_argument("--keep-best-margin", type=float, default=0.0, metavar="Z",
-                   help="with --keep-best: a later state counts as better only if its held-out loss is lower by "
-                   "more than Z standard errors of the paired per-example difference (1: the one-standard-error "
-                   "rule; default 0: the plain minimum)")  # fmt: skip
+    _keep_best_margin_arg(p)
     p.add_argument("--strategy", choices=["last", "per_layer", "vote"], default=None, help="serving strategy recorded in moa_config.json")
     _common(p, None, "steps (default 300 full-batch fit steps; with --joint 100 steps)",
             "routers' peak learning rate (default 3e-2; with --joint 1e-3)")  # fmt: skip
@@ -175,6 +169,13 @@ def _errors():
     from moa_engine.training import TrainingDiverged
 
     return (OSError, ValueError, TrainingDiverged)
+
+
+def _keep_best_margin_arg(p) -> None:
+    p.add_argument("--keep-best-margin", type=float, default=0.0, metavar="Z",
+                   help="with --keep-best: a later state counts as better only if its held-out loss is lower by "
+                   "more than Z standard errors of the paired per-example difference (1: the one-standard-error "
+                   "rule; default 0: the plain minimum)")  # fmt: skip
 
 
 def _keep_best_margin(args) -> float:

@@ -329,9 +329,13 @@ def example_losses(module: MoAModel, val: dict[str, list[Example]], names: list[
     return out
 
 
+def _mean_loss(sums: torch.Tensor, counts: torch.Tensor) -> float:
+    return float(sums.sum() / counts.sum().clamp_min(1.0))
+
+
 def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
     """Mean token loss per domain on held-out examples, each through its own domain's expert."""
-    return {d: float(s.sum() / c.sum().clamp_min(1.0)) for d, (s, c) in example_losses(module, val, names, cfg, batch).items()}
+    return {d: _mean_loss(s, c) for d, (s, c) in example_losses(module, val, names, cfg, batch).items()}
 
 
 def _keeper(module, val, names, cfg: TrainConfig, every: int, total: int, margin: float = 0.0):
@@ -399,7 +403,7 @@ class KeepBest:
     def measure(self, step: int) -> dict[str, float]:
         losses = {}
         for d, (sums, counts) in example_losses(self.module, self.val, self.names, self.cfg).items():
-            loss = losses[d] = float(sums.sum() / counts.sum().clamp_min(1.0))
+            loss = losses[d] = _mean_loss(sums, counts)
             if d not in self.best or self._replaces(self.best[d], sums, counts, loss):
                 state = [p.detach().to("cpu", copy=True) for p in self.module.expert_parameters(d)]
                 self.best[d] = {"step": step, "loss": loss, "sums": sums, "state": state}
