@@ -65,8 +65,12 @@ def parse_args(argv=None):
                    help="stage 2: every N joint steps each expert's loss on held-out training records (about a ninth); "
                    "each expert ends at its best (0: off)")  # fmt: skip
     p.add_argument("--keep-best-margin", type=float, default=1.0,
-                   help="stage 2: a later state counts as better only by more than this many standard errors of the "
+                   help="keep-best (stage 2; with --stage1-keep-best also stage 1 and the mixed LoRA): a later state counts as better only by more than this many standard errors of the "
                    "paired per-record difference (default 1: the one-standard-error rule; 0: the plain minimum)")  # fmt: skip
+    p.add_argument("--stage1-keep-best", type=int, default=0, metavar="N",
+                   help="early stopping for stage 1 and the mixed LoRA too: every N stage-1 steps (the mixed LoRA: every "
+                   "N x domains steps, as many samples) each is measured on the same held-out records and ends at its "
+                   "best state, with --keep-best-margin (default 0: off, both train to their step counts)")  # fmt: skip
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the paired comparisons")
     p.add_argument("--seed", type=int, default=0)
@@ -139,6 +143,11 @@ def main(argv=None) -> int:
     expert = ExpertOptions(rank=args.rank, alpha=2.0 * args.rank)
     timings = {}
 
+    def early(every, held_out):  # stage-1 / mixed keep-best on the records stage 2's keep-best uses
+        if not every:
+            return {}
+        return dict(keep_best=every, keep_best_margin=args.keep_best_margin, val_data=held_out)
+
     # -- stage 1 (the single-domain LoRAs, all domains at once) and the mixed LoRA ----------
     # The mixed LoRA sees as many samples as MoA does in all: stage 1 plus the joint stage 2.
     mixed_steps = (args.steps + args.router_steps) * len(domains)
@@ -150,16 +159,19 @@ def main(argv=None) -> int:
         s1 = {"final": json.loads(lines[-1]) if lines else None, "reused": True}
     else:
         jobs["stage1"] = dict(data=train_records, out=str(stage1), cfg=cfg(args.steps, args.lr, "stage1"),
-                              expert=expert, data_opts=data_opts, domains=domains)  # fmt: skip
+                              expert=expert, data_opts=data_opts, domains=domains, **early(args.stage1_keep_best, dev_records))  # fmt: skip
     if reuse and (mixed / "moa_config.json").exists():
         log("mixed LoRA: reusing the one in the working folder")
     else:
-        mixed_records = [Record("mixed", r.prompt, r.response, r.text) for r in train_records]
-        jobs["mixed"] = dict(data=mixed_records, out=str(mixed), cfg=cfg(mixed_steps, args.lr, "mixed"), expert=expert,
-                             data_opts=data_opts)  # fmt: skip
+        def as_mixed(records):
+            return [Record("mixed", r.prompt, r.response, r.text) for r in records]
+
+        jobs["mixed"] = dict(data=as_mixed(train_records), out=str(mixed), cfg=cfg(mixed_steps, args.lr, "mixed"), expert=expert,
+                             data_opts=data_opts, **early(args.stage1_keep_best * len(domains), as_mixed(dev_records)))  # fmt: skip
     t = time.perf_counter()
     results_of = _run_jobs(jobs, args.jobs)
     s1 = results_of.get("stage1", s1 if reuse else None)
+    mixed_summary = results_of.get("mixed", {})
     timings["stage1_and_mixed_s"] = time.perf_counter() - t
     log(f"stage 1 ({len(domains)} experts x {args.steps} steps) and the mixed LoRA ({mixed_steps} steps) in "
         f"{timings['stage1_and_mixed_s']:.0f} s ({args.jobs} process(es))")  # fmt: skip
@@ -229,9 +241,16 @@ def main(argv=None) -> int:
         acc_a = after["last"]["router_accuracy"].get(d, float("nan"))
         grow_rows.append(f"| {d} | " + " | ".join(cells) + f" | {100 * acc_b:.1f}% | {100 * acc_a:.1f}% |")
     new_row = after["label"]["domains"].get(new)
+    early_text = ""
+    if args.stage1_keep_best:
+        early_text = (f"stage 1 and the mixed LoRA each kept at its best of every {args.stage1_keep_best} (mixed: "
+                      f"{args.stage1_keep_best * len(domains)}) steps by the loss on the held-out records"
+                      + (f" ({args.keep_best_margin:g} standard error margin)" if args.keep_best_margin else "")
+                      + ", kept at: " + ", ".join(f"{d} step {k['step']}" for d, k in {**(s1.get("kept") or {}),
+                                                   **(mixed_summary.get("kept") or {})}.items()) + "; ")  # fmt: skip
     budget = (
         f"stage 1: {args.steps} steps x {args.batch} samples per domain (rank {args.rank}, lr {args.lr}); "
-        f"mixed: {mixed_steps} steps x {args.batch} samples (as many as MoA's stages 1 and 2); stage 2 (joint): "
+        f"mixed: {mixed_steps} steps x {args.batch} samples (as many as MoA's stages 1 and 2); {early_text}stage 2 (joint): "
         f"{args.router_steps} steps x {args.batch} samples per domain (router lr {args.router_lr}, expert lr "
         f"{args.expert_lr}, eta {args.eta}"
         + (f"; each expert kept at its best of steps 0, {args.keep_best}, ... by its loss on the held-out records"
@@ -262,7 +281,8 @@ def main(argv=None) -> int:
         "data": {"train": counts, "held_out_for_keep_best": len(dev_records), "val_per_domain": args.val,
                  "sources": build.get("sources", {})},
         "results": results, "comparisons": comparisons, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
-        "stage1_final": s1.get("final"), "stage2_final": s2.get("final"), "stage2_kept": s2.get("kept"),
+        "stage1_final": s1.get("final"), "stage1_kept": s1.get("kept"), "mixed_kept": mixed_summary.get("kept"),
+        "stage2_final": s2.get("final"), "stage2_kept": s2.get("kept"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads()},
     }  # fmt: skip

@@ -111,6 +111,9 @@ def add_train_subcommands(subparsers) -> None:
                    help="every N steps measure each expert's held-out loss (needs --val-fraction) and end each "
                    "expert at its best weights (early stopping; default 0: off)")  # fmt: skip
     _keep_best_margin_arg(p)
+    p.add_argument("--val-data", default=None, metavar="VAL.jsonl",
+                   help="held-out records for the validation figure and --keep-best (instead of --val-fraction; "
+                   "then every --data record trains)")  # fmt: skip
     _expert_args(p)
     _common(p, 2e-4, "steps per domain (default 100)")
     p.set_defaults(func=_run_experts)
@@ -193,7 +196,7 @@ def _run_experts(args) -> int:
             args.data, args.out, model=args.model, cfg=_train_config(args, 100),
             expert=ExpertOptions(args.rank, args.alpha, args.targets, args.rslora), data_opts=_data_options(args),
             domains=domains, sequential=args.sequential, overwrite=args.overwrite, keep_best=args.keep_best,
-            keep_best_margin=_keep_best_margin(args),
+            keep_best_margin=_keep_best_margin(args), val_data=args.val_data,
         )  # fmt: skip
     except _errors() as exc:
         print(f"moa train experts: error: {exc}", file=sys.stderr)

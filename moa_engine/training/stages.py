@@ -86,13 +86,23 @@ class DataOptions:
     val_fraction: float = 0.0  # > 0: hold out this share of the records (deterministic split)
 
 
-def prepare(records: list[Record], tokenizer, opts: DataOptions, seed: int, domains=None):
+def prepare(records: list[Record], tokenizer, opts: DataOptions, seed: int, domains=None, val_records=None):
     """(train examples by domain, val examples by domain, report). The split is by record
-    content and seed (data.records.split_records)."""
+    content and seed (data.records.split_records); or, given val_records, every record trains and
+    val_records are the held-out ones."""
     if tokenizer is None:
         raise ValueError("the model folder has no tokenizer (tokenizer.json / tokenizer_config.json)")
     domains = domains_of(records, domains)
-    if opts.val_fraction > 0:
+    if val_records is not None:
+        if opts.val_fraction > 0:
+            raise ValueError("give held-out records (val_data / --val-data) or a val_fraction, not both")
+        if not val_records:
+            raise ValueError("val_data: no records")
+        foreign = sorted({r.domain for r in val_records} - set(domains))
+        if foreign:
+            raise ValueError(f"val_data: domain(s) {foreign} are not among the trained domains {domains}")
+        train_records = records
+    elif opts.val_fraction > 0:
         train_records, val_records = split_records(records, opts.val_fraction, seed)
     else:
         train_records, val_records = records, []
@@ -229,11 +239,13 @@ def train_experts(
     overwrite: bool = False,
     keep_best: int = 0,
     keep_best_margin: float = 0.0,
+    val_data=None,
 ) -> dict:
     """Stage 1: one LoRA expert per domain of `data` (a JSONL path or records), written as a MoA
-    directory at `out` (experts only, no router). Returns a summary dict. keep_best > 0: every
-    keep_best steps each expert's held-out loss (data_opts.val_fraction > 0) is measured and each
-    expert ends at its best weights; a later state counts as better only by more than
+    directory at `out` (experts only, no router). Returns a summary dict. The held-out records are
+    `val_data` (a JSONL path or records; then all of `data` trains) or a data_opts.val_fraction
+    share of `data`. keep_best > 0: every keep_best steps each expert's held-out loss is measured
+    and each expert ends at its best weights; a later state counts as better only by more than
     keep_best_margin standard errors (see KeepBest)."""
     _check_margin(keep_best_margin)
     cfg = cfg or TrainConfig(steps=100)
@@ -248,7 +260,8 @@ def train_experts(
     torch.manual_seed(cfg.seed)
     hf, tokenizer, folder, base_name = load_base(model, cfg)
     records = as_records(data)
-    train_ex, val_ex, report = prepare(records, tokenizer, data_opts, cfg.seed, domains)
+    held_out = as_records(val_data) if val_data is not None else None
+    train_ex, val_ex, report = prepare(records, tokenizer, data_opts, cfg.seed, domains, held_out)
     names = list(train_ex)
     module = MoAModel(hf, expert.targets)
     for d in names:  # each expert's initialisation depends on (seed, its name) only
@@ -259,6 +272,7 @@ def train_experts(
         cfg, stage="experts", data=examples_digest([e for d in names for e in train_ex[d]]),
         rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential, keep_best=keep_best,
         **({"keep_best_margin": keep_best_margin} if keep_best_margin else {}),
+        **({"val_data": examples_digest([e for d in names for e in val_ex[d]])} if held_out is not None else {}),
     )  # fmt: skip
     groups = [Group(d, module.expert_parameters(d), steps[d], cfg.lr) for d in names]
     records_log, kept, history = [], {}, []
@@ -382,7 +396,7 @@ class KeepBest:
         _check_margin(margin)
         missing = [d for d in val if not val[d]]
         if missing or not val:
-            raise ValueError(f"keep-best needs held-out examples of every trained domain (--val-fraction > 0); "
+            raise ValueError(f"keep-best needs held-out examples of every trained domain (--val-fraction > 0 or --val-data); "
                              f"none for {missing or list(val)}")  # fmt: skip
         self.module, self.val, self.names, self.cfg = module, val, names, cfg
         self.every, self.total, self.path, self.margin = every, total, path, float(margin)
