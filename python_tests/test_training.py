@@ -764,6 +764,36 @@ def test_keep_best_in_stage1_and_its_errors(tiny_dir, tmp_path, trained):
         train_experts(data, tmp_path / "s3", model=tiny_dir, cfg=_cfg(steps=2), data_opts=opts, keep_best=-1)
 
 
+def test_explicit_val_data_equals_the_same_split_and_its_errors(tiny_dir, tmp_path):
+    from moa_engine.data.records import split_records
+
+    records = _records(30, seed=3)
+    train_part, val_part = split_records(records, 0.3, seed=7)
+    assert val_part and train_part
+    kw = dict(model=tiny_dir, cfg=_cfg(steps=5, seed=7), expert=ExpertOptions(rank=4, alpha=8), keep_best=2)
+    split = train_experts(records, tmp_path / "split", data_opts=DataOptions(max_len=64, val_fraction=0.3), **kw)
+    given = train_experts(_write_jsonl(tmp_path / "train.jsonl", train_part), tmp_path / "given",
+                          data_opts=DataOptions(max_len=64), val_data=_write_jsonl(tmp_path / "val.jsonl", val_part), **kw)  # fmt: skip
+    assert given["kept"] == split["kept"] and given["val_loss"] == split["val_loss"]
+    assert set(given["val_loss"]) == {"math", "prose", "chat"}
+    for d in split["domains"]:
+        a, b = _expert_tensors(split["out"], d), _expert_tensors(given["out"], d)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opts = DataOptions(max_len=64)
+    with pytest.raises(ValueError, match="not both"):
+        train_experts(train_part, tmp_path / "e1", data_opts=replace(opts, val_fraction=0.2), val_data=val_part, **kw)
+    with pytest.raises(ValueError, match=r"val_data: domain\(s\) \['legal'\] are not among the trained domains"):
+        train_experts(train_part, tmp_path / "e2", data_opts=opts, val_data=val_part + [Record("legal", text="a clause")], **kw)
+    with pytest.raises(ValueError, match="val_data: no records"):
+        train_experts(train_part, tmp_path / "e3", data_opts=opts, val_data=[], **kw)
+    no_chat = [r for r in val_part if r.domain != "chat"]
+    with pytest.raises(ValueError, match=r"--val-data\); none for \['chat'\]"):
+        train_experts(train_part, tmp_path / "e4", data_opts=opts, val_data=no_chat, **kw)
+    # without keep-best the held-out records give the validation figure alone
+    plain = train_experts(train_part, tmp_path / "plain", data_opts=opts, val_data=no_chat, **{**kw, "keep_best": 0})
+    assert set(plain["val_loss"]) == {"math", "prose"} and plain["kept"] is None
+
+
 def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path):
     moa = tmp_path / "grow"
     shutil.copytree(trained["moa"], moa)
@@ -956,6 +986,16 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
                             "--keep-best", 1, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "--val-fraction" in r.stderr and "Traceback" not in r.stderr
+    val = _write_jsonl(tmp_path / "v.jsonl", _records(4, seed=9, domains=("math", "chat")))
+    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k", "--steps", 2,
+                            "--keep-best", 1, "--val-data", val, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["kept"]) == {"math", "chat"}
+    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k2", "--steps", 2,
+                            "--val-data", val, "--val-fraction", 0.2, "--no-progress"),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "not both" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x", "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
