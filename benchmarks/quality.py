@@ -69,8 +69,9 @@ def parse_args(argv=None):
                    help="stage 2: every N joint steps each expert's loss on held-out training records (about a ninth); "
                    "each expert ends at its best (0: off)")  # fmt: skip
     p.add_argument("--keep-best-margin", type=float, default=1.0,
-                   help="keep-best (stage 2; with --stage1-keep-best also stage 1 and the mixed LoRA): a later state counts as better only by more than this many standard errors of the "
-                   "paired per-record difference (default 1: the one-standard-error rule; 0: the plain minimum)")  # fmt: skip
+                   help="keep-best (stage 2; with --stage1-keep-best also stage 1 and the mixed LoRA): a later state "
+                   "counts as better only by more than this many standard errors of the paired per-record difference "
+                   "(default 1: the one-standard-error rule; 0: the plain minimum)")  # fmt: skip
     p.add_argument("--stage1-keep-best", type=int, default=0, metavar="N",
                    help="early stopping for stage 1 and the mixed LoRA too: every N stage-1 steps (the mixed LoRA: every "
                    "N x domains steps, as many samples) each is measured on the same held-out records and ends at its "
