@@ -11,10 +11,11 @@ the same held-out records (moa_engine.evaluation):
   mixed         one LoRA trained on all domains' records mixed, with as many samples as MoA
                 saw in all (stage 1 and the joint stage 2): (steps + router steps) x domains
                 steps of --batch samples
-                With --stage1-keep-best N, single and mixed are each early-stopped: measured every N
-                stage-1 steps (the mixed LoRA every N x domains steps, as many samples) on the
-                held-out training records stage 2's keep-best uses and kept at its best state, so no comparison
-                depends on a step count that over- or under-trains one system.
+                With --stage1-keep-best N, single and mixed are each early-stopped: measured
+                every N stage-1 steps (the mixed LoRA every N x domains steps, as many samples)
+                on the held-out training records stage 2's keep-best uses, and kept at its best
+                state, so no comparison depends on a step count that over- or under-trains one
+                system.
   moa-label     MoA after stage 2 (routers trained with the experts tuned jointly; with
                 --keep-best each expert ends at its best state by the loss on held-out training
                 records no system trains on, the stage-1 state included), each record served by its own

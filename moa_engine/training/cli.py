@@ -108,7 +108,7 @@ def add_train_subcommands(subparsers) -> None:
     p.add_argument("--sequential", action="store_true", help="train one domain at a time")
     p.add_argument("--overwrite", action="store_true", help="replace an existing MoA_DIR")
     p.add_argument("--keep-best", type=int, default=0, metavar="N",
-                   help="every N steps measure each expert's held-out loss (needs --val-fraction) and end each "
+                   help="every N steps measure each expert's held-out loss (needs --val-fraction or --val-data) and end each "
                    "expert at its best weights (early stopping; default 0: off)")  # fmt: skip
     _keep_best_margin_arg(p)
     p.add_argument("--val-data", default=None, metavar="VAL.jsonl",
