@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     # -- stage 1 (the single-domain LoRAs, all domains at once) and the mixed LoRA ----------
     # The mixed LoRA sees as many samples as MoA does in all: stage 1 plus the joint stage 2.
     mixed_steps = (args.steps + args.router_steps) * len(domains)
+    mixed_every = args.stage1_keep_best * len(domains)  # its keep-best interval: as many samples as stage 1's
     mixed = work / "mixed"
     jobs = {}
     if reuse:
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
             return [Record("mixed", r.prompt, r.response, r.text) for r in records]
 
         jobs["mixed"] = dict(data=as_mixed(train_records), out=str(mixed), cfg=cfg(mixed_steps, args.lr, "mixed"), expert=expert,
-                             data_opts=data_opts, **early(args.stage1_keep_best * len(domains), as_mixed(dev_records)))  # fmt: skip
+                             data_opts=data_opts, **early(mixed_every, as_mixed(dev_records)))  # fmt: skip
     t = time.perf_counter()
     results_of = _run_jobs(jobs, args.jobs)
     s1 = results_of.get("stage1", s1 if reuse else None)
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     early_text = ""
     if args.stage1_keep_best:
         early_text = (f"stage 1 and the mixed LoRA each kept at its best of every {args.stage1_keep_best} (mixed: "
-                      f"{args.stage1_keep_best * len(domains)}) steps by the loss on the held-out records"
+                      f"{mixed_every}) steps by the loss on the held-out records"
                       + (f" ({args.keep_best_margin:g} standard error margin)" if args.keep_best_margin else "")
                       + ", kept at: " + ", ".join(f"{d} step {k['step']}" for d, k in {**(s1.get("kept") or {}),
                                                    **(mixed_summary.get("kept") or {})}.items()) + "; ")  # fmt: skip
