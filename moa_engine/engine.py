@@ -187,7 +187,7 @@ class Engine:
         return self._core.weight_bytes
 
     # -- scoring --------------------------------------------------------------------
-    def forward(self, input_ids, domain=None, return_routing: bool = False, route_len=None):
+    def forward(self, input_ids, domain=None, return_routing: bool = False, route_len=None, routing: str | None = None):
         """Scores whole sequences with the generation forward, experts and routing included.
 
         input_ids: [B, T] integer tensor (or [T], or a list of equal-length id lists)
@@ -198,6 +198,8 @@ class Engine:
         route_len: None (route over the whole row), or an int or one int per row: route over
             the row's first route_len tokens only, as a request with that prompt is routed at
             prefill; scoring a response then gives the loss of serving it.
+        routing: the routing strategy of the routed rows ("per_layer", "last", "vote"; None:
+            the engine's), as in generate().
         """
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids)
         one = ids.dim() == 1
@@ -205,13 +207,29 @@ class Engine:
             ids = ids.unsqueeze(0)
         domains = self._domains(domain, ids.shape[0] if ids.dim() else 0)
         route_lens = [] if route_len is None else self._route_lens(route_len, ids.shape[0] if ids.dim() else 0)
-        if return_routing or route_lens:
-            logits, routing = self._core.forward_with_routing(ids, domains, route_lens)
+        if routing is not None and not isinstance(routing, str):
+            raise ValueError(f"routing: expected a strategy name or None, got {routing!r}")
+        if return_routing or route_lens or routing:
+            logits, info = self._core.forward_with_routing(ids, domains, route_lens, routing or "")
         else:
-            logits, routing = self._core.forward(ids, domains), None
+            logits, info = self._core.forward(ids, domains), None
         if one:
             logits = logits[0]
-        return (logits, routing) if return_routing else logits
+        return (logits, info) if return_routing else logits
+
+    def route(self, prompts, routing: str | None = None, chat: bool = False) -> list:
+        """How each prompt would be routed, without generating or scoring: the routers' routing
+        pass alone (no KV cache, no logits), the cheapest way to inspect or evaluate them.
+
+        prompts: as in generate() (strings, message lists with chat=True, or token-id lists).
+        routing: the strategy ("per_layer", "last", "vote"; None: the engine's).
+        -> one RoutingInfo per prompt: .domain (the chosen expert; "mixed" when per-layer
+        choices differ), .layer_domains and .router_probs ([layer][domain], in the order of
+        router_domains), as a Completion reports them."""
+        if routing is not None and not isinstance(routing, str):
+            raise ValueError(f"routing: expected a strategy name or None, got {routing!r}")
+        ids = [self._encode(p, chat) for p in self._prompt_list(prompts)]
+        return list(self._core.route(ids, routing or ""))
 
     @staticmethod
     def _route_lens(route_len, n: int) -> list[int]:

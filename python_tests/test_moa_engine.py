@@ -479,6 +479,121 @@ def test_forward_routes_as_the_reference(strategy, routing):
         assert err <= FLOAT32_REL_TOL, f"row {row} ({strategy}): logits relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forward_takes_the_strategy_per_call(strategy, routing):
+    """forward(routing=...) overrides the engine's strategy (the MoA dir's "vote") for that call
+    only; the three strategies route these prompts differently, so a call that ignored the
+    argument would fail for two of them."""
+    engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN)
+    ref = routing["ref"]
+    rows = [routing["prompts"][i] for i in EQUAL_LENGTH]
+    route_len = [5, 12, 9, 7]  # routed over a prefix, as evaluation routes over the prompt
+    for _ in range(2):  # the second call checks the first left the engine's strategy alone
+        logits, infos = engine.forward(torch.tensor(rows), return_routing=True, route_len=route_len, routing=strategy)
+        for row, n in enumerate(route_len):
+            layer_domains, probs, _ = ref.route(rows[row][:n], strategy)
+            assert list(infos[row].layer_domains) == layer_domains, f"row {row} ({strategy})"
+            assert_probs_close(infos[row].router_probs, probs, f"row {row} ({strategy})")
+            if strategy == "per_layer":  # the route_len tokens pool, the rest follow per layer
+                continue
+            err = relative_error(logits[row], ref.run(rows[row], layer_domains))
+            assert err <= FLOAT32_REL_TOL, f"row {row} ({strategy}): logits relative error {err:.2e}"
+        _, default = engine.forward(torch.tensor(rows), return_routing=True, route_len=route_len)
+        for row, n in enumerate(route_len):
+            assert list(default[row].layer_domains) == ref.route(rows[row][:n], "vote")[0], f"row {row}: default"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_route_alone_chooses_as_the_reference(strategy, routing):
+    """Engine.route gives, for prompts of any lengths, the choices and probabilities of the
+    reference's routing, and the same as generate() reports for those prompts; a small
+    max_prefill_tokens splits the prompts into several routing passes without changing them."""
+    ref, prompts = routing["ref"], routing["prompts"]
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    extra = [torch.randint(0, 517, (int(n),), generator=gen).tolist() for n in torch.randint(1, 20, (5,), generator=gen)]
+    for max_prefill in (4096, 13):
+        engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN, max_prefill_tokens=max_prefill)
+        infos = engine.route(prompts + extra, routing=strategy)
+        assert len(infos) == len(prompts) + len(extra)
+        for i, (p, info) in enumerate(zip(prompts + extra, infos)):
+            layer_domains, probs, _ = ref.route(list(p), strategy)
+            if i < len(prompts):
+                assert layer_domains == EXPECTED[strategy][i]
+            assert_probs_close(info.router_probs, probs, f"prompt {i} ({strategy})")
+            if i < len(prompts):  # designed to route clearly (random ones may be near a tie)
+                assert list(info.layer_domains) == layer_domains and info.domain == summary(layer_domains), f"prompt {i}"
+    served = engine.generate(prompts, max_new_tokens=1, ignore_eos=True, routing=strategy)
+    assert [c.layer_domains for c in served] == [list(r.layer_domains) for r in infos[: len(prompts)]]
+    # evaluation.routing_accuracy reads every strategy off one per_layer pass: the same choice
+    from moa_engine.evaluation import _collapse
+
+    per_layer = engine.route(prompts + extra, routing="per_layer")
+    for i, (a, b) in enumerate(zip(per_layer, infos)):
+        want = list(a.layer_domains) if strategy == "per_layer" else [_collapse(list(a.layer_domains), strategy)] * len(a.layer_domains)
+        assert list(b.layer_domains) == want, f"prompt {i} ({strategy})"
+
+
+def test_route_errors(routing, tiny_dirs):
+    engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN)
+    with pytest.raises(ValueError, match="'majority' is not a strategy"):
+        engine.route([[1, 2]], routing="majority")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.route([[1, 2], []])
+    with pytest.raises(ValueError, match="token id 517 is not in"):
+        engine.route([[1, 2], [3, 517]])
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        engine.route([[1] * (MAX_SEQ_LEN + 1)])
+    with pytest.raises(ValueError, match="prompts is empty"):
+        engine.route([])
+    base = moa_engine.Engine(tiny_dirs["llama_gqa"], max_seq_len=MAX_SEQ_LEN)
+    with pytest.raises(ValueError, match="route: the engine has no router"):
+        base.route([[1, 2]])
+
+
+def test_forward_routing_errors(routing, tiny_dirs):
+    engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN)
+    rows = torch.tensor([routing["prompts"][i] for i in EQUAL_LENGTH])
+    with pytest.raises(ValueError, match="'majority' is not a strategy"):
+        engine.forward(rows, routing="majority")
+    with pytest.raises(ValueError, match="routing: expected a strategy name"):
+        engine.forward(rows, routing=1)
+    base = moa_engine.Engine(tiny_dirs["llama_gqa"], max_seq_len=MAX_SEQ_LEN)
+    with pytest.raises(ValueError, match="engine has no router"):
+        base.forward(rows, routing="last")
+
+
+def test_evaluation_scores_each_strategy_as_it_routes(routing):
+    """evaluation.perplexity in a strategy mode serves every record with that strategy (it once
+    ran the engine's own for all three): its per-record NLL is the reference's under the
+    strategy's routing, and its router accuracy counts the strategy's choices."""
+    from moa_engine.evaluation import _Item, perplexity
+
+    engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN)
+    ref = routing["ref"]
+    prompts = routing["prompts"]
+    labels = [C, M, W, W, M, C]
+    items = [_Item(list(p), [False] + [True] * (len(p) - 1), len(p), d, None) for p, d in zip(prompts, labels)]
+    seen = {}
+    for strategy in STRATEGIES:
+        res = perplexity(engine, items, strategy, batch=4)
+        hits, total = Counter(), Counter()
+        for i, (p, d) in enumerate(zip(prompts, labels)):
+            layer_domains, _, ref_logits = ref.route(list(p), strategy)
+            logp = torch.log_softmax(torch.as_tensor(ref_logits, dtype=torch.float64), -1)
+            nll = -float(logp[torch.arange(len(p) - 1), torch.tensor(p[1:])].sum())
+            k = labels[:i].count(d)  # its place among its domain's records
+            assert res["records"][d]["nll"][k] == pytest.approx(nll, rel=1e-4), f"prompt {i} ({strategy})"
+            if strategy == "per_layer":
+                hits[d] += sum(x == d for x in layer_domains)
+                total[d] += len(layer_domains)
+            else:
+                hits[d] += summary(layer_domains) == d
+                total[d] += 1
+        assert res["router_accuracy"] == {d: hits[d] / total[d] for d in total}, strategy
+        seen[strategy] = res["records"]
+    assert seen["last"] != seen["vote"] != seen["per_layer"], "the strategies scored alike: a weak test"
+
+
 def test_forward_mixes_routed_named_and_base_rows(routing):
     engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN, routing="per_layer")
     ref = routing["ref"]

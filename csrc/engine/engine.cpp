@@ -105,7 +105,7 @@ struct Engine::Impl {
   void resolve_domain(Sequence& s) const;
   void publish_adapters(std::shared_ptr<const engine::AdapterTable> table);
   void free_retired();
-  void route_first(const std::vector<std::shared_ptr<Sequence>>& seqs);
+  void route_first(const std::vector<std::shared_ptr<Sequence>>& seqs, bool per_layer_too = false);
   std::shared_ptr<const RoutingInfo> routing_info(const Sequence& s) const;
   std::vector<std::string> known_domains() const;
   std::vector<StepEvent> step();
@@ -420,14 +420,17 @@ void Engine::Impl::free_retired() {
   }
 }
 
-void Engine::Impl::route_first(const std::vector<std::shared_ptr<Sequence>>& seqs) {
+void Engine::Impl::route_first(const std::vector<std::shared_ptr<Sequence>>& seqs, bool per_layer_too) {
   // A routing pass for "last" / "vote": the prompts through every layer with per-layer
-  // routing, no KV cache and no logits; then one expert for all layers.
+  // routing, no KV cache and no logits; then one expert for all layers. per_layer_too: the
+  // "per_layer" prompts join the pass too (Engine::route), and keep their per-layer choices,
+  // which are the ones their prefill would make.
   Batch pass;
   pass.want_logits = false;
   std::vector<Sequence*> routed;
   for (const auto& s : seqs) {
-    if (s->routing != "last" && s->routing != "vote") continue;
+    const bool collapse = s->routing == "last" || s->routing == "vote";
+    if (!collapse && !(per_layer_too && s->routing == "per_layer")) continue;
     pass.tokens.insert(pass.tokens.end(), s->request.prompt.begin(), s->request.prompt.end());
     Batch::Seq seq{-1, 0, static_cast<int64_t>(s->request.prompt.size()), s->experts.data()};
     seq.route = true;
@@ -438,6 +441,7 @@ void Engine::Impl::route_first(const std::vector<std::shared_ptr<Sequence>>& seq
   if (routed.empty()) return;
   model->forward(pass, nullptr);
   for (Sequence* s : routed) {
+    if (s->routing == "per_layer") continue;
     int64_t choice = s->experts.back();  // "last"
     if (s->routing == "vote") {  // the most frequent choice; a tie goes to the later layer's
       std::map<int64_t, int64_t> votes;
@@ -574,8 +578,50 @@ void Engine::load_expert(const std::string& name, const std::string& peft_dir) {
 
 at::Tensor Engine::forward(const at::Tensor& input_ids) { return forward(input_ids, {}, nullptr); }
 
+std::vector<RoutingInfo> Engine::route(const std::vector<std::vector<int64_t>>& prompts, const std::string& strategy) {
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  const ModelConfig& c = impl_->config;
+  if (impl_->router.empty()) throw_error<InvalidArgument>("route: the engine has no router");
+  if (!strategy.empty() && strategy != "per_layer" && strategy != "last" && strategy != "vote")
+    throw_error<InvalidArgument>("routing '", strategy, "' is not a strategy (per_layer, last, vote)");
+  if (prompts.empty()) throw_error<InvalidArgument>("route: no prompts");
+  std::vector<std::shared_ptr<Sequence>> rows;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto& prompt = prompts[i];
+    if (prompt.empty()) throw_error<InvalidArgument>("prompt ", i, " is empty: routing needs at least one token");
+    if (static_cast<int64_t>(prompt.size()) > impl_->options.max_seq_len)
+      throw_error<InvalidArgument>("prompt ", i, " (", prompt.size(), " tokens) exceeds max_seq_len (",
+                                   impl_->options.max_seq_len, ")");
+    for (int64_t t : prompt)
+      if (t < 0 || t >= c.vocab_size)
+        throw_error<InvalidArgument>("prompt ", i, ": token id ", t, " is not in [0, ", c.vocab_size, ")");
+    auto s = std::make_shared<Sequence>();
+    s->request.prompt = prompt;
+    s->request.routing = strategy;
+    impl_->resolve_domain(*s);
+    rows.push_back(s);
+  }
+  // One routing pass per group of at most max_prefill_tokens prompt tokens (at least one prompt).
+  std::vector<RoutingInfo> out;
+  for (size_t begin = 0; begin < rows.size();) {
+    size_t end = begin;
+    int64_t tokens = 0;
+    while (end < rows.size() && (end == begin || tokens + static_cast<int64_t>(rows[end]->request.prompt.size()) <=
+                                                      impl_->options.max_prefill_tokens)) {
+      tokens += static_cast<int64_t>(rows[end]->request.prompt.size());
+      ++end;
+    }
+    std::vector<std::shared_ptr<Sequence>> group(rows.begin() + begin, rows.begin() + end);
+    impl_->route_first(group, /*per_layer_too=*/true);
+    for (const auto& s : group) out.push_back(*impl_->routing_info(*s));
+    begin = end;
+  }
+  return out;
+}
+
 at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::string>& domains,
-                           std::vector<RoutingInfo>* routing, const std::vector<int64_t>& route_lens) {
+                           std::vector<RoutingInfo>* routing, const std::vector<int64_t>& route_lens,
+                           const std::string& strategy) {
   std::lock_guard<std::recursive_mutex> lock(impl_->mu);
   const ModelConfig& c = impl_->config;
   if (input_ids.dim() != 2)
@@ -596,6 +642,12 @@ at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::s
     if (n < 0) throw_error<InvalidArgument>("route_len: expected values >= 0, got ", n);
     if (n > 0 && n < T) pooled[b] = n;
   }
+  if (!strategy.empty()) {
+    if (strategy != "per_layer" && strategy != "last" && strategy != "vote")
+      throw_error<InvalidArgument>("routing '", strategy, "' is not a strategy (per_layer, last, vote)");
+    if (impl_->router.empty())
+      throw_error<InvalidArgument>("routing '", strategy, "' was asked for, but the engine has no router");
+  }
   at::Tensor ids = input_ids.to(at::kCPU, at::kLong).contiguous();
   const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
   if (lo < 0 || hi >= c.vocab_size)
@@ -609,6 +661,7 @@ at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::s
     auto s = std::make_shared<Sequence>();
     s->request.prompt.assign(p + b * T, p + b * T + pooled[b]);
     s->request.domain = domains.empty() ? "" : domains[domains.size() == 1 ? 0 : b];
+    s->request.routing = strategy;
     impl_->resolve_domain(*s);
     rows.push_back(s);
   }

@@ -160,19 +160,23 @@ void bind_engine(py::module_& m) {
       .def(
           "forward_with_routing",
           [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains,
-             const std::vector<int64_t>& route_lens) {
+             const std::vector<int64_t>& route_lens, const std::string& strategy) {
             std::vector<moa::RoutingInfo> routing;
             at::Tensor logits;
             {
               py::gil_scoped_release release;
-              logits = e.forward(input_ids, domains, &routing, route_lens);
+              logits = e.forward(input_ids, domains, &routing, route_lens, strategy);
             }
             return py::make_tuple(logits, routing);
           },
           py::arg("input_ids"), py::arg("domains") = std::vector<std::string>{},
-          py::arg("route_lens") = std::vector<int64_t>{},
+          py::arg("route_lens") = std::vector<int64_t>{}, py::arg("strategy") = "",
           "input_ids [B, T] -> (logits [B, T, vocab] float32, [RoutingInfo] per row); route_lens: "
-          "route each row over its first n tokens (0: all).")
+          "route each row over its first n tokens (0: all); strategy: the routed rows' routing "
+          "strategy ('' the engine's).")
+      .def("route", &moa::Engine::route, py::arg("prompts"), py::arg("strategy") = "",
+           py::call_guard<py::gil_scoped_release>(),
+           "[[token ids]] -> [RoutingInfo]: how each prompt would be routed, by a routing pass alone.")
       .def(
           "add_expert",
           [](moa::Engine& e, const std::string& name, const std::vector<py::tuple>& pieces) {

@@ -360,6 +360,28 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
   expect(out[0].token_ids.size() == 4 && out[0].routing.router_probs.size() == 2 &&
              (out[0].routing.domain == "a" || out[0].routing.domain == "b"),
          "a routed request is served by a routed expert: " + out[0].routing.domain);
+
+  // route(): the routing pass alone gives the choices and probabilities generate() reports,
+  // for each strategy, and forward() takes the strategy per call.
+  for (const char* strategy : {"per_layer", "last", "vote"}) {
+    moa::GenerationRequest r = routed;
+    r.routing = strategy;
+    const auto served = engine.generate({r});
+    const auto alone = engine.route({routed.prompt, {9, 3}}, strategy);
+    expect(alone.size() == 2 && alone[0].layer_domains == served[0].routing.layer_domains &&
+               alone[0].router_probs == served[0].routing.router_probs,
+           std::string("route(") + strategy + ") gives generate()'s routing");
+    std::vector<moa::RoutingInfo> info;
+    const at::Tensor prompt = at::tensor(routed.prompt, at::kLong).view({1, -1});
+    engine.forward(prompt, {""}, &info, {}, strategy);
+    expect(info.size() == 1 && info[0].layer_domains == served[0].routing.layer_domains,
+           std::string("forward(strategy ") + strategy + ") routes as generate()");
+  }
+  expect_error<InvalidArgument>("route with an unknown strategy", [&] { engine.route({{3, 4}}, "best"); },
+                                {"'best' is not a strategy"});
+  expect_error<InvalidArgument>("route an empty prompt", [&] { engine.route({{3, 4}, {}}); }, {"prompt 1 is empty"});
+  expect_error<InvalidArgument>("route an out-of-vocabulary id", [&] { engine.route({{3, 100000}}); },
+                                {"token id 100000 is not in [0, "});
 }
 
 }  // namespace

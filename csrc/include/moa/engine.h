@@ -157,8 +157,17 @@ class Engine {
   // receives each row's RoutingInfo. route_lens (empty, one value, or one per row; 0 or
   // >= T: the whole row) routes a row over its first route_len tokens only, as a request
   // whose prompt they are would be routed at prefill: scoring a response as it is served.
+  // strategy: the routing strategy of the routed rows ("" the engine's, "per_layer", "last"
+  // or "vote"), as GenerationRequest::routing is for a request.
   at::Tensor forward(const at::Tensor& input_ids, const std::vector<std::string>& domains,
-                     std::vector<RoutingInfo>* routing, const std::vector<int64_t>& route_lens = {});
+                     std::vector<RoutingInfo>* routing, const std::vector<int64_t>& route_lens = {},
+                     const std::string& strategy = "");
+
+  // The routers' choice for each prompt (token ids), as a request with that prompt would be
+  // routed with `strategy` ("" the engine's), without generating or scoring anything: one
+  // routing pass (every layer with per-layer routing, no KV cache, no logits) per
+  // max_prefill_tokens of prompts. Needs routers.
+  std::vector<RoutingInfo> route(const std::vector<std::vector<int64_t>>& prompts, const std::string& strategy = "");
 
   // The step-wise interface generate() runs on.
   int64_t submit(const GenerationRequest& request);  // checks it, queues it; returns its id
