@@ -11,6 +11,9 @@ For each domain of the held-out records:
                  an expert    a fixed expert for every record (e.g. one LoRA trained on mixed data);
   router accuracy   for a strategy: the share of records whose chosen expert is their own domain
                (per_layer: the share of (record, layer) choices);
+  routing accuracy   (routing_accuracy) the routers alone, on records' routing prompts: each
+               domain's share with a Wilson interval and the confusion counts; cheap enough for
+               many more records than the perplexity runs score;
   exact match  for chat records of the domains in `exact_match_domains`: greedy generation from the
                prompt, served the same way, equal to the response after stripping whitespace.
 
@@ -91,7 +94,8 @@ def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
         for b, it in enumerate(chunk):
             ids[b, : len(it.ids)] = torch.tensor(it.ids)
         if routed:
-            logits, routing = engine.forward(ids, domain=None, return_routing=True, route_len=[it.route_len for it in chunk])
+            logits, routing = engine.forward(ids, domain=None, return_routing=True, route_len=[it.route_len for it in chunk],
+                                             routing=mode)  # fmt: skip
         else:
             logits = engine.forward(ids, domain=[_domain_arg(mode, it) for it in chunk])
         for b, (i, it) in enumerate(zip(order[start : start + batch], chunk)):
@@ -172,6 +176,123 @@ def evaluate(
             res["exact_match"] = exact_match(engine, em_items, mode, max_new_tokens)
         results[mode] = res
     return results
+
+
+def wilson_interval(hits: int, n: int, confidence: float = 0.95) -> list[float]:
+    """The Wilson score interval of a binomial share hits / n (sound near 0 and 1, where the
+    normal approximation is not)."""
+    if n < 1 or not 0 <= hits <= n:
+        raise ValueError(f"wilson_interval: need 0 <= hits <= n and n >= 1, got {hits} of {n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2.0, dtype=torch.float64)))
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # At 0 or n hits an end is exactly 0 or 1; rounding would leave it a hair off.
+    return [0.0 if hits == 0 else max(0.0, centre - half), 1.0 if hits == n else min(1.0, centre + half)]
+
+
+def _collapse(layers: list[str], strategy: str) -> str:
+    """The one expert "last" or "vote" serves all layers with, from the routing pass's per-layer
+    choices: the last layer's, or the most frequent (a tie goes to the later layer's)."""
+    choice = layers[-1]
+    if strategy == "vote":
+        votes = {d: layers.count(d) for d in layers}
+        for d in reversed(layers):
+            if votes[d] > votes[choice]:
+                choice = d
+    return choice
+
+
+def routing_accuracy(engine, records: list[Record], strategies=("last",), max_len: int = 512, batch: int = 64,
+                     confidence: float = 0.95) -> dict:
+    """How often the routers pick each record's own domain, routing only: each record's routing
+    prompt (what a request is routed over at prefill: a chat record's prompt, a text record's
+    text, cut at max_len tokens) goes through one routing pass (Engine.route), and each strategy's
+    choice is read from it.
+
+    Unlike perplexity, no record is skipped: a chat prompt longer than max_len is routed over its
+    first max_len tokens.
+
+    {strategy: {"domains": {d: {"hits", "n", "accuracy", "interval"}}, "overall": {...},
+    "confusion": {own domain: {chosen: count}}}}. last / vote count one choice per record, with a
+    Wilson interval; per_layer counts every layer's choice (the share perplexity() reports), and
+    as those are not independent it has no interval. Records of a domain the routers do not
+    know are an error."""
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"strategy {s!r} is not one of {list(STRATEGIES)}")
+    if not engine.router_domains:
+        raise ValueError("routing_accuracy needs routers; the engine has none")
+    known = set(engine.router_domains)
+    unknown = sorted({r.domain for r in records} - known)
+    if unknown:
+        raise ValueError(f"records of domain(s) {unknown} the routers do not know (they know {sorted(known)})")
+    if not records:
+        raise ValueError("routing_accuracy: no records to route")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if engine.tokenizer is None:
+        raise ValueError(f"routing_accuracy needs a tokenizer; {engine.model_path} has none")
+    from moa_engine.training.dataset import encode_chat, encode_text
+
+    # Each record's routing prompt, encoded as in training (a chat record's prompt with the
+    # template's assistant header; a text record's text), its first max_len tokens.
+    prompts = []
+    for r in records:
+        if r.is_chat:
+            ids, prompt_len = encode_chat(engine.tokenizer, r.prompt, r.response)
+            ids = ids[:prompt_len]
+        else:
+            ids = encode_text(engine.tokenizer, r.text)
+        prompts.append(ids[:max_len])
+    # One routing pass serves every strategy: per_layer keeps the pass's per-layer choices, and
+    # last / vote collapse them (the engine's rule, checked against it in the tests).
+    layer_choices = []
+    for start in range(0, len(prompts), batch):
+        layer_choices += [list(r.layer_domains) for r in engine.route(prompts[start : start + batch], routing="per_layer")]
+    out = {}
+    for strategy in strategies:
+        hits: dict[str, list[int]] = {}
+        confusion: dict[str, dict[str, int]] = {}
+        for rec, layers in zip(records, layer_choices):
+            own = rec.domain
+            chosen = layers if strategy == "per_layer" else [_collapse(layers, strategy)]
+            h = hits.setdefault(own, [0, 0])
+            h[0] += sum(c == own for c in chosen)
+            h[1] += len(chosen)
+            row = confusion.setdefault(own, {})
+            for c in chosen:
+                row[c] = row.get(c, 0) + 1
+
+        def summary(h: int, n: int) -> dict:
+            interval = wilson_interval(h, n, confidence) if strategy != "per_layer" else None
+            return {"hits": h, "n": n, "accuracy": h / n, "interval": interval}
+
+        total = [sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())]
+        out[strategy] = {"domains": {d: summary(*hits[d]) for d in sorted(hits, key=engine.router_domains.index)},
+                         "overall": summary(*total), "confusion": confusion, "confidence": confidence}  # fmt: skip
+    return out
+
+
+def routing_table(result: dict) -> str:
+    """A markdown table of routing_accuracy's result: a row per strategy, a column per domain
+    (accuracy, hits of n, interval) and the overall share."""
+    domains = _domains_of(result.values())
+    lines = ["| strategy | " + " | ".join(domains) + " | overall |", "|" + "---|" * (len(domains) + 2)]
+
+    def cell(v: dict | None) -> str:
+        if v is None:
+            return ""
+        text = f"{100 * v['accuracy']:.1f}% ({v['hits']}/{v['n']})"
+        if v["interval"] is not None:
+            text += f" [{100 * v['interval'][0]:.1f}, {100 * v['interval'][1]:.1f}]"
+        return text
+
+    for strategy, r in result.items():
+        lines.append(f"| {strategy} | " + " | ".join(cell(r["domains"].get(d)) for d in domains) + f" | {cell(r['overall'])} |")
+    return "\n".join(lines)
 
 
 def compare(a: dict, b: dict, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
