@@ -159,6 +159,9 @@ def add_add_domain_subcommand(subparsers) -> None:
     p.add_argument("--router-data", default=None, metavar="OLD_SAMPLE.jsonl", help="records of the old domains (needed when the directory has routers)")
     p.add_argument("--router-steps", type=_positive_int, default=300, help="full-batch steps fitting the widened routers (default 300)")
     p.add_argument("--router-lr", type=_positive_float, default=3e-2, help="their learning rate (default 3e-2)")
+    p.add_argument("--router-rows", choices=("new", "all"), default="new",
+                   help="new (default): fit the new domain's row of each router only, keeping the old rows, so the old "
+                   "domains are routed among themselves as before; all: refit every row on --router-data")  # fmt: skip
     _expert_args(p)
     _common(p, 2e-4, "expert steps (default 100)")
     p.set_defaults(func=_run_add_domain)
@@ -242,7 +245,7 @@ def _run_add_domain(args) -> int:
             expert = ExpertOptions(args.rank, args.alpha, args.targets, args.rslora)
         summary = add_domain(
             args.moa, args.domain, args.data, router_data=args.router_data, cfg=cfg, router_cfg=router_cfg,
-            expert=expert, data_opts=_data_options(args),
+            expert=expert, data_opts=_data_options(args), router_rows=args.router_rows,
         )  # fmt: skip
     except _errors() as exc:
         print(f"moa add-domain: error: {exc}", file=sys.stderr)
@@ -274,6 +277,9 @@ def add_eval_subcommand(subparsers) -> None:
                    help="also compare mode A against mode B: the change in average perplexity with a paired "
                    "bootstrap interval over the records (e.g. last:label,label:base); both must be in --modes")  # fmt: skip
     p.add_argument("--bootstrap", type=_positive_int, default=2000, metavar="N", help="bootstrap draws for --compare")
+    p.add_argument("--routing-only", action="store_true",
+                   help="the routers alone: route every record's prompt (Engine.route, no scoring) and report each "
+                   "strategy's accuracy per domain with 95%% Wilson intervals, and the confusion counts")  # fmt: skip
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON (atomically)")
     p.set_defaults(func=_run_eval)
 
@@ -284,6 +290,8 @@ def _run_eval(args) -> int:
     from moa_engine.data.records import read_records
     from moa_engine.evaluation import compare, comparison_table, evaluate, markdown_table
 
+    if args.routing_only:
+        return _run_routing_eval(args)
     try:
         engine = Engine(args.model, experts=args.moa, dtype=args.dtype)
         if args.modes:
@@ -305,6 +313,41 @@ def _run_eval(args) -> int:
         print(comparison_table(comparisons))
     if args.json:
         atomic_write_json(args.json, {**results, "comparisons": comparisons} if comparisons else results)
+    return 0
+
+
+def _run_routing_eval(args) -> int:
+    from moa_engine import Engine
+    from moa_engine._io import atomic_write_json
+    from moa_engine.data.records import read_records
+    from moa_engine.evaluation import STRATEGIES, routing_accuracy, routing_table
+    from moa_engine.moa_format import MoADir
+
+    try:
+        if args.modes or args.compare:
+            raise ValueError("--routing-only reports every routing strategy; it takes no --modes or --compare")
+        if args.moa is None:
+            raise ValueError("--routing-only needs --moa (a MoA directory with routers)")
+        engine = Engine(args.model, experts=args.moa, dtype=args.dtype)
+        records = read_records(args.data)
+        if args.limit is not None:
+            kept, count = [], {}
+            for r in records:
+                if count.get(r.domain, 0) < args.limit:
+                    kept.append(r)
+                    count[r.domain] = count.get(r.domain, 0) + 1
+            records = kept
+        result = routing_accuracy(engine, records, STRATEGIES, max_len=args.max_len)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"moa eval: error: {exc}", file=sys.stderr)
+        return 1
+    print(routing_table(result))
+    default = MoADir.load(args.moa).config.router.strategy
+    print(f"\nconfusion ({default}: own domain -> chosen expert, records)")
+    for own, row in result[default]["confusion"].items():
+        print(f"  {own}: " + ", ".join(f"{d} {n}" for d, n in sorted(row.items(), key=lambda kv: -kv[1])))
+    if args.json:
+        atomic_write_json(args.json, {"routing": result})
     return 0
 
 

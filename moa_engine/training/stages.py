@@ -478,6 +478,7 @@ def train_router(
     refit: RouterFit | None = None,
     keep_best: int = 0,
     keep_best_margin: float = 0.0,
+    fixed_domains=(),
 ) -> dict:
     """Stage 2: train the routers of `moa_dir` on `data` (records of its domains, each domain
     weighing the same). Writes the MoA directory (in place, atomically, unless `out`).
@@ -492,7 +493,10 @@ def train_router(
     keep_best > 0 (joint only): every keep_best steps each expert's loss on its domain's held-out
     examples (data_opts.val_fraction > 0) is measured, and each expert ends at its best weights,
     the stage-1 ones (step 0) included; a later state counts as better only by more than
-    keep_best_margin standard errors (see KeepBest)."""
+    keep_best_margin standard errors (see KeepBest).
+    fixed_domains (with the experts frozen, and init_from_existing): these domains' router rows
+    keep their values and only the others are fitted, so a domain added to a MoA cannot change
+    how the old domains' rows score a prompt (add_domain's router_rows="new")."""
     _check_margin(keep_best_margin)
     cfg = cfg or TrainConfig(steps=RouterFit.steps, lr=RouterFit.lr)
     refit = refit or RouterFit()
@@ -518,6 +522,17 @@ def train_router(
     if len(present) < 2:
         raise ValueError(f"router training needs records of at least 2 domains; got {present}")
     train_ex, val_ex, report = prepare(records, tokenizer, data_opts, cfg.seed, present)
+    fixed_domains = list(fixed_domains)
+    if fixed_domains:
+        if joint:
+            raise ValueError("fixed_domains applies to the routers' fit with the experts frozen, not to --joint training")
+        if not (init_from_existing and moa.router is not None):
+            raise ValueError("fixed_domains needs routers to keep: init_from_existing=True and a MoA directory with routers")
+        missing = sorted(set(fixed_domains) - set(domains))
+        if missing:
+            raise ValueError(f"fixed_domains {missing} are not domains of {moa.path} ({domains})")
+        if set(fixed_domains) >= set(domains):
+            raise ValueError(f"fixed_domains {fixed_domains} leave no router row to fit")
     if init_from_existing and moa.router is not None:
         module.set_routers(domains, moa.router)  # e.g. widened routers: old rows kept
     else:
@@ -527,6 +542,7 @@ def train_router(
         cfg, stage="router", data=examples_digest([e for d in present for e in train_ex[d]]), eta=eta,
         joint=joint, expert_lr=expert_lr, domains=domains, keep_best=keep_best, router_inputs="random-expert",
         **({"keep_best_margin": keep_best_margin} if keep_best_margin else {}),
+        **({"fixed_domains": sorted(fixed_domains)} if fixed_domains else {}),
     )  # fmt: skip
     log, fit_steps, fit_lr, fit_wd, kept = [], refit.steps, refit.lr, refit.weight_decay, None
     if joint:
@@ -557,7 +573,8 @@ def train_router(
     if fit_steps:
         examples = [e for d in present for e in train_ex[d]]
         feats, labels = _shared_router_features(module, examples, index, cfg, fingerprint)
-        result = fit_routers(list(module.routers), feats, labels, len(domains), fit_steps, fit_lr, fit_wd)
+        result = fit_routers(list(module.routers), feats, labels, len(domains), fit_steps, fit_lr, fit_wd,
+                             fixed_rows=[index[d] for d in fixed_domains])  # fmt: skip
         fit = {"steps": fit_steps, "lr": fit_lr, "loss": result.loss, "train_accuracy_last": result.accuracy[-1],
                "train_accuracy_min": min(result.accuracy), "records": len(examples)}  # fmt: skip
         _append_log(cfg, {"stage": "router-fit", **fit})
@@ -707,10 +724,12 @@ class FitResult:
 
 
 def fit_routers(routers: list[torch.Tensor], feats: torch.Tensor, labels: torch.Tensor, n_domains: int, steps: int,
-                lr: float, weight_decay: float = 0.0) -> FitResult:
+                lr: float, weight_decay: float = 0.0, fixed_rows=()) -> FitResult:
     """Fit every layer's router [D, H] in place to the cached features: `steps` full-batch AdamW
     steps on the domain-balanced CE (each domain weighs the same, whatever its count), cosine
-    decay to lr / 10. Layers are independent; they are fitted together. Deterministic."""
+    decay to lr / 10. Layers are independent; they are fitted together. Deterministic.
+    fixed_rows: domain indices whose rows keep their values (the loss still sees their logits):
+    only the other rows are fitted."""
     if feats.ndim != 3 or feats.shape[0] != labels.shape[0] or feats.shape[1] != len(routers):
         raise ValueError(f"fit_routers: features {list(feats.shape)} do not match {len(routers)} routers and {labels.shape[0]} labels")
     if any(tuple(r.shape) != (n_domains, feats.shape[2]) for r in routers):
@@ -719,10 +738,14 @@ def fit_routers(routers: list[torch.Tensor], feats: torch.Tensor, labels: torch.
         from .trainer import TrainingDiverged
 
         raise TrainingDiverged("router features are not finite (NaN or inf in the model's hidden states)")
+    fixed = sorted(set(int(k) for k in fixed_rows))
+    if any(not 0 <= k < n_domains for k in fixed) or len(fixed) == n_domains:
+        raise ValueError(f"fit_routers: fixed_rows must be some of the {n_domains} rows and leave one to fit, got {list(fixed_rows)}")
     counts = torch.bincount(labels, minlength=n_domains).to(torch.float32)
     present = int((counts > 0).sum())
     sample_w = 1.0 / (counts[labels] * present)  # sums to 1: each present domain 1 / present
     W = torch.stack([r.detach().to("cpu", torch.float32) for r in routers]).clone().requires_grad_(True)  # [L, D, H]
+    kept = W.detach()[:, fixed].clone()
     X = feats.transpose(0, 1).contiguous()  # [L, N, H]
     opt = torch.optim.AdamW([W], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
@@ -737,6 +760,9 @@ def fit_routers(routers: list[torch.Tensor], feats: torch.Tensor, labels: torch.
         loss.backward()
         opt.step()
         sched.step()
+        if fixed:
+            with torch.no_grad():
+                W[:, fixed] = kept  # undo the step (and the weight decay) on the fixed rows
     with torch.no_grad():
         W.grad = None
         for r, w in zip(routers, W):
@@ -761,10 +787,18 @@ def add_domain(
     router_cfg: TrainConfig | None = None,
     expert: ExpertOptions | None = None,
     data_opts: DataOptions | None = None,
+    router_rows: str = "new",
 ) -> dict:
     """Train an expert for `domain` alone on `data`, add it to `moa_dir`, widen the routers by one
     output and retrain the routers only (on `router_data`, a sample of the old domains, plus the
-    new domain's records). The old experts' files are copied, never rewritten."""
+    new domain's records). The old experts' files are copied, never rewritten.
+
+    router_rows: "new" (default) fits the new domain's row only and keeps the old rows as they
+    are, so among the old domains a prompt is routed as before, and an old domain's prompt can
+    only be lost to the new one; "all" refits every row of the widened routers from their old
+    values, on router_data, which is usually a small sample of the old domains."""
+    if router_rows not in ("all", "new"):
+        raise ValueError(f"router_rows must be 'all' or 'new', got {router_rows!r}")
     moa = MoADir.load(moa_dir)
     if domain in moa.config.domains:
         raise ValueError(f"{moa.path}: already has a domain {domain!r}")
@@ -827,7 +861,8 @@ def add_domain(
             MoADir.save(widened, config, experts, router=widened_router)
         _barrier()
         result = train_router(widened, list(old_records) + list(records), cfg=replace(router_cfg, checkpoint_dir=str(work / "router"), log_path=None),
-                              data_opts=data_opts, out=widened, init_from_existing=True)  # fmt: skip
+                              data_opts=data_opts, out=widened, init_from_existing=True,
+                              fixed_domains=list(moa.config.domains) if router_rows == "new" else ())  # fmt: skip
         if world()[0] == 0:
             final = MoADir.load(widened)
             experts = {d: (moa.expert_paths[d] if d in moa.expert_paths else final.expert_paths[d]) for d in domains}
