@@ -23,9 +23,13 @@ the same held-out records (moa_engine.evaluation):
   moa-<s>       the same MoA routed by its routers over the prompt, strategy s (per_layer, last,
                 vote), with the routers' accuracy per domain
 
+Router accuracy (--router-val N): the routers alone, on the scored records plus up to N more
+held-out records per domain that no system trains on, with 95% Wilson intervals: the scored
+records alone are too few to tell 99% from 97%.
+
 Add-a-domain: a MoA of the first three domains (stage-1 experts + routers) is scored, the fourth
-domain is added with `add_domain` (the new expert alone, then the widened routers), and the old
-domains are scored again.
+domain is added with `add_domain` (the new expert alone, then the new row of each widened router,
+the old rows kept), and the old domains are scored again.
 
 Every budget (steps, batch, records) is printed and saved with the figures. Output: a markdown
 table on stdout, JSON (--out) and a plot beside it. --quick is a smoke run for CI.
@@ -86,13 +90,33 @@ def parse_args(argv=None):
                    help="keep the working folder's finished stage-1 experts and mixed LoRA (same arguments) instead of training them again")
     p.add_argument("--grow-steps", type=int, default=None, help="steps of the added domain's expert (default --steps)")
     p.add_argument("--router-sample", type=int, default=64, help="records per old domain in add-domain's --router-data")
+    p.add_argument("--router-val", type=int, default=300, metavar="N",
+                   help="router accuracy also on up to N more held-out records per domain (built beyond --records, none "
+                   "in any system's training or scoring), routing only, with Wilson intervals (0: off)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
                    help="2: train stage 1 and the mixed LoRA in two processes at once, half the threads each")
     args = p.parse_args(argv)
     if args.quick:
         args.records, args.val, args.steps, args.batch, args.router_steps = 16, 2, 2, 1, 2
+        args.router_val = min(args.router_val, 3)
         args.max_len = 48
     return args
+
+
+def _more_held_out(folder: Path, domains: list[str], args, taken) -> list:
+    """Up to args.router_val records per domain that no system trains on or is scored on: a build of
+    args.records + args.router_val records per domain, less every record of the main build (by
+    content). A small corpus (dialogue has about 1,240 records) gives fewer."""
+    from moa_engine.data import build_corpora, read_records
+
+    build_corpora(folder, domains, max_per_domain=args.records + args.router_val, seed=args.seed, val_fraction=0.1, progress=False)
+    seen = {r.content_key() for r in taken}
+    out, count = [], dict.fromkeys(domains, 0)
+    for r in read_records(folder / "train.jsonl") + read_records(folder / "val.jsonl"):
+        if r.content_key() not in seen and count[r.domain] < args.router_val:
+            out.append(r)
+            count[r.domain] += 1
+    return out
 
 
 def log(msg: str) -> None:
@@ -106,7 +130,7 @@ def main(argv=None) -> int:
     from moa_engine.data import build_corpora, read_records, write_records
     from moa_engine.data.records import split_records
     from moa_engine.data.records import Record
-    from moa_engine.evaluation import compare, comparison_table, evaluate, markdown_table
+    from moa_engine.evaluation import compare, comparison_table, evaluate, markdown_table, routing_accuracy, routing_table
     from moa_engine.moa_format import MoAConfig, MoADir
     from moa_engine.training import DataOptions, ExpertOptions, TrainConfig, add_domain, train_experts, train_router
 
@@ -206,6 +230,14 @@ def main(argv=None) -> int:
         results[f"moa-{mode}"] = res
     timings["eval_s"] = time.perf_counter() - t
     log(f"evaluation in {timings['eval_s']:.0f} s")
+    routing = None
+    if args.router_val:
+        t = time.perf_counter()
+        extra = _more_held_out(work / "data-routing", domains, args, train_records + dev_records + val_records)
+        scored = [r for d in domains for r in [x for x in val_records if x.domain == d][: args.val]]
+        routing = routing_accuracy(moa_engine, scored + extra, ("per_layer", "last", "vote"), max_len=args.max_len)
+        timings["routing_s"] = time.perf_counter() - t
+        log(f"router accuracy on {len(scored) + len(extra)} held-out records in {timings['routing_s']:.0f} s")
 
     # -- add a domain ---------------------------------------------------------------------
     t = time.perf_counter()
@@ -235,7 +267,8 @@ def main(argv=None) -> int:
     # -- report ---------------------------------------------------------------------------
     table = markdown_table(results)
     # Paired bootstrap over the scored records: is a difference larger than the records' spread?
-    pairs = [("moa-label", "single"), ("moa-label", "mixed"), ("moa-last", "single"), ("moa-last", "mixed"), ("mixed", "single")]
+    pairs = [("moa-label", "single"), ("moa-label", "mixed"), ("moa-last", "single"), ("moa-last", "mixed"),
+             ("moa-per_layer", "single"), ("moa-per_layer", "mixed"), ("mixed", "single")]  # fmt: skip
     comparisons = {f"{a} vs {b}": compare(results[a], results[b], n_boot=args.bootstrap, seed=args.seed) for a, b in pairs}
     grow_rows = ["| domain | " + " | ".join(f"{m} ppl before | after | change" for m in ("label", "last")) + " | router acc before | after |",
                  "|---|" + "---|---|---|" * 2 + "---|---|"]  # fmt: skip
@@ -265,8 +298,8 @@ def main(argv=None) -> int:
               if args.keep_best_margin else "")
            if args.keep_best else "")
         + "), then the routers refitted on the tuned experts (300 full-batch steps, each prompt through a random expert); "
-        f"added domain: {args.grow_steps or args.steps} expert steps, routers fitted on the old and new records "
-        f"({args.router_sample} per old domain); "
+        f"added domain: {args.grow_steps or args.steps} expert steps, then each router's new row fitted (the old rows "
+        f"kept) on the old and new records ({args.router_sample} per old domain); "
         f"max_len {args.max_len}; every system trained on the same {sum(counts.values())} records "
         f"({len(dev_records)} more held out for keep-best); scored records: "
         + ", ".join(f"{d} {len(v['tokens'])}" for d, v in results["single"]["records"].items())
@@ -281,13 +314,19 @@ def main(argv=None) -> int:
         "perplexity is the lower.", "",
         f"### Adding a domain ({new}) to a MoA of {', '.join(old)}", "", *grow_rows, "",
         f"New domain {new}: label-routed perplexity {new_row['ppl']:.3f}" if new_row else "",
+        *([] if routing is None else [
+            "", "### Router accuracy on more held-out records (routing only; 95% Wilson intervals)", "",
+            routing_table(routing), "",
+            f"The records: each domain's {args.val} scored ones and up to {args.router_val} more built beyond --records. "
+            "per_layer counts every layer's choice.",
+        ]),
     ])  # fmt: skip
     print(text)
     payload = {
         "benchmark": "quality", "quick": args.quick, "args": vars(args), "budget": budget,
         "data": {"train": counts, "held_out_for_keep_best": len(dev_records), "val_per_domain": args.val,
                  "sources": build.get("sources", {})},
-        "results": results, "comparisons": comparisons, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
+        "results": results, "comparisons": comparisons, "routing": routing, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
         "stage1_final": s1.get("final"), "stage1_kept": s1.get("kept"), "mixed_kept": mixed_summary.get("kept"),
         "stage2_final": s2.get("final"), "stage2_kept": s2.get("kept"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),

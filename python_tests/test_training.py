@@ -580,6 +580,42 @@ def test_fit_routers_separates_domains_and_weighs_them_equally():
         fit_routers(routers, bad, labels, D, steps=1, lr=1e-2)
 
 
+def test_fit_routers_with_fixed_rows_fits_only_the_others():
+    """fixed_rows keeps those rows bit-identical, and the other rows end where a plain torch fit
+    of those rows alone ends, the fixed rows' logits entering the loss as constants."""
+    from moa_engine.training import fit_routers
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    D, L, H, n = 4, 3, 19, 53
+    labels = torch.randint(0, D, (n,), generator=g)
+    labels[:D] = torch.arange(D)
+    feats = torch.randn(L, D, H, generator=g)[:, labels].transpose(0, 1) * 2 + torch.randn(n, L, H, generator=g)
+    init = [torch.randn(D, H, generator=g) for _ in range(L)]
+    fixed, free = [0, 2], [1, 3]
+    routers = [w.clone() for w in init]
+    fit_routers(routers, feats, labels, D, steps=40, lr=5e-2, weight_decay=0.01, fixed_rows=fixed)
+    for l in range(L):
+        assert torch.equal(routers[l][fixed], init[l][fixed]), f"layer {l}: a fixed row moved"
+        w = init[l][free].clone().requires_grad_(True)
+        opt = torch.optim.AdamW([w], lr=5e-2, weight_decay=0.01, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, s / 40))).item()))
+        for _ in range(40):
+            full = torch.zeros(D, H)
+            full[fixed] = init[l][fixed]
+            full = full.index_put((torch.tensor(free),), w)
+            logp = torch.log_softmax(feats[:, l] @ full.t(), -1)[torch.arange(n), labels]
+            loss = -sum(logp[labels == d].mean() for d in range(D)) / D
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        torch.testing.assert_close(routers[l][free], w.detach(), rtol=1e-4, atol=1e-5)
+        assert not torch.equal(routers[l][free], init[l][free])
+    for bad in ([0, 1, 2, 3], [4], [-1]):
+        with pytest.raises(ValueError, match="fixed_rows must be some of the 4 rows"):
+            fit_routers([w.clone() for w in init], feats, labels, D, steps=1, lr=1e-2, fixed_rows=bad)
+
+
 def test_joint_router_training_tunes_the_experts(trained, tiny_dir, tmp_path):
     moa = tmp_path / "joint"
     shutil.copytree(trained["moa"], moa)
@@ -801,7 +837,7 @@ def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path
     old_router = MoADir.load(moa).router
     new = _write_jsonl(tmp_path / "code.jsonl", _records(16, seed=5, domains=("code",)))
     add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=4), router_cfg=_cfg(steps=20, lr=3e-2),
-               data_opts=DataOptions(max_len=64))  # fmt: skip
+               data_opts=DataOptions(max_len=64), router_rows="all")  # fmt: skip
     after = {p.relative_to(moa): _sha(p) for p in (moa / "experts").rglob("*") if p.is_file()}
     assert {k: after[k] for k in before} == before
     assert len(after) == len(before) + 2
@@ -821,6 +857,36 @@ def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path
         add_domain(moa, "more", more, cfg=_cfg(steps=1))
     with pytest.raises(ValueError, match=r"only records of the new domain 'more'; it also has \['code'\]"):
         add_domain(moa, "more", new, router_data=trained["data"], cfg=_cfg(steps=1))
+
+
+def test_add_domain_can_keep_the_old_router_rows(trained, tiny_dir, tmp_path):
+    """router_rows="new" (the default): the old domains' rows of every router are bit-identical
+    after the growth, so among the old domains every prompt is routed as before; only the new
+    row is fitted."""
+    moa = tmp_path / "grow"
+    shutil.copytree(trained["moa"], moa)
+    old_router = MoADir.load(moa).router
+    new = _write_jsonl(tmp_path / "code.jsonl", _records(16, seed=5, domains=("code",)))
+    add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=4), router_cfg=_cfg(steps=20, lr=3e-2),
+               data_opts=DataOptions(max_len=64))  # fmt: skip
+    loaded = MoADir.load(moa)
+    assert loaded.config.domains == ["math", "prose", "chat", "code"]
+    for l, (w, w0) in enumerate(zip(loaded.router, old_router)):
+        assert torch.equal(w[:3], w0), f"layer {l}: an old domain's row changed"
+        assert w[3].abs().max() > 0, f"layer {l}: the new row was not fitted"
+    from moa_engine import Engine
+
+    out = Engine(tiny_dir, experts=moa).generate(["def f3(x):", "What is 3 plus 4?"], max_new_tokens=2, chat=True)
+    assert [c.domain for c in out] == ["code", "math"]
+    with pytest.raises(ValueError, match="router_rows must be 'all' or 'new', got 'old'"):
+        add_domain(moa, "more", new, router_data=trained["data"], cfg=_cfg(steps=1), router_rows="old")
+    with pytest.raises(ValueError, match=r"fixed_domains \['law'\] are not domains"):
+        train_router(moa, trained["data"], cfg=_cfg(steps=2), init_from_existing=True, fixed_domains=["law"], data_opts=DataOptions(max_len=64))
+    with pytest.raises(ValueError, match="fixed_domains applies to the routers' fit"):
+        train_router(moa, trained["data"], cfg=_cfg(steps=2), joint=True, init_from_existing=True, fixed_domains=["math"],
+                     data_opts=DataOptions(max_len=64))  # fmt: skip
+    with pytest.raises(ValueError, match="fixed_domains needs routers to keep"):
+        train_router(moa, trained["data"], cfg=_cfg(steps=2), fixed_domains=["math"], data_opts=DataOptions(max_len=64))
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_dir, tmp_path):
@@ -960,12 +1026,15 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     # add-domain: --warmup is the new expert's; the routers' fit takes none
+    routers_before = MoADir.load(tmp_path / "m").router
     new = _write_jsonl(tmp_path / "code.jsonl", _records(4, seed=2, domains=("code",)))
     r = subprocess.run(_cli("add-domain", "--moa", tmp_path / "m", "--domain", "code", "--data", new, "--router-data", data,
-                            "--steps", 2, "--batch", 2, "--warmup", 1, "--router-steps", 5, "--no-progress"),
+                            "--steps", 2, "--batch", 2, "--warmup", 1, "--router-steps", 5, "--router-rows", "new", "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert MoADir.load(tmp_path / "m").config.domains == ["math", "chat", "code"]
+    grown = MoADir.load(tmp_path / "m")
+    assert grown.config.domains == ["math", "chat", "code"]
+    assert all(torch.equal(w[:2], w0) for w, w0 in zip(grown.router, routers_before)), "--router-rows new moved an old row"
     r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--warmup", 2, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "apply to --joint" in r.stderr and "Traceback" not in r.stderr
@@ -1068,6 +1137,69 @@ def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir)
     assert table.count("\n") == 4 and "math ppl" in table
 
 
+def test_routing_accuracy_counts_each_strategys_choices(trained, tiny_dir):
+    """routing_accuracy routes each record's prompt alone; its counts equal the router accuracy
+    evaluate() reports while scoring the whole records (routed over the same prompt), for every
+    strategy, and its confusion counts add up."""
+    from moa_engine import Engine
+    from moa_engine.evaluation import evaluate, routing_accuracy, routing_table
+
+    val = _records(7, seed=33)
+    engine = Engine(tiny_dir, experts=trained["moa"])
+    strategies = ("per_layer", "last", "vote")
+    got = routing_accuracy(engine, val, strategies, max_len=64, batch=5)
+    scored = evaluate(engine, val, list(strategies), max_len=64, exact_match_domains=())
+    for s in strategies:
+        r = got[s]
+        assert {d: v["accuracy"] for d, v in r["domains"].items()} == pytest.approx(scored[s]["router_accuracy"]), s
+        per_record = 1 if s != "per_layer" else engine.config["num_layers"]
+        for d, v in r["domains"].items():
+            assert v["n"] == 7 * per_record and v["hits"] == r["confusion"][d].get(d, 0), (s, d)
+            assert sum(r["confusion"][d].values()) == v["n"], (s, d)
+            if s == "per_layer":
+                assert v["interval"] is None
+            else:
+                lo, hi = v["interval"]
+                assert 0.0 <= lo <= v["accuracy"] <= hi <= 1.0
+        assert r["overall"]["n"] == sum(v["n"] for v in r["domains"].values())
+    table = routing_table(got)
+    assert table.count("\n") == 4 and "| last |" in table
+    with pytest.raises(ValueError, match="'best' is not one of"):
+        routing_accuracy(engine, val, ("best",))
+    with pytest.raises(ValueError, match=r"domain\(s\) \['law'\] the routers do not know"):
+        routing_accuracy(engine, val + [Record("law", "a question", "an answer")], max_len=64)
+
+
+def test_wilson_interval_inverts_the_score_test():
+    """Each end b of the interval solves (p - b)^2 = z^2 b (1 - b) / n, the score test's
+    boundary (an independent statement of the interval), and random draws are covered at
+    about the nominal rate."""
+    from moa_engine.evaluation import wilson_interval
+
+    z = 1.959963984540054
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for n in (1, 7, 241, 1000):
+        for hits in {0, 1, n // 2, n - 1, n}:
+            lo, hi = wilson_interval(hits, n)
+            p = hits / n
+            assert lo <= p <= hi
+            for b in (lo, hi):
+                if 0.0 < b < 1.0:
+                    assert (p - b) ** 2 == pytest.approx(z * z * b * (1 - b) / n, rel=1e-9, abs=1e-15)
+            if hits == 0:
+                assert lo == 0.0
+            if hits == n:
+                assert hi == 1.0
+    assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)  # the textbook example
+    p, n, draws = 0.97, 150, 2000
+    hits = torch.binomial(torch.full((draws,), float(n)), torch.full((draws,), p), generator=gen).long().tolist()
+    covered = sum(lo <= p <= hi for lo, hi in (wilson_interval(h, n) for h in hits)) / draws
+    assert 0.92 <= covered <= 0.98, covered
+    for bad in ((3, 2), (-1, 5), (0, 0)):
+        with pytest.raises(ValueError, match="0 <= hits <= n"):
+            wilson_interval(*bad)
+
+
 def test_cli_eval(trained, tiny_dir, tmp_path):
     val = _write_jsonl(tmp_path / "val.jsonl", _records(2, seed=5))
     r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--json", tmp_path / "r.json", "--max-len", 64),
@@ -1090,3 +1222,22 @@ def test_cli_eval(trained, tiny_dir, tmp_path):
         r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "label,last", "--compare", spec),
                            env=_env(), capture_output=True, text=True)  # fmt: skip
         assert r.returncode == 1 and msg in r.stderr, r.stderr
+    # --routing-only: the routers alone, every strategy, the same accuracy as the scored run
+    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--routing-only", "--limit", 1,
+                            "--json", tmp_path / "route.json", "--max-len", 64),
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "| per_layer |" in r.stdout and "| vote |" in r.stdout and "confusion (" in r.stdout
+    routed = json.loads((tmp_path / "route.json").read_text())["routing"]
+    assert {d: v["n"] for d, v in routed["last"]["domains"].items()} == {"math": 1, "prose": 1, "chat": 1}
+    full = json.loads((tmp_path / "r.json").read_text())
+    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--routing-only", "--max-len", 64,
+                            "--json", tmp_path / "route2.json"), env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    routed = json.loads((tmp_path / "route2.json").read_text())["routing"]
+    for s in ("per_layer", "last", "vote"):
+        assert {d: v["accuracy"] for d, v in routed[s]["domains"].items()} == pytest.approx(full[s]["router_accuracy"]), s
+    for extra, msg in ((["--modes", "last"], "takes no --modes"), ([], "needs --moa")):
+        args = ["eval", "--data", val, "--routing-only", "--model", tiny_dir] + extra + ([] if msg == "needs --moa" else ["--moa", trained["moa"]])
+        r = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True)
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
