@@ -119,6 +119,20 @@ def _more_held_out(folder: Path, domains: list[str], args, taken) -> list:
     return out
 
 
+def _reused_summary(log_path: Path) -> dict:
+    """What a reused training run's summary would say, from its JSONL log: the last training
+    step's record and, when it was early-stopped, the kept steps (its "keep-best" record)."""
+    final, kept = None, None
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") == "keep-best":
+                kept = record.get("kept")
+            elif "step" in record:
+                final = record
+    return {"final": final, "kept": kept, "reused": True}
+
+
 def log(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -184,15 +198,16 @@ def main(argv=None) -> int:
     mixed_every = args.stage1_keep_best * len(domains)  # its keep-best interval: as many samples as stage 1's
     mixed = work / "mixed"
     jobs = {}
+    s1 = mixed_summary = {}
     if reuse:
         log("stage 1: reusing the experts in the working folder")
-        lines = (work / "stage1.log.jsonl").read_text().splitlines()
-        s1 = {"final": json.loads(lines[-1]) if lines else None, "reused": True}
+        s1 = _reused_summary(work / "stage1.log.jsonl")
     else:
         jobs["stage1"] = dict(data=train_records, out=str(stage1), cfg=cfg(args.steps, args.lr, "stage1"),
                               expert=expert, data_opts=data_opts, domains=domains, **early(args.stage1_keep_best, dev_records))  # fmt: skip
     if reuse and (mixed / "moa_config.json").exists():
         log("mixed LoRA: reusing the one in the working folder")
+        mixed_summary = _reused_summary(work / "mixed.log.jsonl")
     else:
         def as_mixed(records):
             return [Record("mixed", r.prompt, r.response, r.text) for r in records]
@@ -201,8 +216,8 @@ def main(argv=None) -> int:
                              data_opts=data_opts, **early(mixed_every, as_mixed(dev_records)))  # fmt: skip
     t = time.perf_counter()
     results_of = _run_jobs(jobs, args.jobs)
-    s1 = results_of.get("stage1", s1 if reuse else None)
-    mixed_summary = results_of.get("mixed", {})
+    s1 = results_of.get("stage1", s1)
+    mixed_summary = results_of.get("mixed", mixed_summary)
     timings["stage1_and_mixed_s"] = time.perf_counter() - t
     log(f"stage 1 ({len(domains)} experts x {args.steps} steps) and the mixed LoRA ({mixed_steps} steps) in "
         f"{timings['stage1_and_mixed_s']:.0f} s ({args.jobs} process(es))")  # fmt: skip
