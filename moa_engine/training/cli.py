@@ -150,8 +150,8 @@ def add_add_domain_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
         "add-domain", help="add a domain to a MoA directory without retraining the old experts",
         description="Trains the new domain's expert alone, widens every router by one output and retrains "
-        "the routers only (on --router-data, a sample of the old domains, plus the new data). The old "
-        "experts' files are not changed.",
+        "the routers only (on --router-data, a sample of the old domains, plus the new data): by default "
+        "only the new domain's row, the old rows kept (--router-rows). The old experts' files are not changed.",
     )  # fmt: skip
     p.add_argument("--moa", required=True, metavar="MOA_DIR")
     p.add_argument("--domain", required=True, metavar="NAME")
