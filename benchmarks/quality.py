@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     from moa_engine.data import build_corpora, read_records, write_records
     from moa_engine.data.records import split_records
     from moa_engine.data.records import Record
-    from moa_engine.evaluation import compare, comparison_table, evaluate, markdown_table, routing_accuracy, routing_table
+    from moa_engine.evaluation import compare, comparison_table, evaluate, first_per_domain, markdown_table, routing_accuracy, routing_table
     from moa_engine.moa_format import MoAConfig, MoADir
     from moa_engine.training import DataOptions, ExpertOptions, TrainConfig, add_domain, train_experts, train_router
 
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     if args.router_val:
         t = time.perf_counter()
         extra = _more_held_out(work / "data-routing", domains, args, train_records + dev_records + val_records)
-        scored = [r for d in domains for r in [x for x in val_records if x.domain == d][: args.val]]
+        scored = first_per_domain(val_records, args.val)
         routing = routing_accuracy(moa_engine, scored + extra, ("per_layer", "last", "vote"), max_len=args.max_len)
         timings["routing_s"] = time.perf_counter() - t
         log(f"router accuracy on {len(scored) + len(extra)} held-out records in {timings['routing_s']:.0f} s")

@@ -147,6 +147,16 @@ def exact_match(engine, items: list[_Item], mode: str, max_new_tokens: int = 24)
     return {d: h[0] / h[1] for d, h in hits.items()}
 
 
+def first_per_domain(records: list[Record], limit: int) -> list[Record]:
+    """The first `limit` records of each domain, in the records' order."""
+    kept, count = [], {}
+    for r in records:
+        if count.get(r.domain, 0) < limit:
+            kept.append(r)
+            count[r.domain] = count.get(r.domain, 0) + 1
+    return kept
+
+
 def evaluate(
     engine,
     records: list[Record],
@@ -159,12 +169,7 @@ def evaluate(
     """{mode: {"domains": {d: {nll, tokens, ppl}}, "average_ppl", ["router_accuracy"],
     ["exact_match"]}} for each mode (see the module docstring)."""
     if limit is not None:
-        kept, count = [], {}
-        for r in records:
-            if count.get(r.domain, 0) < limit:
-                kept.append(r)
-                count[r.domain] = count.get(r.domain, 0) + 1
-        records = kept
+        records = first_per_domain(records, limit)
     items = _items(engine, records, max_len)
     results = {}
     for mode in modes:
@@ -254,25 +259,20 @@ def routing_accuracy(engine, records: list[Record], strategies=("last",), max_le
         layer_choices += [list(r.layer_domains) for r in engine.route(prompts[start : start + batch], routing="per_layer")]
     out = {}
     for strategy in strategies:
-        hits: dict[str, list[int]] = {}
         confusion: dict[str, dict[str, int]] = {}
         for rec, layers in zip(records, layer_choices):
-            own = rec.domain
-            chosen = layers if strategy == "per_layer" else [_collapse(layers, strategy)]
-            h = hits.setdefault(own, [0, 0])
-            h[0] += sum(c == own for c in chosen)
-            h[1] += len(chosen)
-            row = confusion.setdefault(own, {})
-            for c in chosen:
+            row = confusion.setdefault(rec.domain, {})
+            for c in layers if strategy == "per_layer" else [_collapse(layers, strategy)]:
                 row[c] = row.get(c, 0) + 1
 
-        def summary(h: int, n: int) -> dict:
-            interval = wilson_interval(h, n, confidence) if strategy != "per_layer" else None
-            return {"hits": h, "n": n, "accuracy": h / n, "interval": interval}
+        def summary(hits: int, n: int) -> dict:
+            interval = wilson_interval(hits, n, confidence) if strategy != "per_layer" else None
+            return {"hits": hits, "n": n, "accuracy": hits / n, "interval": interval}
 
-        total = [sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())]
-        out[strategy] = {"domains": {d: summary(*hits[d]) for d in sorted(hits, key=engine.router_domains.index)},
-                         "overall": summary(*total), "confusion": confusion, "confidence": confidence}  # fmt: skip
+        domains = {d: summary(confusion[d].get(d, 0), sum(confusion[d].values()))
+                   for d in sorted(confusion, key=engine.router_domains.index)}  # fmt: skip
+        overall = summary(sum(v["hits"] for v in domains.values()), sum(v["n"] for v in domains.values()))
+        out[strategy] = {"domains": domains, "overall": overall, "confusion": confusion, "confidence": confidence}
     return out
 
 

@@ -102,6 +102,7 @@ struct Engine::Impl {
   std::string strategy = "last";
 
   void validate(const GenerationRequest& r) const;
+  void check_routing(const std::string& strategy) const;  // "" passes; else a strategy, with a router
   void resolve_domain(Sequence& s) const;
   void publish_adapters(std::shared_ptr<const engine::AdapterTable> table);
   void free_retired();
@@ -133,12 +134,15 @@ void Engine::Impl::validate(const GenerationRequest& r) const {
   if (!(s.top_p > 0.0f && s.top_p <= 1.0f)) throw_error<InvalidArgument>("top_p must be in (0, 1], got ", s.top_p);
   for (const auto& stop : r.stop_sequences)
     if (stop.empty()) throw_error<InvalidArgument>("stop sequences must not be empty");
-  if (!r.routing.empty()) {
-    if (r.routing != "per_layer" && r.routing != "last" && r.routing != "vote")
-      throw_error<InvalidArgument>("routing '", r.routing, "' is not a strategy (per_layer, last, vote)");
-    if (router.empty())
-      throw_error<InvalidArgument>("routing '", r.routing, "' was asked for, but the engine has no router");
-  }
+  check_routing(r.routing);
+}
+
+void Engine::Impl::check_routing(const std::string& strategy) const {
+  if (strategy.empty()) return;
+  if (strategy != "per_layer" && strategy != "last" && strategy != "vote")
+    throw_error<InvalidArgument>("routing '", strategy, "' is not a strategy (per_layer, last, vote)");
+  if (router.empty())
+    throw_error<InvalidArgument>("routing '", strategy, "' was asked for, but the engine has no router");
 }
 
 void Engine::Impl::finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token) {
@@ -582,8 +586,7 @@ std::vector<RoutingInfo> Engine::route(const std::vector<std::vector<int64_t>>& 
   std::lock_guard<std::recursive_mutex> lock(impl_->mu);
   const ModelConfig& c = impl_->config;
   if (impl_->router.empty()) throw_error<InvalidArgument>("route: the engine has no router");
-  if (!strategy.empty() && strategy != "per_layer" && strategy != "last" && strategy != "vote")
-    throw_error<InvalidArgument>("routing '", strategy, "' is not a strategy (per_layer, last, vote)");
+  impl_->check_routing(strategy);
   if (prompts.empty()) throw_error<InvalidArgument>("route: no prompts");
   std::vector<std::shared_ptr<Sequence>> rows;
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -642,12 +645,7 @@ at::Tensor Engine::forward(const at::Tensor& input_ids, const std::vector<std::s
     if (n < 0) throw_error<InvalidArgument>("route_len: expected values >= 0, got ", n);
     if (n > 0 && n < T) pooled[b] = n;
   }
-  if (!strategy.empty()) {
-    if (strategy != "per_layer" && strategy != "last" && strategy != "vote")
-      throw_error<InvalidArgument>("routing '", strategy, "' is not a strategy (per_layer, last, vote)");
-    if (impl_->router.empty())
-      throw_error<InvalidArgument>("routing '", strategy, "' was asked for, but the engine has no router");
-  }
+  impl_->check_routing(strategy);
   at::Tensor ids = input_ids.to(at::kCPU, at::kLong).contiguous();
   const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
   if (lo < 0 || hi >= c.vocab_size)

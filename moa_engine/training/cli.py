@@ -320,8 +320,7 @@ def _run_routing_eval(args) -> int:
     from moa_engine import Engine
     from moa_engine._io import atomic_write_json
     from moa_engine.data.records import read_records
-    from moa_engine.evaluation import STRATEGIES, routing_accuracy, routing_table
-    from moa_engine.moa_format import MoADir
+    from moa_engine.evaluation import STRATEGIES, first_per_domain, routing_accuracy, routing_table
 
     try:
         if args.modes or args.compare:
@@ -331,18 +330,13 @@ def _run_routing_eval(args) -> int:
         engine = Engine(args.model, experts=args.moa, dtype=args.dtype)
         records = read_records(args.data)
         if args.limit is not None:
-            kept, count = [], {}
-            for r in records:
-                if count.get(r.domain, 0) < args.limit:
-                    kept.append(r)
-                    count[r.domain] = count.get(r.domain, 0) + 1
-            records = kept
+            records = first_per_domain(records, args.limit)
         result = routing_accuracy(engine, records, STRATEGIES, max_len=args.max_len)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"moa eval: error: {exc}", file=sys.stderr)
         return 1
     print(routing_table(result))
-    default = MoADir.load(args.moa).config.router.strategy
+    default = engine.moa_dir.config.router.strategy
     print(f"\nconfusion ({default}: own domain -> chosen expert, records)")
     for own, row in result[default]["confusion"].items():
         print(f"  {own}: " + ", ".join(f"{d} {n}" for d, n in sorted(row.items(), key=lambda kv: -kv[1])))
