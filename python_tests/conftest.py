@@ -206,7 +206,7 @@ def make_inputs(
 
 
 # ---------------------------------------------------------------------------------------------
-# Tolerances: one table, one row per dtype (STYLE.md section 6).
+# Tolerances: one table, one row per dtype (the tolerance rule in CONTRIBUTING.md).
 #   bound = factor * (max abs error of the same-dtype torch computation vs the float64 reference)
 #         + floor * max(1, max|reference|)
 # The op accumulates in another order than torch, so "within 2x the same-dtype error" is fair.

@@ -1,4 +1,4 @@
-"""Plain-torch references for the grouped LoRA op (STYLE.md section 5).
+"""Plain-torch references for the grouped LoRA op (every kernel has one: CONTRIBUTING.md).
 
 Dimensions: T tokens, in input features, out output features, E experts, r rank.
 Shapes: x [T, in], lora_a [E, r, in], lora_b [E, out, r], expert_ids [T], scales [E].

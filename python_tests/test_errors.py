@@ -1,5 +1,5 @@
 """Bad inputs raise (never crash) with a message naming the argument, what was expected and
-what was given (STYLE.md section 7).
+what was given (the error-message rule in CONTRIBUTING.md).
 
 Shape, dimension and device problems raise ValueError; dtype problems TypeError; expert ids
 outside [-1, E) IndexError.

@@ -68,8 +68,8 @@ def folder_model(converted):
 
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch, gguf_tokenizer):
-    """A dummy .gguf file whose "loading" builds a tiny random tied Llama (and the real
-    tokenizer); returns (path, calls) where calls counts the loads."""
+    """A dummy .gguf file whose "loading" gives a tiny random tied Llama's config and weights
+    (and the real tokenizer); returns (path, calls) where calls counts the loads."""
     path = tmp_path / "tiny-model.gguf"
     path.write_bytes(b"GGUF fake")
     calls = []
@@ -82,8 +82,11 @@ def fake_gguf(tmp_path, monkeypatch, gguf_tokenizer):
             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         )  # fmt: skip
+        config.architectures = ["LlamaForCausalLM"]
         torch.manual_seed(len(calls))
-        return LlamaForCausalLM(config), gguf_tokenizer
+        tensors = dict(LlamaForCausalLM(config).state_dict())
+        del tensors["lm_head.weight"]  # tied
+        return config, tensors, gguf_tokenizer
 
     monkeypatch.setattr(models, "_load_gguf", load)
     return path, calls
@@ -135,6 +138,16 @@ def test_folder_loads_in_plain_hf_without_missing_keys(folder_model):
     assert {k: v for k, v in info.items() if v} == {}, f"unexpected loading info: {info}"
     assert model.dtype == torch.float32
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "lm_head is not tied"
+
+
+def test_weights_equal_the_gguf_models(converted, gguf_model):
+    """Every saved tensor equals what HF transformers' own GGUF loader makes of the file."""
+    want = gguf_model.state_dict()
+    with safe_open(converted / "model.safetensors", "pt") as f:
+        saved = list(f.keys())
+        for name in saved:
+            assert torch.equal(f.get_tensor(name), want[name]), name
+    assert set(want) - set(saved) == {"lm_head.weight"}  # tied: stored once
 
 
 def test_logits_equal_the_gguf_models(folder_model, gguf_model, gen):
