@@ -423,7 +423,8 @@ def adapter_cache_folder(model_path, args):
 def ensure_adapters(model_path, count, args):
     """{e<i>: folder} for i < count: PEFT LoRA adapters (rank MOA_RANK, all seven projections,
     seed i) made by `make_random_peft_adapter`, cached across runs (each written atomically)."""
-    from moa_engine.moa_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, make_random_peft_adapter
+    from moa_engine.moa_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from moa_engine.testing import make_random_peft_adapter
 
     folder = adapter_cache_folder(model_path, args)
     adapters = {f"e{i}": os.path.join(folder, f"e{i}") for i in range(count)}

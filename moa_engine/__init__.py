@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 from moa_engine import ops
-from moa_engine.engine import Completion, Engine
+from moa_engine.engine import Completion, Engine, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -26,4 +26,4 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-__all__ = ["Engine", "Completion", "ops", "built_with_cuda", "__version__"]
+__all__ = ["Engine", "Completion", "SamplingParams", "ops", "built_with_cuda", "__version__"]

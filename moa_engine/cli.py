@@ -125,7 +125,7 @@ def _experts_arg(values):
 def _run_generate(args):
     import json
 
-    from moa_engine.engine import Engine
+    from moa_engine.engine import Engine, SamplingParams
 
     prompts = _read_prompts(args)
     if not prompts:
@@ -141,22 +141,20 @@ def _run_generate(args):
             routing=args.routing,
         )
         chat = not args.raw and engine.tokenizer is not None and bool(getattr(engine.tokenizer, "chat_template", None))
-        options = dict(
+        sampling = SamplingParams(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
-            stop=args.stop,
-            chat=chat,
-            domain=args.domain,
+            stop=tuple(args.stop or ()),
         )
         if len(prompts) == 1 and not args.json and not args.no_stream:
-            for piece in engine.stream(prompts[0], **options):
+            for piece in engine.stream(prompts[0], sampling, chat=chat, domain=args.domain):
                 print(piece, end="", flush=True)
             print()
             return 0
-        completions = engine.generate(prompts, **options)
+        completions = engine.generate(prompts, sampling, chat=chat, domain=args.domain)
     except (OSError, ValueError) as exc:
         print(f"moa generate: error: {exc}", file=sys.stderr)
         return 1

@@ -6,25 +6,76 @@ the KV cache, continuous batching and sampling.
     engine = Engine()                       # the embedded default model, SmolLM2-135M-Instruct
     [c] = engine.generate(["What is the capital of France?"], chat=True, max_new_tokens=32)
     c.text, c.token_ids, c.finish_reason
+    engine.generate(prompts, SamplingParams(temperature=0.7, top_p=0.9, seed=1))
 
 The C++ engine works while the GIL is released, so other Python threads run meanwhile.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
 from moa_engine import _C
 from moa_engine.models import DEFAULT_MODEL, resolve_model
-from moa_engine.moa_format import MoADir, load_peft_adapter
+from moa_engine.moa_format import MoADir
+from moa_engine.routing import BASE, ROUTE
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request is decoded: the C++ engine's moa::SamplingParams (temperature, top_k,
+    top_p, seed) with the request's max_new_tokens, stop strings and ignore_eos, as vLLM's
+    SamplingParams holds them.
+
+    max_new_tokens: the most tokens generated (EOS and stop ids included).
+    temperature: 0 is greedy; otherwise sampling after temperature, top_k (0: off) and
+        top_p (1: off), in that order.
+    seed: every request's random stream starts from it, so a prompt's output does not
+        depend on what else is in the batch; None draws a random seed.
+    stop: strings that end a completion (one string or several); the text is cut before the
+        first one.
+    ignore_eos: keep generating past the model's EOS ids.
+
+    The engine checks the ranges when a request is submitted (ValueError naming the field).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        stop = self.stop
+        stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
+        if stops is None or any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        object.__setattr__(self, "stop", stops)
+        if self.seed is not None and not 0 <= int(self.seed) < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+
+    @classmethod
+    def of(cls, sampling: SamplingParams | None = None, **fields) -> SamplingParams:
+        """`sampling` (default: SamplingParams()) with the given fields replaced: the one place
+        where generate() and stream() turn their convenience keywords into parameters."""
+        base = cls() if sampling is None else sampling
+        if not isinstance(base, cls):
+            raise TypeError(f"sampling: expected a SamplingParams or None, got {type(sampling).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; the sampling keywords are {names}")
+        return dataclasses.replace(base, **fields) if fields else base
 
 
 @dataclass(frozen=True)
@@ -47,7 +98,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)
-    domain: str = "base"
+    domain: str = BASE
     layer_domains: list[str] = field(default_factory=list, repr=False)
     router_probs: list[list[float]] | None = field(default=None, repr=False)
 
@@ -112,15 +163,9 @@ class Engine:
         )
         self._tokenizer = None
         self._tokenizer_loaded = False
-        with open(self.model_path / "config.json", encoding="utf-8") as f:
-            self._base_config = json.load(f)
         self.moa_dir = moa_dir
         if moa_dir is not None:
-            for expert in moa_dir.load_experts(self._base_config):
-                self._load_expert(expert)
-            if moa_dir.router is not None:
-                strategy = routing or moa_dir.config.router.strategy
-                self._core.set_router(list(moa_dir.config.domains), moa_dir.router, strategy)
+            self._core.load_moa(str(moa_dir.path), routing or "")  # the C++ reader, checked against the model
         elif experts:
             for name, path in experts.items():
                 self.add_expert(name, path)
@@ -143,16 +188,12 @@ class Engine:
         from the next step on can name it (and routers that know the name choose it)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"an expert needs a non-empty name, got {name!r}")
-        self._load_expert(load_peft_adapter(path, name, self._base_config))
+        self._core.load_expert(name, str(path))
 
     def remove_expert(self, name: str) -> None:
         """Unloads an expert. Requests already using it finish with it; new ones cannot
         name it, and routers stop choosing it."""
         self._core.remove_expert(name)
-
-    def _load_expert(self, expert) -> None:
-        pieces = [(layer, module, A, B, float(scale)) for (layer, module), (A, B, scale) in expert.targets.items()]
-        self._core.add_expert(expert.name, pieces)
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -240,30 +281,19 @@ class Engine:
 
     @staticmethod
     def _domains(domain, n: int) -> list[str]:
-        """generate()'s domain argument as one string per request ("" routes)."""
-        if domain is None or isinstance(domain, str):
+        """generate()'s domain argument as one string per request (the C++ engine routes "")."""
+        if domain is ROUTE or isinstance(domain, str):
             return [domain or ""] * n
         domains = list(domain)
         if len(domains) != n:
             raise ValueError(f"domain: expected one value or one per prompt ({n}), got {len(domains)}")
-        if any(d is not None and not isinstance(d, str) for d in domains):
-            raise ValueError(f"domain: expected names, 'base' or None, got {domain!r}")
+        if any(d is not ROUTE and not isinstance(d, str) for d in domains):
+            raise ValueError(f"domain: expected names, {BASE!r} or None, got {domain!r}")
         return [d or "" for d in domains]
 
     # -- generation -----------------------------------------------------------------
     def generate(
-        self,
-        prompts,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        chat: bool = False,
-        ignore_eos: bool = False,
-        domain=None,
-        routing: str | None = None,
+        self, prompts, sampling: SamplingParams | None = None, *, chat: bool = False, domain=ROUTE, routing=None, **kw
     ) -> list[Completion]:
         """Generates a completion for every prompt, batched continuously.
 
@@ -271,26 +301,20 @@ class Engine:
             as a list of one). With chat=True, each string is a user message and the
             model's chat template is applied; a prompt may also be a list of
             {"role", "content"} messages.
-        temperature: 0 is greedy; otherwise sampling after temperature, top_k (0: off)
-            and top_p (1: off), in that order.
-        seed: every request's random stream starts from it, so a prompt's output does not
-            depend on what else is in the batch; None draws a random seed.
-        stop: strings that end a completion; the text is cut before the first one.
-        ignore_eos: keep generating past the model's EOS ids.
-        domain: the expert for every prompt or one per prompt: an expert's name, "base"
-            (no expert) or None (the routers choose at prefill; with no experts loaded,
-            the base model). One batch may mix all of these.
+        sampling: a SamplingParams for every prompt; keywords (max_new_tokens=...,
+            temperature=..., top_k, top_p, seed, stop, ignore_eos) replace its fields.
+        domain: the expert for every prompt or one per prompt: an expert's name, BASE
+            ("base", no expert) or ROUTE (None: the routers choose at prefill; with no
+            experts loaded, the base model). One batch may mix all of these.
         routing: the routing strategy for routed prompts ("per_layer", "last", "vote");
             None uses the MoA directory's.
         Returns a Completion per prompt, in order.
         """
-        stops = self._stop_strings(stop)
+        params = SamplingParams.of(sampling, **kw)
+        stops = self._stop_strings(params.stop)
         prompt_ids = [self._encode(p, chat) for p in self._prompt_list(prompts)]
         domains = self._domains(domain, len(prompt_ids))
-        requests = [
-            self._request(ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos, d, routing)
-            for ids, d in zip(prompt_ids, domains)
-        ]
+        requests = [self._request(ids, params, d, routing) for ids, d in zip(prompt_ids, domains)]
         on_token = self._stop_watcher(len(requests), stops) if stops else None
         results = self._core.generate(requests, on_token)
         return [
@@ -307,18 +331,7 @@ class Engine:
         ]
 
     def stream(
-        self,
-        prompt,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        chat: bool = False,
-        ignore_eos: bool = False,
-        domain: str | None = None,
-        routing: str | None = None,
+        self, prompt, sampling: SamplingParams | None = None, *, chat: bool = False, domain=ROUTE, routing=None, **kw
     ) -> Iterator[str]:
         """Yields the completion of one prompt as text pieces, as tokens are decoded.
 
@@ -328,11 +341,10 @@ class Engine:
         """
         if self.tokenizer is None:
             raise ValueError(f"stream() needs a tokenizer, and {self.model_path} has none")
-        stops = self._stop_strings(stop)
+        params = SamplingParams.of(sampling, **kw)
+        stops = self._stop_strings(params.stop)
         ids = self._encode(prompt, chat)
-        request = self._request(
-            ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos, self._domains(domain, 1)[0], routing
-        )
+        request = self._request(ids, params, self._domains(domain, 1)[0], routing)
         rid = self._core.submit(request)
         tokens: list[int] = []
         sent = ""
@@ -410,32 +422,26 @@ class Engine:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _request(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, ignore_eos, domain, routing):
+    def _request(self, ids: list[int], params: SamplingParams, domain: str, routing) -> _C.GenerationRequest:
+        """One C++ request: the prompt's ids, its sampling parameters, its domain and strategy."""
         r = _C.GenerationRequest()
         r.domain = domain
         r.routing = routing or ""
         r.prompt = ids
-        r.max_new_tokens = int(max_new_tokens)
-        r.sampling.temperature = float(temperature)
-        r.sampling.top_k = int(top_k)
-        r.sampling.top_p = float(top_p)
-        if seed is not None:
-            if not 0 <= int(seed) < 2**64:
-                raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-            r.sampling.seed = int(seed)
-        r.stop_sequences = self._stop_sequences(stops)
-        r.ignore_eos = bool(ignore_eos)
+        r.max_new_tokens = int(params.max_new_tokens)
+        r.sampling.temperature = float(params.temperature)
+        r.sampling.top_k = int(params.top_k)
+        r.sampling.top_p = float(params.top_p)
+        if params.seed is not None:
+            r.sampling.seed = int(params.seed)
+        r.stop_sequences = self._stop_sequences(list(params.stop))
+        r.ignore_eos = bool(params.ignore_eos)
         return r
 
-    def _stop_strings(self, stop) -> list[str]:
-        if stop is None:
-            return []
-        stops = [stop] if isinstance(stop, str) else list(stop)
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-        if stops and self.tokenizer is None:
+    def _stop_strings(self, stop: tuple[str, ...]) -> list[str]:
+        if stop and self.tokenizer is None:
             raise ValueError(f"stop strings need a tokenizer, and {self.model_path} has none")
-        return stops
+        return list(stop)
 
     def _stop_sequences(self, stops: list[str]) -> list[list[int]]:
         # The C++ loop stops on these token sequences at once; the text check in

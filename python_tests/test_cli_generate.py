@@ -17,12 +17,14 @@ def run_moa(*args, stdin=None):
     )
 
 
+@pytest.mark.slow
 def test_generate_streams_one_prompt():
     out = run_moa("generate", "What is the capital of France?", "--max-new-tokens", "16")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 
 
+@pytest.mark.slow
 def test_generate_json_batch_from_stdin():
     prompts = "What is the capital of France?\nName a primary color.\n"
     out = run_moa("generate", "--json", "--max-new-tokens", "8", "--max-batch", "1", stdin=prompts)
@@ -43,6 +45,7 @@ def test_generate_json_batch_from_stdin():
         (["generate", "hi", "--model", "/nonexistent/model"], "/nonexistent/model"),
     ],
 )
+@pytest.mark.slow
 def test_generate_errors_are_one_line(args, message):
     out = run_moa(*args)
     assert out.returncode != 0

@@ -39,6 +39,7 @@ def run_pytest_subset(env_overrides):
     ],
     ids=lambda env: ",".join(f"{k}={v}" for k, v in env.items()),
 )
+@pytest.mark.slow
 def test_forced_path_matches_reference(env):
     result = run_pytest_subset(env)
     tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
@@ -46,6 +47,7 @@ def test_forced_path_matches_reference(env):
     assert " passed" in result.stdout and " failed" not in result.stdout, tail
 
 
+@pytest.mark.slow
 def test_bad_knob_is_a_clear_error():
     code = (
         "import torch, moa_engine\n"

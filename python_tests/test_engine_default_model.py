@@ -229,6 +229,7 @@ def peak_load_memory(which, folder):
     return m["peak"] - m["baseline"], m["weight_bytes"]
 
 
+@pytest.mark.slow
 def test_loading_peak_memory_is_within_1_3x_the_weights(folder):
     """Engine() (weights and KV cache; the tokenizer loads on first use) peaks within 1.3x the weights."""
     extra, weight_bytes = peak_load_memory("engine", folder)
@@ -239,6 +240,7 @@ def test_loading_peak_memory_is_within_1_3x_the_weights(folder):
     )
 
 
+@pytest.mark.slow
 def test_weight_loading_does_not_hold_the_file_and_the_copy(folder):
     """The C++ load copies each memory-mapped tensor and releases its pages: peak about 1x."""
     extra, weight_bytes = peak_load_memory("core", folder)

@@ -278,6 +278,7 @@ def test_invalid_config_json_raises(folder, text):
         load(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", ["vocab_size", "eos_token_id"])
 def test_deeply_nested_config_value_is_an_error_not_a_crash(folder, field):
     """A value nested 100k deep: the message describes it instead of printing it (printing

@@ -32,8 +32,8 @@ from moa_engine.moa_format import (
     MoADir,
     RouterConfig,
     load_router,
-    make_random_peft_adapter,
 )
+from moa_engine.testing import make_random_peft_adapter
 from tiny_models import VARIANTS, tiny_dirs  # noqa: F401  (fixture)
 
 ARCHS = list(VARIANTS)

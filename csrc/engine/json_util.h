@@ -25,10 +25,12 @@ inline std::string read_text_file(const std::filesystem::path& path) {
   return text.str();
 }
 
-// Parsed JSON; FormatError naming `source` when the text is not JSON.
-inline nlohmann::json parse_json_text(const std::string& text, const std::string& source) {
+// Parsed JSON; FormatError naming `source` when the text is not JSON. Json may be
+// nlohmann::ordered_json, which keeps the file's key order.
+template <typename Json = nlohmann::json>
+Json parse_json_text(const std::string& text, const std::string& source) {
   try {
-    return nlohmann::json::parse(text);
+    return Json::parse(text);
   } catch (const nlohmann::json::exception& e) {
     throw_error<FormatError>(source, ": not valid JSON (", e.what(), ")");
   }

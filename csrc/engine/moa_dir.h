@@ -1,22 +1,12 @@
-// The MoA directory read in C++: moa_config.json, one PEFT LoRA folder per domain and
-// router.safetensors. The format is defined in moa_engine/moa_format.py (its module
-// docstring); this reader follows it rule for rule, so that a C++ service loads a
-// directory exactly as moa_engine.Engine(model, experts=moa_dir) does:
+// The MoA-directory reader: the one reader of the format, used by the C++ engine
+// (Engine::load_moa, load_expert) and, through moa_engine._C, by the Python package
+// (moa_engine.moa_format, training, Engine). The format is specified in docs/moa-format.md.
 //
-//   <moa_dir>/moa_config.json                 MoaConfig below; every key required, no other
-//   <moa_dir>/experts/<domain>/adapter_config.json      PEFT's LoraConfig
-//   <moa_dir>/experts/<domain>/adapter_model.safetensors
-//       base_model.model.model.layers.{l}.{self_attn|mlp}.{module}.lora_{A,B}.weight
-//       lora_A [r, in], lora_B [out, r]
-//   <moa_dir>/router.safetensors (optional)   layers.{l}.weight [n_domains, hidden]
-//
-// An expert's scale per module is alpha / r (alpha / sqrt(r) with use_rslora), r and
-// alpha the module's own: the first rank_pattern / alpha_pattern key k, in the file's
-// order, with regex_match("(.*\.)?(k)", module name), else r / lora_alpha. Patterns are
-// ECMAScript regexes (std::regex): PEFT's Python patterns that use Python-only syntax,
-// such as (?P<name>...), are refused with a FormatError naming the pattern.
-// Options that change the forward beyond a plain low-rank update (DoRA, biases,
-// modules_to_save, fan_in_fan_out, ...) are refused by name.
+// Three files implement it: moa_config.cpp (moa_config.json), peft_adapter.cpp (one PEFT
+// LoRA folder: adapter_config.json + adapter_model.safetensors) and moa_dir.cpp
+// (router.safetensors and the directory as a whole). rank_pattern / alpha_pattern keys are
+// ECMAScript regexes (std::regex): Python-only syntax, such as (?P<name>...), is refused
+// with a FormatError naming the pattern.
 //
 // Weights are memory-mapped: an expert's tensors view its file until the engine copies
 // them into its stacks. Errors: FileNotFound for a missing folder or file, FormatError
@@ -35,7 +25,7 @@
 
 namespace moa::engine {
 
-// The target modules, in the order moa_format.TARGET_MODULES lists them.
+// The modules an expert may adapt, in the format's order.
 const std::vector<std::string>& moa_target_modules();
 
 // The contents of moa_config.json.
@@ -49,7 +39,7 @@ struct MoaConfig {
   double eta = 0.1;
 };
 
-// Validates as MoAConfig.from_dict does; `source` names the file in messages.
+// Parses and checks moa_config.json's text; `source` names the file in messages.
 MoaConfig parse_moa_config(const std::string& json_text, const std::string& source);
 MoaConfig read_moa_config(const std::string& path);
 
@@ -58,23 +48,25 @@ struct PeftAdapter {
   std::string name;
   int64_t rank = 0;                  // the largest r over the targets
   std::vector<LoraWeights> targets;  // by layer, then module; tensors keep the file's dtype
+  std::vector<double> scales;        // targets[i]'s scale before its rounding to float
   std::shared_ptr<const Checkpoint> file;  // the mapping the tensors view
 
   std::vector<std::string> modules() const;  // adapted modules, moa_target_modules() order
   int64_t hidden_size() const;               // read off the shapes
 };
 
-// Reads a PEFT LoRA folder (load_peft_adapter in moa_format.py). With `base`, also
-// checks every shape and layer against the base model, and that every module the
-// config targets has weights.
+// Reads a PEFT LoRA folder; `name` "" takes the folder's name. With `base`, also checks
+// every shape and layer against the base model, and that every module the config
+// targets has weights.
 PeftAdapter read_peft_adapter(const std::string& folder, const std::string& name, const ModelConfig* base);
 
 // Reads router.safetensors: float32 [n_domains, hidden] per layer, layer order, owned
-// (not views of the file). n_domains < 0 skips that check.
-std::vector<at::Tensor> read_router(const std::string& path, int64_t n_domains);
+// (not views of the file). Each size given >= 0 is checked.
+std::vector<at::Tensor> read_router(const std::string& path, int64_t n_domains, int64_t n_layers = -1,
+                                    int64_t hidden = -1);
 
-// A whole MoA directory, checked as MoADir.load + load_experts do, and with `base`,
-// against the base model (layers, shapes, hidden size, router layers).
+// A whole MoA directory: every part checked, the parts against each other, and with
+// `base`, against the base model (layers, shapes, hidden size, router layers).
 struct MoaDirectory {
   std::string path;
   MoaConfig config;

@@ -37,7 +37,8 @@ def write(data: Path) -> None:
     except ImportError as exc:
         sys.exit(f"cpp_vs_python.py: {sys.executable} cannot import moa_engine ({exc}); install the package first "
                  "(pip install --no-build-isolation -e .), or configure CMake with -DPython3_EXECUTABLE=<its python>")
-    from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig, make_random_peft_adapter
+    from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig
+    from moa_engine.testing import make_random_peft_adapter
     from tiny_models import build_model, save_model
 
     data.mkdir(parents=True, exist_ok=True)

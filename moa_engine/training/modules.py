@@ -12,7 +12,6 @@ the sequence's routing tokens (the prompt), of layer l's input after its input R
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,15 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa_engine.moa_format import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    MODULE_PARENT,
-    TARGET_MODULES,
-    LoraExpert,
-    _staging_folder,
-    _write_safetensors,
-)
+from moa_engine.moa_format import MODULE_PARENT, TARGET_MODULES, LoraExpert, lora_adapter_config, save_peft_adapter
 from moa_engine.ops import grouped_lora
 
 from .linear_ce import linear_cross_entropy
@@ -244,15 +235,10 @@ class MoAModel(nn.Module):
             params += [self.linears[key].lora_A[e], self.linears[key].lora_B[e]]
         return params
 
-    def expert_state(self, name: str) -> dict[str, torch.Tensor]:
-        """One expert as PEFT's adapter_model.safetensors tensors (float32, [r, in] / [out, r])."""
+    def expert_weights(self, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """One expert's weights: {(layer, module): (A [r, in], B [out, r])}, detached."""
         e = self.expert_index(name)
-        tensors = {}
-        for (l, module), linear in sorted(self.linears.items()):
-            prefix = f"base_model.model.model.layers.{l}.{MODULE_PARENT[module]}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = linear.lora_A[e].detach().to("cpu", torch.float32).contiguous().clone()
-            tensors[f"{prefix}.lora_B.weight"] = linear.lora_B[e].detach().to("cpu", torch.float32).contiguous().clone()
-        return tensors
+        return {key: (linear.lora_A[e].detach(), linear.lora_B[e].detach()) for key, linear in sorted(self.linears.items())}
 
     def save_expert(self, name: str, folder, base_model: str, adapter_config: dict | None = None) -> Path:
         """Write one expert as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors),
@@ -262,12 +248,8 @@ class MoAModel(nn.Module):
         if adapter_config is None:
             if "rank" not in meta:
                 raise ValueError(f"expert {name!r} was loaded from a folder: pass its adapter_config")
-            adapter_config = peft_lora_config(base_model, meta["rank"], meta["alpha"], self.target_modules, meta["use_rslora"])
-        folder = Path(folder)
-        with _staging_folder(folder, overwrite=True) as stage:
-            (stage / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-            _write_safetensors(stage / ADAPTER_WEIGHTS, self.expert_state(name))
-        return folder
+            adapter_config = lora_adapter_config(base_model, meta["rank"], meta["alpha"], self.target_modules, meta["use_rslora"])
+        return save_peft_adapter(folder, adapter_config, self.expert_weights(name))
 
     # -- routers ---------------------------------------------------------------------
     def set_routers(self, domains: list[str], weights: list[torch.Tensor] | None = None) -> None:
@@ -337,31 +319,6 @@ class MoAModel(nn.Module):
         if isinstance(head, nn.Linear) and not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad):
             return linear_cross_entropy(hidden, head.weight, labels, head.bias)
         return F.cross_entropy(self.lm_logits(hidden).float(), labels, reduction="none")
-
-
-def peft_lora_config(base_model: str, rank: int, alpha: float, target_modules, use_rslora: bool = False) -> dict:
-    """The adapter_config.json that PEFT (0.x) writes for a plain LoRA on a causal LM."""
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "target_modules": sorted(target_modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": use_rslora,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "revision": None,
-    }
 
 
 def enable_checkpointing(model) -> None:

@@ -1,18 +1,16 @@
-"""The C++ MoA-directory reader (csrc/engine/moa_dir.cpp, _C.Engine.load_moa / load_expert)
-against the Python one (moa_engine/moa_format.py, used by moa_engine.Engine(experts=...)).
+"""The MoA-directory reader: one reader, in C++ (csrc/engine/moa_dir.h), used by the C++
+engine (_C.Engine.load_moa / load_expert) and by Python (moa_engine.Engine(experts=...),
+moa_format, training) alike.
 
-The independent reference is the Python reader: both engines start from the same model folder,
-one loads the experts through Python (load_peft_adapter -> _C.Engine.add_expert), the other
-through C++ (load_moa), and then
-- Engine.forward gives bit-identical logits for every domain, "base" and routed rows;
-- greedy generation gives identical ids and routing (domain, per-layer experts, router
-  probabilities) for named, base and routed requests of ragged lengths in one batch;
-- on a broken directory both refuse it with the same Python exception type (ValueError or
-  FileNotFoundError), the C++ message names the file at fault, and the engine is left unchanged.
+- Every broken directory is refused with the right exception (ValueError or
+  FileNotFoundError) and a message naming the file at fault, through both doors, and the
+  engine is left unchanged.
+- Python-only regex syntax in a pattern is refused by name; every unsupported PEFT option is
+  refused by name.
 
-Adapters are made by real PEFT with the options the format supports: per-module rank and alpha
-patterns (regex keys, file order), rslora, a regex-string target_modules, exclude_modules,
-layers_to_transform with layers_pattern, module subsets. Models: tiny_models.py.
+Adapters are made by real PEFT (moa_engine.testing); models: tiny_models.py. That the
+experts it reads compute PEFT's forward is tested in test_moa_format.py (scales and deltas
+against PEFT) and test_moa_engine.py (the engine against PEFT).
 """
 
 from __future__ import annotations
@@ -28,26 +26,19 @@ import torch
 
 import moa_engine
 from moa_engine import _C
-from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig, make_random_peft_adapter
-from tiny_models import VARIANTS, tiny_dirs  # noqa: F401  (fixture)
+from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig, load_peft_adapter
+from moa_engine.testing import make_random_peft_adapter
+from tiny_models import tiny_dirs  # noqa: F401  (fixture)
 
 MAX_SEQ_LEN = 64
-STRATEGIES = ("per_layer", "last", "vote")
 
-# PEFT LoraConfig options of each expert; every one exercises a rule of the reader.
+# The experts of the broken directories: a plain one and one on a layer subset.
 EXPERTS = {
     "plain": dict(r=4, alpha=8),
-    "patterns": dict(
-        r=6, alpha=12, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-        # Two keys match layer 0's q_proj; the first in the file (sorted by PEFT) wins.
-        rank_pattern={"down_proj": 2, "layers.0.self_attn.q_proj": 3, "q_proj": 5},
-        alpha_pattern={r"v_pro.": 5, "o_proj": 20},
-    ),
-    "regex_targets": dict(r=5, alpha=7, target_modules=r".*\.(k_proj|up_proj|gate_proj)"),
     "layer_subset": dict(
-        r=3, alpha=9, layers_to_transform=[1], layers_pattern="layers", exclude_modules=["o_proj", "gate_proj"],
+        r=3, alpha=9, layers_to_transform=[1], layers_pattern="layers", exclude_modules=["o_proj", "gate_proj"]
     ),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,7 +51,7 @@ def one_thread():
 
 
 def make_moa_dir(folder: Path, out: Path, experts: dict, seed: int, router: bool = True, strategy="last") -> Path:
-    """A MoA directory with a random PEFT expert per EXPERTS entry and a random router."""
+    """A MoA directory with a random PEFT expert per `experts` entry and a random router."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -82,110 +73,8 @@ def make_moa_dir(folder: Path, out: Path, experts: dict, seed: int, router: bool
     return MoADir.save(out, config, experts=dirs, router=weights)
 
 
-def engines(folder, moa_dir, strategy=None):
-    """(the Python reader's _C.Engine, the C++ reader's), both from `folder`."""
-    py = moa_engine.Engine(folder, experts=moa_dir, routing=strategy, max_batch=4, max_seq_len=MAX_SEQ_LEN)._core
-    cpp = _C.Engine(str(folder), max_batch=4, max_seq_len=MAX_SEQ_LEN)
-    cpp.load_moa(str(moa_dir), strategy or "")
-    return py, cpp
-
-
-def request(prompt, domain, routing="", n=8):
-    r = _C.GenerationRequest()
-    r.prompt, r.domain, r.routing, r.max_new_tokens = prompt, domain, routing, n
-    r.ignore_eos = True
-    return r
-
-
-def outcome(results):
-    return [
-        (list(r.token_ids), r.finish_reason, r.routing.domain, list(r.routing.layer_domains),
-         [list(p) for p in r.routing.router_probs])
-        for r in results
-    ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def moa_dirs(tiny_dirs, tmp_path_factory):
-    """moa_dirs(arch) -> a MoA directory of EXPERTS with a router on that tiny model (cached)."""
-    root = tmp_path_factory.mktemp("cpp_moa")
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = make_moa_dir(tiny_dirs[arch], root / arch, EXPERTS, seed=10 * len(cache) + 1)
-        return cache[arch]
-
-    return get
-
-
 # ---------------------------------------------------------------------------------------------
-# Same experts, same routers: bit-identical logits and identical generations
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("arch", list(VARIANTS))
-def test_forward_logits_identical(arch, tiny_dirs, moa_dirs, gen):
-    py, cpp = engines(tiny_dirs[arch], moa_dirs(arch))
-    assert cpp.experts == py.experts == list(EXPERTS)
-    assert cpp.router_domains == py.router_domains == list(EXPERTS)
-    vocab = cpp.config["vocab_size"]
-    domains = [*EXPERTS, "base", ""]  # "" routes the row
-    ids = torch.randint(0, vocab, (len(domains), 11), generator=gen)
-    ref, ref_routing = py.forward_with_routing(ids, domains)
-    got, got_routing = cpp.forward_with_routing(ids, domains)
-    assert torch.equal(got, ref), f"{arch}: logits differ by {(got - ref).abs().max():.3g}"
-    for row, (a, b) in enumerate(zip(got_routing, ref_routing)):
-        assert (a.domain, a.layer_domains, a.router_probs) == (b.domain, b.layer_domains, b.router_probs), f"row {row}"
-    # Each expert changes the logits: the comparison above is not of base-model rows only.
-    base = got[len(EXPERTS)]
-    for row, name in enumerate(EXPERTS):
-        assert (got[row] - base).abs().max() > 1e-3, f"{arch}: expert {name} has no effect"
-
-
-@pytest.mark.parametrize("arch", ["llama_gqa", "qwen2_bias"])
-@pytest.mark.parametrize("strategy", [None, *STRATEGIES])
-def test_greedy_generation_identical(arch, strategy, tiny_dirs, moa_dirs, gen):
-    """Named, base and routed requests of ragged lengths in one batch (more than max_batch, so
-    continuous batching admits some later), with the directory's strategy or an override."""
-    py, cpp = engines(tiny_dirs[arch], moa_dirs(arch), strategy)
-    vocab = cpp.config["vocab_size"]
-    domains = [*EXPERTS, "base", "", "", "plain", ""]
-    lengths = torch.randint(1, 20, (len(domains),), generator=gen).tolist()
-    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
-    routing = ["", "vote", "per_layer", "", "last", "", "", ""]  # per-request overrides
-    reqs = lambda: [request(p, d, o if d == "" else "") for p, d, o in zip(prompts, domains, routing)]  # noqa: E731
-    ref = outcome(py.generate(reqs()))
-    got = outcome(cpp.generate(reqs()))
-    assert got == ref
-    assert {r[2] for r in got} - {"base", "mixed"}, "no request was served by an expert"
-
-
-def test_load_expert_matches_add_expert(tiny_dirs, moa_dirs, gen):
-    folder, moa_dir = tiny_dirs["mistral_window"], moa_dirs("mistral_window")
-    py = moa_engine.Engine(folder, max_seq_len=MAX_SEQ_LEN)
-    cpp = _C.Engine(str(folder), max_seq_len=MAX_SEQ_LEN)
-    for name in EXPERTS:
-        py.add_expert(name, moa_dir / "experts" / name)
-        cpp.load_expert(f"{name}", str(moa_dir / "experts" / name))
-    assert cpp.experts == py.experts and cpp.router_domains == []
-    ids = torch.randint(0, cpp.config["vocab_size"], (len(EXPERTS), 9), generator=gen)
-    assert torch.equal(cpp.forward(ids, list(EXPERTS)), py._core.forward(ids, list(EXPERTS)))
-
-
-def test_bfloat16_engine_identical(tiny_dirs, moa_dirs, gen):
-    """The file's float32 weights converted to the engine's dtype the same way."""
-    folder, moa_dir = tiny_dirs["llama3_tied"], moa_dirs("llama3_tied")
-    py = moa_engine.Engine(folder, experts=moa_dir, dtype="bfloat16", max_seq_len=MAX_SEQ_LEN)._core
-    cpp = _C.Engine(str(folder), dtype="bfloat16", max_seq_len=MAX_SEQ_LEN)
-    cpp.load_moa(str(moa_dir))
-    ids = torch.randint(0, cpp.config["vocab_size"], (3, 7), generator=gen)
-    domains = ["patterns", "layer_subset", ""]
-    assert torch.equal(cpp.forward(ids, domains), py.forward(ids, domains))
-
-
-# ---------------------------------------------------------------------------------------------
-# Broken directories: both readers refuse, with the same exception type
+# Broken directories: refused with the right exception, naming the file
 # ---------------------------------------------------------------------------------------------
 
 
@@ -226,7 +115,9 @@ def first_key(path: Path, module="q_proj", half="A") -> str:
 CFG, ADAPTER, WEIGHTS, ROUTER = "moa_config.json", "adapter_config.json", "adapter_model.safetensors", "router.safetensors"
 E = "experts/plain"  # the expert the corruptions below break
 
-# name -> (file that the message must name, relative to the MoA dir, corruption of the dir)
+# name -> (file that the message must name, relative to the MoA dir, corruption of the dir).
+# A missing file is a FileNotFoundError; anything else a ValueError.
+MISSING = {"config_missing", "expert_missing"}
 CORRUPTIONS = {
     "config_not_json": (CFG, lambda d: (d / CFG).write_text("{not json")),
     "config_unknown_key": (CFG, lambda d: edit_json(d / CFG, lambda c: c.update(extra=1))),
@@ -295,24 +186,24 @@ CORRUPTIONS = {
 def small_moa(tiny_dirs, tmp_path_factory):
     """llama_gqa (3 layers, hidden 96) with two experts and a router."""
     root = tmp_path_factory.mktemp("cpp_moa_errors")
-    experts = {"plain": dict(r=4, alpha=8), "layer_subset": EXPERTS["layer_subset"]}
-    return tiny_dirs["llama_gqa"], make_moa_dir(tiny_dirs["llama_gqa"], root / "good", experts, seed=5)
+    return tiny_dirs["llama_gqa"], make_moa_dir(tiny_dirs["llama_gqa"], root / "good", EXPERTS, seed=5)
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_broken_directory_refused_like_python(case, small_moa, tmp_path):
+def test_broken_directory_is_refused_naming_the_file(case, small_moa, tmp_path):
     folder, good = small_moa
     bad = shutil.copytree(good, tmp_path / "moa")
     named, corrupt = CORRUPTIONS[case]
     corrupt(bad)
-    with pytest.raises((ValueError, FileNotFoundError)) as py_err:
+    expected = FileNotFoundError if case in MISSING else ValueError
+    with pytest.raises(expected) as from_python:
         moa_engine.Engine(folder, experts=bad, max_seq_len=MAX_SEQ_LEN)
     cpp = _C.Engine(str(folder), max_seq_len=MAX_SEQ_LEN)
-    with pytest.raises((ValueError, FileNotFoundError)) as cpp_err:
+    with pytest.raises(expected) as from_cpp:
         cpp.load_moa(str(bad))
-    message = str(cpp_err.value)
-    assert type(cpp_err.value) is type(py_err.value), f"C++: {message!r}\nPython: {py_err.value!r}"
-    assert str(bad / named) in message, f"the message does not name {bad / named}: {message!r}"
+    for err in (from_python, from_cpp):
+        assert type(err.value) is expected, repr(err.value)
+        assert str(bad / named) in str(err.value), f"the message does not name {bad / named}: {err.value}"
     assert cpp.experts == [] and cpp.router_domains == [], "a failed load_moa changed the engine"
 
 
@@ -349,18 +240,39 @@ def test_python_only_regex_syntax_is_named(small_moa, tmp_path):
         cpp.load_expert("plain", str(bad))
 
 
-def test_every_unsupported_option_refused_by_both(small_moa, tmp_path):
-    """The C++ table of refused adapter options covers moa_format._UNSUPPORTED (a new entry
-    in Python without one in C++ fails here)."""
-    from moa_engine.moa_format import _UNSUPPORTED, load_peft_adapter
+# Every adapter_config.json option that changes the forward beyond a plain low-rank update:
+# key -> how the message names it (docs/moa-format.md lists them).
+UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "bias": "bias",
+    "lora_bias": "lora_bias",
+    "modules_to_save": "modules_to_save",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters",
+    "layer_replication": "layer_replication",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "arrow_config",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "velora_config",
+    "monteclora_config": "monteclora_config",
+}
 
+
+def test_every_unsupported_option_is_refused(small_moa, tmp_path):
     folder, good = small_moa
     cpp = _C.Engine(str(folder), max_seq_len=MAX_SEQ_LEN)
-    for key, _, what in _UNSUPPORTED:
+    for key, what in UNSUPPORTED.items():
         bad = shutil.copytree(good / "experts" / "plain", tmp_path / key)
         edit_json(bad / ADAPTER, lambda c: c.update({key: "all" if key == "bias" else True}))
-        with pytest.raises(ValueError, match=re.escape(f"{what} is not supported")):
+        message = re.escape(f"{bad / ADAPTER}: {what} is not supported ({key}=")
+        with pytest.raises(ValueError, match=message):
             load_peft_adapter(bad)
-        with pytest.raises(ValueError, match=re.escape(f"{bad / ADAPTER}: {what} is not supported ({key}=")):
+        with pytest.raises(ValueError, match=message):
             cpp.load_expert(key, str(bad))
+        # unset (false, null, empty) is fine
+        edit_json(bad / ADAPTER, lambda c: c.update({key: "none" if key == "bias" else None}))
+        load_peft_adapter(bad)
     assert cpp.experts == []
