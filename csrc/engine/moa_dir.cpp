@@ -261,9 +261,7 @@ MoaConfig moa_config_from_json(const json& j) {
   c.strategy = string_field(router["strategy"], "router.strategy");
   if (c.pooling != "mean")
     throw_error<FormatError>("field 'router.pooling': '", c.pooling, "' is not supported (expected one of ['mean'])");
-  if (c.strategy != "last" && c.strategy != "per_layer" && c.strategy != "vote")
-    throw_error<FormatError>("field 'router.strategy': '", c.strategy,
-                             "' is not one of ['last', 'per_layer', 'vote']");
+  parse_routing_strategy<FormatError>(c.strategy, "field 'router.strategy':");
   const json& eta = j["eta"];
   if (!is_real_number(eta)) bad_field("eta", "int or float", eta);
   c.eta = eta.get<double>();
