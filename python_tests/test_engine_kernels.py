@@ -1,5 +1,10 @@
 """The engine's dense linear (moa_engine._C._linear) against torch: every token count
-that takes the SIMD decode kernel and the BLAS path, awkward sizes, biases, dtypes."""
+that takes the SIMD decode kernel and the BLAS path, awkward sizes, biases, dtypes; and its
+knob MOA_ENGINE_SMALL_M (read once per process, so each value runs in a subprocess)."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,3 +53,55 @@ def test_linear_strided_rows():
 def test_linear_rejects_mismatch():
     with pytest.raises(ValueError, match="_linear"):
         _C._linear(torch.randn(2, 5), torch.randn(3, 4), None)
+
+
+def run_with_small_m(value, code):
+    env = dict(os.environ, MOA_ENGINE_SMALL_M=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1", "16x", "3.5", "99999999999999999999"])
+def test_small_m_knob_bad_value_is_a_clear_error(bad, tmp_path):
+    """A bad MOA_ENGINE_SMALL_M is a ValueError naming the variable, the value and what is
+    expected: when an engine is built (before any forward) and at the linear itself."""
+    from tiny_models import build_model, save_model
+
+    folder = save_model(build_model("llama_gqa", seed=3), tmp_path / "model")
+    code = (
+        "import torch, moa_engine\n"
+        "from moa_engine import _C\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        f"calls = [lambda: moa_engine.Engine({str(folder)!r}, max_seq_len=32),\n"
+        "         lambda: _C._linear(torch.randn(3, 8, generator=g), torch.randn(4, 8, generator=g), None)]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as e:\n"
+        "        print('ValueError:', e)\n"
+        "    else:\n"
+        "        print('no error')\n"
+    )
+    result = run_with_small_m(bad, code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    want = f"ValueError: MOA_ENGINE_SMALL_M must be an integer >= 0 (0: always BLAS), got '{bad}'"
+    assert result.stdout.splitlines() == [want, want], result.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1000", ""])
+def test_small_m_knob_good_values_give_the_same_linear(value):
+    """0 (always BLAS), 1, 1000 (the SIMD kernel, where the CPU has it, for every M below) and
+    "" (unset: the default 32) are accepted, and every M still matches float64."""
+    code = (
+        "import torch\n"
+        "from moa_engine import _C\n"
+        "g = torch.Generator().manual_seed(11)\n"
+        "for M in (1, 2, 33, 70):\n"
+        "    x, w = torch.randn(M, 80, generator=g), torch.randn(29, 80, generator=g)\n"
+        "    b = torch.randn(29, generator=g)\n"
+        "    want = x.double() @ w.double().T + b.double()\n"
+        "    err = (_C._linear(x, w, b).double() - want).abs().max().item()\n"
+        "    assert err <= 1e-4 * want.abs().max().item(), (M, err)\n"
+        "print('ok')\n"
+    )
+    result = run_with_small_m(value, code)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -535,7 +535,7 @@ def test_route_alone_chooses_as_the_reference(strategy, routing):
 
 def test_route_errors(routing, tiny_dirs):
     engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN)
-    with pytest.raises(ValueError, match="'majority' is not a strategy"):
+    with pytest.raises(ValueError, match=r"routing strategy 'majority' is not one of per_layer, last, vote"):
         engine.route([[1, 2]], routing="majority")
     with pytest.raises(ValueError, match="prompt is empty"):
         engine.route([[1, 2], []])
@@ -553,7 +553,7 @@ def test_route_errors(routing, tiny_dirs):
 def test_forward_routing_errors(routing, tiny_dirs):
     engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN)
     rows = torch.tensor([routing["prompts"][i] for i in EQUAL_LENGTH])
-    with pytest.raises(ValueError, match="'majority' is not a strategy"):
+    with pytest.raises(ValueError, match=r"routing strategy 'majority' is not one of per_layer, last, vote"):
         engine.forward(rows, routing="majority")
     with pytest.raises(ValueError, match="routing: expected a strategy name"):
         engine.forward(rows, routing=1)

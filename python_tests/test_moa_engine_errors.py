@@ -202,7 +202,7 @@ def test_low_level_router_checks(engine, gen):
         core.set_router(["A", "B"], random_router(gen, 2, hidden=95), "last")
     with pytest.raises(ValueError, match=r"router: expected one matrix per layer \(3\), got 1"):
         core.set_router(["A", "B"], random_router(gen, 2, layers=1), "last")
-    with pytest.raises(ValueError, match=r"router strategy 'sideways' is not one of per_layer, last, vote"):
+    with pytest.raises(ValueError, match=r"routing strategy 'sideways' is not one of per_layer, last, vote"):
         core.set_router(["A", "B"], random_router(gen, 2), "sideways")
     with pytest.raises(ValueError, match=r"a router needs at least one domain"):
         core.set_router([], [torch.zeros(0, HIDDEN)] * LAYERS, "last")
@@ -251,11 +251,11 @@ def test_routing_strategy_without_any_router_or_expert(tiny_dirs, gen):
 
 def test_unknown_routing_strategy(moa_dir, gen):
     engine = moa_engine.Engine(experts=moa_dir, max_batch=2, max_seq_len=64)
-    with pytest.raises(ValueError, match=r"routing 'sideways' is not a strategy \(per_layer, last, vote\)"):
+    with pytest.raises(ValueError, match=r"routing strategy 'sideways' is not one of per_layer, last, vote"):
         engine.generate([prompt(gen)], max_new_tokens=2, routing="sideways")
-    with pytest.raises(ValueError, match=r"routing 'sideways' is not a strategy"):
+    with pytest.raises(ValueError, match=r"routing strategy 'sideways' is not one of per_layer, last, vote"):
         engine.generate([prompt(gen), prompt(gen)], max_new_tokens=2, domain=["A", None], routing="sideways")
-    with pytest.raises(ValueError, match=r"strategy 'sideways' is not one of per_layer, last, vote"):
+    with pytest.raises(ValueError, match=r"routing strategy 'sideways' is not one of per_layer, last, vote"):
         moa_engine.Engine(experts=moa_dir, routing="sideways")
     assert engine._core.idle()
 

@@ -40,7 +40,21 @@ bool AdapterTable::empty() const {
 }
 
 std::shared_ptr<AdapterTable> AdapterTable::with_expert(const std::string& name, const LoraPieces& pieces) const {
-  if (name.empty() || name == "base")
+  check_expert(name, pieces);
+  auto next = std::make_shared<AdapterTable>(*this);
+  const int64_t slot = next->claim_slot(name);
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    for (int ti = 0; ti < kNumTargets; ++ti) {
+      const Target t = static_cast<Target>(ti);
+      auto it = pieces.find({l, t});
+      next->write_slot(l, t, slot, it != pieces.end() ? &it->second : nullptr);
+    }
+  }
+  return next;
+}
+
+void AdapterTable::check_expert(const std::string& name, const LoraPieces& pieces) const {
+  if (name.empty() || name == kBaseDomain)
     throw_error<InvalidArgument>("expert name '", name, "' is reserved; choose another");
   if (slot_of(name) >= 0) throw_error<InvalidArgument>("an expert named '", name, "' is already loaded");
   for (const auto& [key, piece] : pieces) {
@@ -57,56 +71,53 @@ std::shared_ptr<AdapterTable> AdapterTable::with_expert(const std::string& name,
                                    " and ", b.sizes(), " (an adapter made for another base model?)");
     }
   }
-  auto next = std::make_shared<AdapterTable>(*this);
+}
+
+int64_t AdapterTable::claim_slot(const std::string& name) {
   int64_t slot = -1;
-  for (size_t i = 0; i < next->names_.size(); ++i)
-    if (next->names_[i].empty()) {
+  for (size_t i = 0; i < names_.size(); ++i)
+    if (names_[i].empty()) {
       slot = static_cast<int64_t>(i);
       break;
     }
   if (slot < 0) {
-    slot = next->slots();
-    next->names_.push_back("");
+    slot = slots();
+    names_.push_back("");
   }
-  next->names_[slot] = name;
-  const int64_t E = next->slots();
-  const auto opts = at::TensorOptions().dtype(dtype_);
-  for (int64_t l = 0; l < config_.num_layers; ++l) {
-    for (int ti = 0; ti < kNumTargets; ++ti) {
-      const Target t = static_cast<Target>(ti);
-      Stack& s = next->stacks_[l][ti];
-      auto it = pieces.find({l, t});
-      const bool has_new = it != pieces.end();
-      if (!has_new && !s.a.defined()) continue;
-      const auto [in, out] = dims(t);
-      const int64_t old_e = s.a.defined() ? s.a.size(0) : 0;
-      const int64_t old_r = s.a.defined() ? s.a.size(1) : 0;
-      const int64_t r = std::max(old_r, has_new ? it->second.a.size(0) : 0);
-      if (old_e != E || old_r != r) {  // grow: new slot and/or larger rank, zero-padded
-        Stack grown{at::zeros({E, r, in}, opts), at::zeros({E, out, r}, opts),
-                    at::zeros({E}, at::TensorOptions().dtype(at::kFloat))};
-        if (old_e > 0) {
-          grown.a.narrow(0, 0, old_e).narrow(1, 0, old_r).copy_(s.a);
-          grown.b.narrow(0, 0, old_e).narrow(2, 0, old_r).copy_(s.b);
-          grown.scales.narrow(0, 0, old_e).copy_(s.scales);
-        }
-        s = grown;
-      } else {  // same shape: copy before writing, so the old table stays as it was
-        s = Stack{s.a.clone(), s.b.clone(), s.scales.clone()};
-      }
-      s.a[slot].zero_();
-      s.b[slot].zero_();
-      s.scales[slot] = 0.0;
-      if (has_new) {
-        const LoraPiece& p = it->second;
-        const int64_t pr = p.a.size(0);
-        s.a[slot].narrow(0, 0, pr).copy_(p.a);
-        s.b[slot].narrow(1, 0, pr).copy_(p.b);
-        s.scales[slot] = p.scale;
-      }
+  names_[slot] = name;
+  return slot;
+}
+
+void AdapterTable::write_slot(int64_t layer, Target t, int64_t slot, const LoraPiece* piece) {
+  Stack& s = stacks_[layer][static_cast<int>(t)];
+  if (piece == nullptr && !s.a.defined()) return;
+  const auto [in, out] = dims(t);
+  const int64_t E = slots();
+  const int64_t old_e = s.a.defined() ? s.a.size(0) : 0;
+  const int64_t old_r = s.a.defined() ? s.a.size(1) : 0;
+  const int64_t r = std::max(old_r, piece != nullptr ? piece->a.size(0) : 0);
+  if (old_e != E || old_r != r) {  // grow: new slot and/or larger rank, zero-padded
+    const auto opts = at::TensorOptions().dtype(dtype_);
+    Stack grown{at::zeros({E, r, in}, opts), at::zeros({E, out, r}, opts),
+                at::zeros({E}, at::TensorOptions().dtype(at::kFloat))};
+    if (old_e > 0) {
+      grown.a.narrow(0, 0, old_e).narrow(1, 0, old_r).copy_(s.a);
+      grown.b.narrow(0, 0, old_e).narrow(2, 0, old_r).copy_(s.b);
+      grown.scales.narrow(0, 0, old_e).copy_(s.scales);
     }
+    s = grown;
+  } else {  // same shape: copy before writing, so the old table stays as it was
+    s = Stack{s.a.clone(), s.b.clone(), s.scales.clone()};
   }
-  return next;
+  s.a[slot].zero_();
+  s.b[slot].zero_();
+  s.scales[slot] = 0.0;
+  if (piece != nullptr) {
+    const int64_t pr = piece->a.size(0);
+    s.a[slot].narrow(0, 0, pr).copy_(piece->a);
+    s.b[slot].narrow(1, 0, pr).copy_(piece->b);
+    s.scales[slot] = piece->scale;
+  }
 }
 
 std::shared_ptr<AdapterTable> AdapterTable::with_name(int64_t slot, const std::string& name) const {

@@ -63,6 +63,13 @@ class AdapterTable {
 
  private:
   std::pair<int64_t, int64_t> dims(Target t) const;  // (in, out) of the target linear
+  // with_expert's steps: check the name and every piece against the model; take a free
+  // slot (or a new one) for the name; write the slot of one (layer, target) stack (its
+  // piece, or zeros when piece is null), growing the stack to every slot and the largest
+  // rank, and copying it first so that the table it was copied from stays as it was.
+  void check_expert(const std::string& name, const LoraPieces& pieces) const;
+  int64_t claim_slot(const std::string& name);
+  void write_slot(int64_t layer, Target t, int64_t slot, const LoraPiece* piece);
   ModelConfig config_;
   at::ScalarType dtype_;
   std::vector<std::string> names_;

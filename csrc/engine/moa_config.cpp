@@ -61,7 +61,7 @@ std::vector<std::string> read_domains(const json& j) {
                                "' is not a safe folder name (expected ^[A-Za-z0-9][A-Za-z0-9_.-]*$)");
     std::string lower = name;
     std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
-    if (lower == kBaseDomain)
+    if (lower == moa::kBaseDomain)  // "base" means no expert
       throw_error<FormatError>("field 'domains': '", name, "' is reserved (it means no expert)");
     if (seen.count(lower))
       throw_error<FormatError>("field 'domains': '", name, "' duplicates '", seen[lower],
@@ -105,9 +105,7 @@ void read_router_options(const json& router, MoaConfig& c) {
   c.strategy = string_field(router["strategy"], "router.strategy");
   if (c.pooling != "mean")
     throw_error<FormatError>("field 'router.pooling': '", c.pooling, "' is not supported (expected one of ['mean'])");
-  if (c.strategy != "last" && c.strategy != "per_layer" && c.strategy != "vote")
-    throw_error<FormatError>("field 'router.strategy': '", c.strategy,
-                             "' is not one of ['last', 'per_layer', 'vote']");
+  parse_routing_strategy<FormatError>(c.strategy, "field 'router.strategy':");
 }
 
 double read_eta(const json& eta) {

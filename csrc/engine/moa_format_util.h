@@ -33,8 +33,6 @@ constexpr const char* kAdapterWeights = "adapter_model.safetensors";
 // Longest regex (pattern or tensor name) handed to std::regex: libstdc++ matches and
 // compiles recursively, so unbounded inputs from a file could exhaust the stack.
 constexpr size_t kMaxRegexInput = 1024;
-// The domain name that means "no expert": no MoA domain may take it.
-constexpr const char* kBaseDomain = "base";
 
 // The modules an expert may adapt, in the format's order, and the decoder-layer
 // submodule each lives in.

@@ -6,87 +6,18 @@
 #include "engine/model.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
+#include <vector>
 
-#include "kernels/cpu/decode_avx512.h"
-#include "kernels/cpu/grouped_lora_cpu.h"
+#include "engine/dispatch.h"
+#include "engine/linear.h"
 #include "kernels/cpu/transformer_cpu.h"
 #include "moa/ops.h"
 
-// The engine's dtypes: float32, bfloat16 and float16.
-#define MOA_DISPATCH_ENGINE_TYPES(TYPE, NAME, ...)                \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)      \
-                             AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 namespace moa::engine {
-namespace {
-
-// Most tokens for which a linear takes the SIMD kernel instead of BLAS. Above it BLAS
-// reuses W across more rows than the kernel's 4-token tiles. MOA_ENGINE_SMALL_M overrides.
-int64_t small_m_limit() {
-  static const int64_t limit = [] {
-    const char* v = std::getenv("MOA_ENGINE_SMALL_M");
-    return v != nullptr ? std::atoll(v) : int64_t{32};
-  }();
-  return limit;
-}
-
-template <typename T>
-void linear_small_m(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  std::vector<const T*> xs(M);
-  std::vector<T*> ys(M);
-  for (int64_t m = 0; m < M; ++m) {
-    xs[m] = x.data_ptr<T>() + m * x.stride(0);
-    ys[m] = y.data_ptr<T>() + m * y.stride(0);
-  }
-  const T* W = w.data_ptr<T>();
-  const T* bias = b.defined() ? b.data_ptr<T>() : nullptr;
-  // Blocks of 8 rows of W per task, at least ~32 KB of W each.
-  const int64_t rows_per_task = std::max<int64_t>(8, (32768 / (K * int64_t(sizeof(T))) + 7) / 8 * 8);
-  const int64_t blocks = (N + 7) / 8;
-  at::parallel_for(0, blocks, rows_per_task / 8, [&](int64_t b0, int64_t b1) {
-    cpu::linear_rows_avx512(W, K, b0 * 8, std::min(N, b1 * 8), xs.data(), ys.data(), M, bias);
-  });
-}
-
-}  // namespace
-
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  // x: [M, K], w: [N, K], b: [N] -> y: [M, N]
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, w.size(0)}, x.options());
-  if (M == 0) return y;
-  if (x.is_cpu() && M <= small_m_limit() && cpu::decode_avx512_available() && x.stride(1) == 1) {
-    MOA_DISPATCH_ENGINE_TYPES(x.scalar_type(), "moa_linear", [&] {
-      linear_small_m<scalar_t>(x, w, b, y);
-    });
-    return y;
-  }
-  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  bool native = true;
-  if (reduced && x.is_cpu()) {
-    native = x.scalar_type() == at::kBFloat16 ? cpu::native_matmul<c10::BFloat16>()
-                                              : cpu::native_matmul<c10::Half>();
-  }
-  if (!native) {
-    // Without bf16/fp16 matmul instructions BLAS emulates them slowly: multiply in
-    // float32 (same products, float accumulation as the native path) and round once.
-    at::Tensor xf = x.to(at::kFloat), wf = w.to(at::kFloat);
-    y.copy_(b.defined() ? at::addmm(b.to(at::kFloat), xf, wf.t()) : at::mm(xf, wf.t()));
-  } else if (b.defined()) {
-    at::addmm_out(y, b, x, w.t());
-  } else {
-    at::mm_out(y, x, w.t());
-  }
-  return y;
-}
 
 at::Tensor make_rope_table(const ModelConfig& c, int64_t max_positions) {
   // inv_freq, cos and sin exactly as transformers' default / llama3 rope init (float32).
@@ -203,7 +134,7 @@ void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch,
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[layer];
   const int64_t N = h.size(0), H = c.hidden_size, D = c.head_dim;
-  const int64_t Q = c.num_heads * D, KV = c.num_kv_heads * D;
+  const int64_t Q = c.num_heads * D;
   at::Tensor xn = at::empty_like(h);
   at::Tensor qkv;
   MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_attn", [&] {
@@ -218,58 +149,74 @@ void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch,
     const int64_t* pos = positions.data_ptr<int64_t>();
     cpu::rope<T>(q, ld, N, c.num_heads, D, pos, rope_table_.data_ptr<float>());
     cpu::rope<T>(q + Q, ld, N, c.num_kv_heads, D, pos, rope_table_.data_ptr<float>());
-
     // Store the new keys and values, then attend over each sequence's store.
-    std::vector<cpu::AttentionSeq<T>> seqs(batch.seqs.size());
-    int64_t row = 0;
-    for (size_t s = 0; s < batch.seqs.size(); ++s) {
-      const Batch::Seq& sq = batch.seqs[s];
-      T *kbase, *vbase;
-      int64_t head_stride, pos_stride;
-      if (sq.slot >= 0) {
-        const at::Tensor& kc = cache->k[layer];
-        kbase = kc.data_ptr<T>() + sq.slot * kc.stride(0);
-        vbase = cache->v[layer].data_ptr<T>() + sq.slot * kc.stride(0);
-        head_stride = kc.stride(1), pos_stride = kc.stride(2);
-      } else {
-        const int64_t r = scratch.index[s];
-        kbase = scratch.k.data_ptr<T>() + r * scratch.k.stride(0);
-        vbase = scratch.v.data_ptr<T>() + r * scratch.k.stride(0);
-        head_stride = scratch.k.stride(1), pos_stride = scratch.k.stride(2);
-      }
-      for (int64_t i = 0; i < sq.len; ++i) {
-        const T* src = q + (row + i) * ld;
-        for (int64_t g = 0; g < c.num_kv_heads; ++g) {
-          const int64_t off = g * head_stride + (sq.start + i) * pos_stride;
-          std::memcpy(kbase + off, src + Q + g * D, D * sizeof(T));
-          std::memcpy(vbase + off, src + Q + KV + g * D, D * sizeof(T));
-        }
-      }
-      seqs[s] = {row, sq.len, sq.start, kbase, vbase};
-      row += sq.len;
-    }
+    const std::vector<cpu::AttentionSeq<T>> seqs = store_kv<T>(layer, q, ld, batch, cache, scratch);
     at::Tensor attn = at::empty({N, Q}, h.options());
-    cpu::AttentionShape shape;
-    shape.n_heads = c.num_heads;
-    shape.n_kv_heads = c.num_kv_heads;
-    shape.head_dim = D;
-    shape.kv_pos_stride = D;
-    shape.window = c.sliding_window;
-    shape.scale = 1.0f / std::sqrt(static_cast<float>(D));
-    // Slots and scratch share the [.., nkv, capacity, D] layout but not the capacity:
-    // attend in two calls when a batch mixes them.
-    std::vector<cpu::AttentionSeq<T>> cached, loose;
-    for (size_t s = 0; s < seqs.size(); ++s) (batch.seqs[s].slot >= 0 ? cached : loose).push_back(seqs[s]);
-    if (!cached.empty()) {
-      shape.kv_head_stride = cache->k[layer].stride(1);
-      cpu::attention<T>(q, ld, attn.data_ptr<T>(), Q, cached.data(), cached.size(), shape);
-    }
-    if (!loose.empty()) {
-      shape.kv_head_stride = scratch.k.stride(1);
-      cpu::attention<T>(q, ld, attn.data_ptr<T>(), Q, loose.data(), loose.size(), shape);
-    }
+    attend<T>(layer, q, ld, seqs, batch, cache, scratch, attn.data_ptr<T>());
     h.add_(project(layer, attn, w.wo, at::Tensor(), {Target::o}, ids));
   });
+}
+
+template <typename T>
+std::vector<cpu::AttentionSeq<T>> Model::store_kv(int64_t layer, const T* qkv, int64_t ld, const Batch& batch,
+                                                  KvCache* cache, Scratch& scratch) const {
+  const ModelConfig& c = config_;
+  const int64_t D = c.head_dim, Q = c.num_heads * D, KV = c.num_kv_heads * D;
+  std::vector<cpu::AttentionSeq<T>> seqs(batch.seqs.size());
+  int64_t row = 0;
+  for (size_t s = 0; s < batch.seqs.size(); ++s) {
+    const Batch::Seq& sq = batch.seqs[s];
+    T *kbase, *vbase;
+    int64_t head_stride, pos_stride;
+    if (sq.slot >= 0) {
+      const at::Tensor& kc = cache->k[layer];
+      kbase = kc.data_ptr<T>() + sq.slot * kc.stride(0);
+      vbase = cache->v[layer].data_ptr<T>() + sq.slot * kc.stride(0);
+      head_stride = kc.stride(1), pos_stride = kc.stride(2);
+    } else {
+      const int64_t r = scratch.index[s];
+      kbase = scratch.k.data_ptr<T>() + r * scratch.k.stride(0);
+      vbase = scratch.v.data_ptr<T>() + r * scratch.k.stride(0);
+      head_stride = scratch.k.stride(1), pos_stride = scratch.k.stride(2);
+    }
+    for (int64_t i = 0; i < sq.len; ++i) {
+      const T* src = qkv + (row + i) * ld;
+      for (int64_t g = 0; g < c.num_kv_heads; ++g) {
+        const int64_t off = g * head_stride + (sq.start + i) * pos_stride;
+        std::memcpy(kbase + off, src + Q + g * D, D * sizeof(T));
+        std::memcpy(vbase + off, src + Q + KV + g * D, D * sizeof(T));
+      }
+    }
+    seqs[s] = {row, sq.len, sq.start, kbase, vbase};
+    row += sq.len;
+  }
+  return seqs;
+}
+
+template <typename T>
+void Model::attend(int64_t layer, const T* q, int64_t ld, const std::vector<cpu::AttentionSeq<T>>& seqs,
+                   const Batch& batch, const KvCache* cache, const Scratch& scratch, T* out) const {
+  const ModelConfig& c = config_;
+  const int64_t D = c.head_dim, Q = c.num_heads * D;
+  cpu::AttentionShape shape;
+  shape.n_heads = c.num_heads;
+  shape.n_kv_heads = c.num_kv_heads;
+  shape.head_dim = D;
+  shape.kv_pos_stride = D;
+  shape.window = c.sliding_window;
+  shape.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // Slots and scratch share the [.., nkv, capacity, D] layout but not the capacity:
+  // attend in two calls when a batch mixes them.
+  std::vector<cpu::AttentionSeq<T>> cached, loose;
+  for (size_t s = 0; s < seqs.size(); ++s) (batch.seqs[s].slot >= 0 ? cached : loose).push_back(seqs[s]);
+  if (!cached.empty()) {
+    shape.kv_head_stride = cache->k[layer].stride(1);
+    cpu::attention<T>(q, ld, out, Q, cached.data(), cached.size(), shape);
+  }
+  if (!loose.empty()) {
+    shape.kv_head_stride = scratch.k.stride(1);
+    cpu::attention<T>(q, ld, out, Q, loose.data(), loose.size(), shape);
+  }
 }
 
 void Model::mlp_block(int64_t layer, at::Tensor& h, const at::Tensor& ids) const {

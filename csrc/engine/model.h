@@ -11,6 +11,7 @@
 
 #include "engine/adapters.h"
 #include "engine/weights.h"
+#include "kernels/cpu/transformer_cpu.h"
 #include "moa/engine.h"
 
 namespace moa::engine {
@@ -81,6 +82,16 @@ class Model {
   at::Tensor layer_expert_ids(int64_t layer, const Batch& batch) const;
   void attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
                        KvCache* cache, Scratch& scratch, at::Tensor& ids) const;
+  // Writes the new tokens' keys and values (from qkv [N, Q + 2 KV], row stride ld) into
+  // each sequence's store, its KV-cache slot or its scratch row; returns where they are.
+  template <typename T>
+  std::vector<cpu::AttentionSeq<T>> store_kv(int64_t layer, const T* qkv, int64_t ld, const Batch& batch,
+                                             KvCache* cache, Scratch& scratch) const;
+  // Attention of the new tokens' queries (q: qkv's first Q columns) over their sequences'
+  // stores, into out [N, Q].
+  template <typename T>
+  void attend(int64_t layer, const T* q, int64_t ld, const std::vector<cpu::AttentionSeq<T>>& seqs,
+              const Batch& batch, const KvCache* cache, const Scratch& scratch, T* out) const;
   void mlp_block(int64_t layer, at::Tensor& h, const at::Tensor& ids) const;
 
   ModelConfig config_;
@@ -95,9 +106,5 @@ class Model {
 
 // rope_table_ as transformers computes it (float32, llama3 scaling when configured).
 at::Tensor make_rope_table(const ModelConfig& config, int64_t max_positions);
-
-// y = x W^T (+ b) for a dense linear in the engine's dtype; picks the small-M SIMD
-// kernel (decode) or BLAS.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 }  // namespace moa::engine

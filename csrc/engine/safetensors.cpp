@@ -94,6 +94,87 @@ std::string read_text(const std::string& path) {
   return text.str();
 }
 
+// The JSON header of a safetensors file: its length (8 bytes, little-endian) checked
+// against the file, then the JSON object itself.
+json read_header(const MappedFile& file, uint64_t& header_len) {
+  const std::string& path = file.path();
+  const int64_t size = file.size();
+  if (size < 8)
+    throw_error<FormatError>(path, ": not a safetensors file (", size, " bytes, shorter than its 8-byte header length)");
+  std::memcpy(&header_len, file.data(), 8);  // little-endian on every supported host
+  if (header_len > static_cast<uint64_t>(size - 8) || header_len > (uint64_t(100) << 20)) {
+    throw_error<FormatError>(path, ": corrupt safetensors header length ", header_len,
+                             " (file has ", size, " bytes)");
+  }
+  const char* hbegin = reinterpret_cast<const char*>(file.data() + 8);
+  json header;
+  try {
+    header = json::parse(hbegin, hbegin + header_len);
+  } catch (const json::exception& e) {
+    throw_error<FormatError>(path, ": corrupt safetensors header (", e.what(), ")");
+  }
+  if (!header.is_object()) throw_error<FormatError>(path, ": corrupt safetensors header (not a JSON object)");
+  return header;
+}
+
+// Throws the FormatError of a corrupt header entry, naming the file and the tensor.
+struct BadEntry {
+  const std::string& path;
+  const std::string& name;
+  [[noreturn]] void operator()(const std::string& why) const {
+    throw_error<FormatError>(path, ": corrupt entry for tensor '", name, "': ", why);
+  }
+};
+
+// The entry's shape into `shape`; returns its element count (checked not to overflow).
+int64_t read_shape(const json& js, const BadEntry& bad, std::vector<int64_t>& shape) {
+  int64_t numel = 1;
+  for (const auto& d : js) {
+    if (!d.is_number_unsigned()) bad("shape holds a value that is not a non-negative integer");
+    const uint64_t v = d.get<uint64_t>();
+    if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
+        (v != 0 && numel > std::numeric_limits<int64_t>::max() / static_cast<int64_t>(v)))
+      bad("shape is too large");
+    shape.push_back(static_cast<int64_t>(v));
+    numel *= static_cast<int64_t>(v);
+  }
+  return numel;
+}
+
+// One header entry {"dtype", "shape", "data_offsets"} -> its record (all but `file`), its
+// bytes checked to lie within the data section [data, data + data_size).
+TensorRecord read_entry(const json& entry, const uint8_t* data, int64_t data_size, const BadEntry& bad) {
+  if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
+      !entry.contains("data_offsets"))
+    bad("expected an object with dtype, shape and data_offsets");
+  const auto& jd = entry["dtype"];
+  const auto& js = entry["shape"];
+  const auto& jo = entry["data_offsets"];
+  if (!jd.is_string()) bad("dtype is not a string");
+  if (!js.is_array()) bad("shape is not a list");
+  if (!jo.is_array() || jo.size() != 2 || !jo[0].is_number_unsigned() || !jo[1].is_number_unsigned())
+    bad("data_offsets is not a pair of non-negative integers");
+  const auto dtype = parse_dtype(jd.get<std::string>());
+  if (!dtype) bad("unsupported dtype " + jd.get<std::string>());
+  TensorRecord rec;
+  rec.dtype = dtype->first;
+  const int64_t numel = read_shape(js, bad, rec.shape);
+  const uint64_t begin = jo[0].get<uint64_t>();
+  const uint64_t end = jo[1].get<uint64_t>();
+  if (begin > end || end > static_cast<uint64_t>(data_size)) {
+    bad(detail::concat("data_offsets [", begin, ", ", end, ") fall outside the ", data_size,
+                       " data bytes (truncated file?)"));
+  }
+  if (numel > std::numeric_limits<int64_t>::max() / dtype->second) bad("shape is too large");
+  rec.nbytes = static_cast<int64_t>(end - begin);
+  if (rec.nbytes != numel * dtype->second) {
+    bad(detail::concat("its shape and dtype need ", numel * dtype->second, " bytes, data_offsets give ",
+                       rec.nbytes));
+  }
+  rec.data = data + begin;
+  return rec;
+}
+
 }  // namespace
 
 Checkpoint::Checkpoint() = default;
@@ -103,69 +184,14 @@ Checkpoint::~Checkpoint() = default;
 
 void Checkpoint::add_file(const std::string& path) {
   auto file = std::make_unique<MappedFile>(path);
-  const int64_t size = file->size();
-  if (size < 8)
-    throw_error<FormatError>(path, ": not a safetensors file (", size, " bytes, shorter than its 8-byte header length)");
   uint64_t header_len = 0;
-  std::memcpy(&header_len, file->data(), 8);  // little-endian on every supported host
-  if (header_len > static_cast<uint64_t>(size - 8) || header_len > (uint64_t(100) << 20)) {
-    throw_error<FormatError>(path, ": corrupt safetensors header length ", header_len,
-                             " (file has ", size, " bytes)");
-  }
-  const char* hbegin = reinterpret_cast<const char*>(file->data() + 8);
-  json header;
-  try {
-    header = json::parse(hbegin, hbegin + header_len);
-  } catch (const json::exception& e) {
-    throw_error<FormatError>(path, ": corrupt safetensors header (", e.what(), ")");
-  }
-  if (!header.is_object()) throw_error<FormatError>(path, ": corrupt safetensors header (not a JSON object)");
+  const json header = read_header(*file, header_len);
   const uint8_t* data = file->data() + 8 + header_len;
-  const int64_t data_size = size - 8 - static_cast<int64_t>(header_len);
-  const size_t index = files_.size();
+  const int64_t data_size = file->size() - 8 - static_cast<int64_t>(header_len);
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
-    const auto bad = [&](const std::string& why) {
-      throw_error<FormatError>(path, ": corrupt entry for tensor '", name, "': ", why);
-    };
-    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
-        !entry.contains("data_offsets"))
-      bad("expected an object with dtype, shape and data_offsets");
-    const auto& jd = entry["dtype"];
-    const auto& js = entry["shape"];
-    const auto& jo = entry["data_offsets"];
-    if (!jd.is_string()) bad("dtype is not a string");
-    if (!js.is_array()) bad("shape is not a list");
-    if (!jo.is_array() || jo.size() != 2 || !jo[0].is_number_unsigned() || !jo[1].is_number_unsigned())
-      bad("data_offsets is not a pair of non-negative integers");
-    const auto dtype = parse_dtype(jd.get<std::string>());
-    if (!dtype) bad("unsupported dtype " + jd.get<std::string>());
-    TensorRecord rec;
-    rec.dtype = dtype->first;
-    rec.file = index;
-    int64_t numel = 1;
-    for (const auto& d : js) {
-      if (!d.is_number_unsigned()) bad("shape holds a value that is not a non-negative integer");
-      const uint64_t v = d.get<uint64_t>();
-      if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-          (v != 0 && numel > std::numeric_limits<int64_t>::max() / static_cast<int64_t>(v)))
-        bad("shape is too large");
-      rec.shape.push_back(static_cast<int64_t>(v));
-      numel *= static_cast<int64_t>(v);
-    }
-    const uint64_t begin = jo[0].get<uint64_t>();
-    const uint64_t end = jo[1].get<uint64_t>();
-    if (begin > end || end > static_cast<uint64_t>(data_size)) {
-      bad(detail::concat("data_offsets [", begin, ", ", end, ") fall outside the ", data_size,
-                         " data bytes (truncated file?)"));
-    }
-    if (numel > std::numeric_limits<int64_t>::max() / dtype->second) bad("shape is too large");
-    rec.nbytes = static_cast<int64_t>(end - begin);
-    if (rec.nbytes != numel * dtype->second) {
-      bad(detail::concat("its shape and dtype need ", numel * dtype->second, " bytes, data_offsets give ",
-                         rec.nbytes));
-    }
-    rec.data = data + begin;
+    TensorRecord rec = read_entry(entry, data, data_size, BadEntry{path, name});
+    rec.file = files_.size();
     if (!tensors_.emplace(name, std::move(rec)).second)
       throw_error<FormatError>(path, ": tensor '", name, "' appears in more than one file");
   }

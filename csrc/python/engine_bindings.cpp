@@ -7,8 +7,10 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <optional>
+#include <string>
 
-#include "engine/model.h"
+#include "engine/linear.h"
 #include "moa/engine.h"
 
 namespace py = pybind11;
@@ -65,11 +67,19 @@ py::dict config_dict(const moa::ModelConfig& c) {
   return d;
 }
 
-}  // namespace
+// The Python face names strategies as strings, "" for the engine's own: the one place
+// they become RoutingStrategy values.
+std::optional<moa::RoutingStrategy> strategy_or_default(const std::string& name) {
+  if (name.empty()) return std::nullopt;
+  return moa::parse_routing_strategy(name);
+}
 
-void bind_engine(py::module_& m) {
-  register_exceptions();
+std::string strategy_name(const std::optional<moa::RoutingStrategy>& strategy) {
+  return strategy ? moa::to_string(*strategy) : "";
+}
 
+// SamplingParams, GenerationRequest, RoutingInfo, GenerationResult, StepEvent.
+void bind_request_types(py::module_& m) {
   py::class_<moa::SamplingParams>(m, "SamplingParams", "Sampling settings of one request.")
       .def(py::init<>())
       .def_readwrite("temperature", &moa::SamplingParams::temperature)
@@ -85,7 +95,10 @@ void bind_engine(py::module_& m) {
       .def_readwrite("stop_sequences", &moa::GenerationRequest::stop_sequences)
       .def_readwrite("ignore_eos", &moa::GenerationRequest::ignore_eos)
       .def_readwrite("domain", &moa::GenerationRequest::domain)
-      .def_readwrite("routing", &moa::GenerationRequest::routing);
+      .def_property(
+          "routing", [](const moa::GenerationRequest& r) { return strategy_name(r.routing); },
+          [](moa::GenerationRequest& r, const std::string& name) { r.routing = strategy_or_default(name); },
+          "The routing strategy when routed: 'per_layer', 'last', 'vote', or '' for the engine's.");
 
   py::class_<moa::RoutingInfo>(m, "RoutingInfo", "The expert that served a request, per layer, and the router's probabilities.")
       .def_readonly("domain", &moa::RoutingInfo::domain)
@@ -109,10 +122,13 @@ void bind_engine(py::module_& m) {
         if (!e.finished) return py::none();
         return py::str(moa::to_string(e.finish_reason));
       });
+}
 
-  py::class_<moa::Engine>(m, "Engine",
-                          "The C++ inference engine: an HF Llama-family folder, a KV cache of max_batch "
-                          "slots, continuous batching. Token ids in, token ids out.")
+using EngineClass = py::class_<moa::Engine>;
+
+// The constructor and what it loaded: config, dtype, sizes.
+void bind_loading(EngineClass& engine) {
+  engine
       .def(py::init([](const std::string& model_dir, const std::string& dtype, const std::string& device,
                        int64_t max_batch, int64_t max_seq_len, int64_t max_prefill_tokens) {
              moa::EngineOptions o;
@@ -132,7 +148,55 @@ void bind_engine(py::module_& m) {
       })
       .def_property_readonly("weight_bytes", &moa::Engine::weight_bytes)
       .def_property_readonly("max_batch", [](const moa::Engine& e) { return e.options().max_batch; })
-      .def_property_readonly("max_seq_len", [](const moa::Engine& e) { return e.options().max_seq_len; })
+      .def_property_readonly("max_seq_len", [](const moa::Engine& e) { return e.options().max_seq_len; });
+}
+
+// Experts, routers and MoA directories.
+void bind_experts_and_routing(EngineClass& engine) {
+  engine
+      .def(
+          "add_expert",
+          [](moa::Engine& e, const std::string& name, const std::vector<py::tuple>& pieces) {
+            std::vector<moa::LoraWeights> weights;
+            for (const py::tuple& t : pieces) {
+              if (t.size() != 5) throw py::value_error("add_expert: each piece is (layer, module, lora_a, lora_b, scale)");
+              weights.push_back({t[0].cast<int64_t>(), t[1].cast<std::string>(), t[2].cast<at::Tensor>(),
+                                 t[3].cast<at::Tensor>(), t[4].cast<float>()});
+            }
+            py::gil_scoped_release release;
+            e.add_expert(name, weights);
+          },
+          py::arg("name"), py::arg("pieces"), "pieces: [(layer, module, lora_a [r, in], lora_b [out, r], scale)]")
+      .def("remove_expert", &moa::Engine::remove_expert, py::arg("name"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("experts", &moa::Engine::experts)
+      .def(
+          "set_router",
+          [](moa::Engine& e, const std::vector<std::string>& domains, const std::vector<at::Tensor>& weights,
+             const std::string& strategy) {
+            const moa::RoutingStrategy s = moa::parse_routing_strategy(strategy);
+            py::gil_scoped_release release;
+            e.set_router(domains, weights, s);
+          },
+          py::arg("domains"), py::arg("weights"), py::arg("strategy"))
+      .def_property_readonly("router_domains", &moa::Engine::router_domains)
+      .def(
+          "load_moa",
+          [](moa::Engine& e, const std::string& moa_dir, const std::string& strategy) {
+            const auto s = strategy_or_default(strategy);
+            py::gil_scoped_release release;
+            e.load_moa(moa_dir, s);
+          },
+          py::arg("moa_dir"), py::arg("strategy") = "",
+          "Loads a MoA directory with the C++ reader: every domain's expert, and the routers (if any) "
+          "with strategy ('' takes the directory's). All or nothing.")
+      .def("load_expert", &moa::Engine::load_expert, py::arg("name"), py::arg("peft_dir"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Loads a PEFT LoRA folder as the expert `name` with the C++ reader.");
+}
+
+// generate and the step-wise interface it runs on.
+void bind_generation(EngineClass& engine) {
+  engine
       .def(
           "generate",
           [](moa::Engine& e, const std::vector<moa::GenerationRequest>& requests, py::object on_token) {
@@ -149,6 +213,15 @@ void bind_engine(py::module_& m) {
           },
           py::arg("requests"), py::arg("on_token") = py::none(),
           "Runs the requests to completion; on_token(index, token) -> False stops that request.")
+      .def("submit", &moa::Engine::submit, py::arg("request"), py::call_guard<py::gil_scoped_release>())
+      .def("step", &moa::Engine::step, py::call_guard<py::gil_scoped_release>())
+      .def("cancel", &moa::Engine::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
+      .def("idle", &moa::Engine::idle);
+}
+
+// The one-off passes: forward (scoring) and route.
+void bind_scoring(EngineClass& engine) {
+  engine
       .def(
           "forward",
           [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains) {
@@ -161,11 +234,12 @@ void bind_engine(py::module_& m) {
           "forward_with_routing",
           [](moa::Engine& e, const at::Tensor& input_ids, const std::vector<std::string>& domains,
              const std::vector<int64_t>& route_lens, const std::string& strategy) {
+            const auto s = strategy_or_default(strategy);
             std::vector<moa::RoutingInfo> routing;
             at::Tensor logits;
             {
               py::gil_scoped_release release;
-              logits = e.forward(input_ids, domains, &routing, route_lens, strategy);
+              logits = e.forward(input_ids, domains, &routing, route_lens, s);
             }
             return py::make_tuple(logits, routing);
           },
@@ -174,39 +248,19 @@ void bind_engine(py::module_& m) {
           "input_ids [B, T] -> (logits [B, T, vocab] float32, [RoutingInfo] per row); route_lens: "
           "route each row over its first n tokens (0: all); strategy: the routed rows' routing "
           "strategy ('' the engine's).")
-      .def("route", &moa::Engine::route, py::arg("prompts"), py::arg("strategy") = "",
-           py::call_guard<py::gil_scoped_release>(),
-           "[[token ids]] -> [RoutingInfo]: how each prompt would be routed, by a routing pass alone.")
       .def(
-          "add_expert",
-          [](moa::Engine& e, const std::string& name, const std::vector<py::tuple>& pieces) {
-            std::vector<moa::LoraWeights> weights;
-            for (const py::tuple& t : pieces) {
-              if (t.size() != 5) throw py::value_error("add_expert: each piece is (layer, module, lora_a, lora_b, scale)");
-              weights.push_back({t[0].cast<int64_t>(), t[1].cast<std::string>(), t[2].cast<at::Tensor>(),
-                                 t[3].cast<at::Tensor>(), t[4].cast<float>()});
-            }
+          "route",
+          [](moa::Engine& e, const std::vector<std::vector<int64_t>>& prompts, const std::string& strategy) {
+            const auto s = strategy_or_default(strategy);
             py::gil_scoped_release release;
-            e.add_expert(name, weights);
+            return e.route(prompts, s);
           },
-          py::arg("name"), py::arg("pieces"), "pieces: [(layer, module, lora_a [r, in], lora_b [out, r], scale)]")
-      .def("remove_expert", &moa::Engine::remove_expert, py::arg("name"), py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("experts", &moa::Engine::experts)
-      .def("set_router", &moa::Engine::set_router, py::arg("domains"), py::arg("weights"), py::arg("strategy"),
-           py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("router_domains", &moa::Engine::router_domains)
-      .def("load_moa", &moa::Engine::load_moa, py::arg("moa_dir"), py::arg("strategy") = "",
-           py::call_guard<py::gil_scoped_release>(),
-           "Loads a MoA directory with the C++ reader: every domain's expert, and the routers (if any) "
-           "with strategy ('' takes the directory's). All or nothing.")
-      .def("load_expert", &moa::Engine::load_expert, py::arg("name"), py::arg("peft_dir"),
-           py::call_guard<py::gil_scoped_release>(),
-           "Loads a PEFT LoRA folder as the expert `name` with the C++ reader.")
-      .def("submit", &moa::Engine::submit, py::arg("request"), py::call_guard<py::gil_scoped_release>())
-      .def("step", &moa::Engine::step, py::call_guard<py::gil_scoped_release>())
-      .def("cancel", &moa::Engine::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
-      .def("idle", &moa::Engine::idle);
+          py::arg("prompts"), py::arg("strategy") = "",
+          "[[token ids]] -> [RoutingInfo]: how each prompt would be routed, by a routing pass alone.");
+}
 
+// Internal (tests, benchmarks): the engine's dense linear.
+void bind_internals(py::module_& m) {
   m.def(
       "_linear",
       [](const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
@@ -218,4 +272,19 @@ void bind_engine(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::call_guard<py::gil_scoped_release>(),
       "Internal (tests, benchmarks): the engine's dense linear, x [M, K] @ w [N, K]^T (+ b).");
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  register_exceptions();
+  bind_request_types(m);
+  EngineClass engine(m, "Engine",
+                     "The C++ inference engine: an HF Llama-family folder, a KV cache of max_batch "
+                     "slots, continuous batching. Token ids in, token ids out.");
+  bind_loading(engine);
+  bind_experts_and_routing(engine);
+  bind_generation(engine);
+  bind_scoring(engine);
+  bind_internals(m);
 }

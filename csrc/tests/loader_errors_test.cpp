@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -192,19 +193,35 @@ void model_folder_errors(const TempDir& tmp, const std::string& good) {
   expect_error<FileNotFound>("missing model.safetensors", open(dir), {"no model.safetensors"});
 }
 
+// The strategies' names: each parses to its value and back; anything else is an
+// InvalidArgument (or, for a name read from a file, a FormatError) naming it and the valid names.
+void routing_strategy_names() {
+  for (const moa::RoutingStrategy s :
+       {moa::RoutingStrategy::kPerLayer, moa::RoutingStrategy::kLast, moa::RoutingStrategy::kVote})
+    expect(moa::parse_routing_strategy(moa::to_string(s)) == s, std::string("strategy name round trip: ") + moa::to_string(s));
+  expect(std::string(moa::to_string(moa::RoutingStrategy::kPerLayer)) == "per_layer", "kPerLayer is named per_layer");
+  for (const char* bad : {"top2", "", "Last", "vote "})
+    expect_error<moa::InvalidArgument>(std::string("bad strategy name '") + bad + "'",
+                                       [&] { moa::parse_routing_strategy(bad); },
+                                       {std::string("routing strategy '") + bad + "' is not one of per_layer, last, vote"});
+  expect_error<moa::FormatError>("bad strategy name in a file",
+                                 [] { moa::parse_routing_strategy<moa::FormatError>("best", "field 'router.strategy':"); },
+                                 {"field 'router.strategy': 'best' is not one of per_layer, last, vote"});
+}
+
 void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::string& good) {
   using moa::FileNotFound;
   using moa::FormatError;
   using moa::InvalidArgument;
   moa::Engine engine(model, small());
-  auto load = [&](const std::string& dir, const std::string& strategy = "") {
+  auto load = [&](const std::string& dir, std::optional<moa::RoutingStrategy> strategy = std::nullopt) {
     return [&engine, dir, strategy] { engine.load_moa(dir, strategy); };
   };
   auto unchanged = [&](const std::string& what) {
     expect(engine.experts().empty() && engine.router_domains().empty(), what + ": engine unchanged");
   };
   expect_error<FileNotFound>("missing MoA directory", load(tmp / "absent_moa"), {"absent_moa", "no such MoA directory"});
-  expect_error<InvalidArgument>("bad strategy", load(good, "top2"), {"'top2' is not one of per_layer, last, vote"});
+  routing_strategy_names();
 
   struct Case {
     const char* name;
@@ -248,7 +265,8 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
       {"moa_config.json missing field", "moa_config.json", json_case("moa_config.json", [](auto& j) { j.erase("eta"); }),
        "missing field(s) ['eta']"},
       {"moa_config.json bad strategy", "moa_config.json",
-       json_case("moa_config.json", [](auto& j) { j["router"]["strategy"] = "top2"; }), "field 'router.strategy'"},
+       json_case("moa_config.json", [](auto& j) { j["router"]["strategy"] = "top2"; }),
+       "field 'router.strategy': 'top2' is not one of per_layer, last, vote"},
       {"moa_config.json domains differ by case", "moa_config.json",
        json_case("moa_config.json", [](auto& j) { j["domains"] = {"a", "A"}; }), "duplicates 'a'"},
       {"moa_config.json newer format", "moa_config.json",
@@ -324,7 +342,8 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
   // A strategy with no routers to apply it to.
   std::string dir = variant(tmp, good, "moa_no_router");
   fs::remove(dir + "/router.safetensors");
-  expect_error<InvalidArgument>("routing without router.safetensors", load(dir, "vote"), {"has no router.safetensors"});
+  expect_error<InvalidArgument>("routing without router.safetensors", load(dir, moa::RoutingStrategy::kVote),
+                                {"routing 'vote' was given", "has no router.safetensors"});
   unchanged("routing without router.safetensors");
 
   // The good directory loads, and a second load of the same names is refused whole.
@@ -347,7 +366,7 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
 
   // The experts are live: each changes the logits, and routed requests report per-layer choices.
   const at::Tensor ids = at::arange(3, 11, at::kLong).view({1, 8});
-  const at::Tensor base = engine.forward(ids, {"base"}, nullptr);
+  const at::Tensor base = engine.forward(ids, {moa::kBaseDomain}, nullptr);
   for (const char* d : {"a", "b"}) {
     const double diff = (engine.forward(ids, {d}, nullptr) - base).abs().max().item<double>();
     expect(diff > 1e-3, std::string("expert ") + d + " changes the logits (max diff " + std::to_string(diff) + ")");
@@ -363,22 +382,21 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
 
   // route(): the routing pass alone gives the choices and probabilities generate() reports,
   // for each strategy, and forward() takes the strategy per call.
-  for (const char* strategy : {"per_layer", "last", "vote"}) {
+  for (const moa::RoutingStrategy strategy :
+       {moa::RoutingStrategy::kPerLayer, moa::RoutingStrategy::kLast, moa::RoutingStrategy::kVote}) {
     moa::GenerationRequest r = routed;
     r.routing = strategy;
     const auto served = engine.generate({r});
     const auto alone = engine.route({routed.prompt, {9, 3}}, strategy);
     expect(alone.size() == 2 && alone[0].layer_domains == served[0].routing.layer_domains &&
                alone[0].router_probs == served[0].routing.router_probs,
-           std::string("route(") + strategy + ") gives generate()'s routing");
+           std::string("route(") + moa::to_string(strategy) + ") gives generate()'s routing");
     std::vector<moa::RoutingInfo> info;
     const at::Tensor prompt = at::tensor(routed.prompt, at::kLong).view({1, -1});
-    engine.forward(prompt, {""}, &info, {}, strategy);
+    engine.forward(prompt, {moa::kRoutedDomain}, &info, {}, strategy);
     expect(info.size() == 1 && info[0].layer_domains == served[0].routing.layer_domains,
-           std::string("forward(strategy ") + strategy + ") routes as generate()");
+           std::string("forward(strategy ") + moa::to_string(strategy) + ") routes as generate()");
   }
-  expect_error<InvalidArgument>("route with an unknown strategy", [&] { engine.route({{3, 4}}, "best"); },
-                                {"'best' is not a strategy"});
   expect_error<InvalidArgument>("route an empty prompt", [&] { engine.route({{3, 4}, {}}); }, {"prompt 1 is empty"});
   expect_error<InvalidArgument>("route an out-of-vocabulary id", [&] { engine.route({{3, 100000}}); },
                                 {"token id 100000 is not in [0, "});

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -144,7 +145,7 @@ std::vector<moa::GenerationRequest> make_requests(const Args& a, const std::vect
     r.max_new_tokens = a.max_new_tokens;
     r.sampling = a.sampling;
     r.ignore_eos = a.ignore_eos;
-    r.domain = a.domain;  // "" lets the routers choose (or the base model, with no experts)
+    r.domain = a.domain;  // default moa::kRoutedDomain: the routers choose (the base model, with no experts)
     requests.push_back(std::move(r));
   }
   return requests;
@@ -164,7 +165,11 @@ int run(const Args& a) {
   options.max_seq_len = std::max<int64_t>(2, static_cast<int64_t>(longest) + std::max<int64_t>(a.max_new_tokens, 0));
 
   moa::Engine engine(a.model, options);
-  if (!a.moa.empty()) engine.load_moa(a.moa, a.routing);
+  if (!a.moa.empty()) {
+    std::optional<moa::RoutingStrategy> routing;  // none: the directory's own strategy
+    if (!a.routing.empty()) routing = moa::parse_routing_strategy(a.routing, "--routing");
+    engine.load_moa(a.moa, routing);
+  }
 
   moa::Engine::TokenCallback on_token;
   if (a.stream) {

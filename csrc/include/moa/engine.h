@@ -10,7 +10,8 @@
 //   auto results = engine.generate({r});   // results[0].token_ids
 //
 //   engine.load_moa("/path/to/moa_dir");   // Mixture-of-LoRAs experts and routers
-//   r.domain = "code";                     // an expert; "" lets the routers choose
+//   r.domain = "code";                     // an expert; moa::kRoutedDomain lets the routers choose
+//   r.routing = moa::RoutingStrategy::kVote;  // how they choose (none: the engine's strategy)
 //
 // Errors are moa::InvalidArgument, moa::FormatError or moa::FileNotFound (moa/errors.h).
 // One Engine serves one caller at a time: its public methods lock an internal mutex.
@@ -26,8 +27,15 @@
 #include <vector>
 
 #include "moa/errors.h"
+#include "moa/routing_strategy.h"
 
 namespace moa {
+
+// Domain names with a meaning of their own (GenerationRequest::domain, Engine::forward's
+// domains, RoutingInfo::domain). kBaseDomain and kRoutedDomain are never an expert's name.
+inline constexpr char kBaseDomain[] = "base";    // no expert: the base model
+inline constexpr char kRoutedDomain[] = "";      // the routers choose the experts at prefill
+inline constexpr char kMixedDomain[] = "mixed";  // RoutingInfo::domain when the layers' experts differ
 
 // The architecture, as read from config.json.
 struct ModelConfig {
@@ -70,18 +78,18 @@ struct GenerationRequest {
   // (the ids stay in the output).
   std::vector<std::vector<int64_t>> stop_sequences;
   bool ignore_eos = false;  // do not stop on the model's EOS ids
-  // Which LoRA expert serves the request: an expert's name, "base" (no expert), or ""
-  // to let the routers choose at prefill (with no experts loaded, "" is the base model).
-  std::string domain;
-  // Routing strategy for this request when routed: "" (the engine's), "per_layer",
-  // "last" or "vote".
-  std::string routing;
+  // Which LoRA expert serves the request: an expert's name, kBaseDomain (no expert), or
+  // kRoutedDomain to let the routers choose at prefill (with no experts loaded, the base model).
+  std::string domain = kRoutedDomain;
+  // The routing strategy for this request when routed; none: the engine's (set_router,
+  // load_moa).
+  std::optional<RoutingStrategy> routing;
 };
 
 // How a request was served: its expert per layer and, when routed, the routers'
 // probabilities.
 struct RoutingInfo {
-  std::string domain;                           // the expert, or "base"; "mixed" when per-layer choices differ
+  std::string domain;                           // the expert, kBaseDomain, or kMixedDomain when layers differ
   std::vector<std::string> layer_domains;       // [num_layers]
   std::vector<std::vector<float>> router_probs; // [num_layers][n_domains]; empty when not routed
 };
@@ -153,21 +161,22 @@ class Engine {
   // -> logits [B, T, vocab] float32. Uses no KV-cache slot.
   at::Tensor forward(const at::Tensor& input_ids);
   // The same with experts: domains holds one value for every row or one per row (an
-  // expert, "base", or "" to route over the row's tokens); routing, when not null,
-  // receives each row's RoutingInfo. route_lens (empty, one value, or one per row; 0 or
+  // expert, kBaseDomain, or kRoutedDomain to route over the row's tokens); routing, when not
+  // null, receives each row's RoutingInfo. route_lens (empty, one value, or one per row; 0 or
   // >= T: the whole row) routes a row over its first route_len tokens only, as a request
   // whose prompt they are would be routed at prefill: scoring a response as it is served.
-  // strategy: the routing strategy of the routed rows ("" the engine's, "per_layer", "last"
-  // or "vote"), as GenerationRequest::routing is for a request.
+  // strategy: the routing strategy of the routed rows (none: the engine's), as
+  // GenerationRequest::routing is for a request.
   at::Tensor forward(const at::Tensor& input_ids, const std::vector<std::string>& domains,
                      std::vector<RoutingInfo>* routing, const std::vector<int64_t>& route_lens = {},
-                     const std::string& strategy = "");
+                     std::optional<RoutingStrategy> strategy = std::nullopt);
 
   // The routers' choice for each prompt (token ids), as a request with that prompt would be
-  // routed with `strategy` ("" the engine's), without generating or scoring anything: one
+  // routed with `strategy` (none: the engine's), without generating or scoring anything: one
   // routing pass (every layer with per-layer routing, no KV cache, no logits) per
   // max_prefill_tokens of prompts. Needs routers.
-  std::vector<RoutingInfo> route(const std::vector<std::vector<int64_t>>& prompts, const std::string& strategy = "");
+  std::vector<RoutingInfo> route(const std::vector<std::vector<int64_t>>& prompts,
+                                 std::optional<RoutingStrategy> strategy = std::nullopt);
 
   // The step-wise interface generate() runs on.
   int64_t submit(const GenerationRequest& request);  // checks it, queues it; returns its id
@@ -181,20 +190,20 @@ class Engine {
   void remove_expert(const std::string& name);  // InvalidArgument if unknown
   std::vector<std::string> experts() const;      // loaded experts, slot order
   // Routers: per layer a [domains.size(), hidden] matrix; domains name experts (those
-  // not loaded are never chosen). strategy: "per_layer", "last" or "vote".
+  // not loaded are never chosen). strategy: the engine's strategy from now on.
   void set_router(const std::vector<std::string>& domains, const std::vector<at::Tensor>& weights,
-                  const std::string& strategy);
+                  RoutingStrategy strategy);
   std::vector<std::string> router_domains() const;
 
   // Loads a MoA directory (moa_config.json, experts/<domain>/ PEFT LoRA folders,
   // router.safetensors; the format is defined in moa_engine/moa_format.py): adds every
-  // domain's expert and, when the directory has routers, sets them with `strategy`
-  // ("" takes the directory's own, else "per_layer", "last" or "vote"). Everything is
-  // read and checked against the model before anything changes; on error the engine is
-  // as it was. Throws FileNotFound or FormatError naming the file and the problem,
-  // InvalidArgument for a bad strategy or a domain already loaded.
+  // domain's expert and, when the directory has routers, sets them with `strategy` (none:
+  // the directory's own). Everything is read and checked against the model before anything
+  // changes; on error the engine is as it was. Throws FileNotFound or FormatError naming the
+  // file and the problem, InvalidArgument for a strategy without routers or a domain
+  // already loaded.
   // The same as moa_engine.Engine(model, experts=moa_dir, routing=strategy).
-  void load_moa(const std::string& moa_dir, const std::string& strategy = "");
+  void load_moa(const std::string& moa_dir, std::optional<RoutingStrategy> strategy = std::nullopt);
   // Loads one PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) as the
   // expert `name`; the same as moa_engine.Engine.add_expert(name, peft_dir).
   void load_expert(const std::string& name, const std::string& peft_dir);

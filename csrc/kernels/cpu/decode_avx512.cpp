@@ -5,6 +5,8 @@
 //   registers (8 to 16 independent FMA chains) and loads each x chunk once per tile.
 // expand: rows of B are short (r), so 16 rows' dot products are reduced together by
 //   one shuffle tree (reduce16) instead of 16 horizontal sums.
+// Kernels tier (csrc/kernels/README.md): arithmetic only, no Python, no model knowledge;
+// CPU kernels may use ATen's BLAS and at::parallel_for.
 #include "kernels/cpu/decode_avx512.h"
 
 #include <algorithm>

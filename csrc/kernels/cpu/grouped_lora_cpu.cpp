@@ -1,6 +1,8 @@
 // CPU kernels for the expert-grouped LoRA op: planning, BLAS GEMMs for grouped
 // tokens, and a SIMD kernel for decode-shaped calls. See grouped_lora_cpu.h for
 // the dimension legend and the three paths.
+// Kernels tier (csrc/kernels/README.md): arithmetic only, no Python, no model knowledge;
+// CPU kernels may use ATen's BLAS and at::parallel_for.
 #include "kernels/cpu/grouped_lora_cpu.h"
 
 #include "kernels/cpu/decode_avx512.h"
@@ -10,6 +12,7 @@
 #include <ATen/cpu/Utils.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -130,14 +133,17 @@ void scatter_rows(const T* src, int64_t count, int64_t width, const int64_t* row
   });
 }
 
-// A tuning knob from the environment (read once per process), or `fallback`.
+// A tuning knob from the environment (read once per process), or `fallback` when unset
+// or empty. A bad value is a ValueError naming the variable, the value and what is expected
+// (as MOA_ENGINE_SMALL_M in engine/linear.cpp and MOA_ENGINE_CUDA_PATH in ops/).
 int64_t env_int(const char* name, int64_t fallback, int64_t min_value = 1) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return fallback;
   char* end = nullptr;
+  errno = 0;
   const long long parsed = std::strtoll(value, &end, 10);
-  TORCH_CHECK(end != value && *end == '\0' && parsed >= min_value, name,
-              " must be an integer >= ", min_value, ", got '", value, "'");
+  TORCH_CHECK_VALUE(end != value && *end == '\0' && errno != ERANGE && parsed >= min_value, name,
+                    " must be an integer >= ", min_value, ", got '", value, "'");
   return parsed;
 }
 

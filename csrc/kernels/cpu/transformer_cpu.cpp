@@ -1,6 +1,8 @@
 // CPU kernels for the engine's transformer forward (see transformer_cpu.h).
 // Attention has an AVX-512 path (16 keys' scores reduced at once, a vectorised exp)
 // and a portable one; the elementwise kernels are plain loops.
+// Kernels tier (csrc/kernels/README.md): arithmetic only, no Python, no model knowledge;
+// CPU kernels may use ATen's BLAS and at::parallel_for.
 #include "kernels/cpu/transformer_cpu.h"
 
 #include <ATen/Parallel.h>

@@ -1,0 +1,91 @@
+// The engine's dense linear and its choice of kernel (see linear.h).
+#include "engine/linear.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <vector>
+
+#include "engine/dispatch.h"
+#include "kernels/cpu/decode_avx512.h"
+#include "kernels/cpu/grouped_lora_cpu.h"  // native_matmul
+#include "moa/errors.h"
+
+namespace moa::engine {
+namespace {
+
+constexpr int64_t kDefaultSmallM = 32;
+
+int64_t read_small_m_limit() {
+  constexpr const char* kName = "MOA_ENGINE_SMALL_M";
+  const char* value = std::getenv(kName);
+  if (value == nullptr || *value == '\0') return kDefaultSmallM;
+  char* end = nullptr;
+  errno = 0;
+  const long long parsed = std::strtoll(value, &end, 10);
+  if (end == value || *end != '\0' || errno == ERANGE || parsed < 0)
+    throw_error<InvalidArgument>(kName, " must be an integer >= 0 (0: always BLAS), got '", value, "'");
+  return parsed;
+}
+
+template <typename T>
+void linear_small_m(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<const T*> xs(M);
+  std::vector<T*> ys(M);
+  for (int64_t m = 0; m < M; ++m) {
+    xs[m] = x.data_ptr<T>() + m * x.stride(0);
+    ys[m] = y.data_ptr<T>() + m * y.stride(0);
+  }
+  const T* W = w.data_ptr<T>();
+  const T* bias = b.defined() ? b.data_ptr<T>() : nullptr;
+  // Blocks of 8 rows of W per task, at least ~32 KB of W each.
+  const int64_t rows_per_task = std::max<int64_t>(8, (32768 / (K * int64_t(sizeof(T))) + 7) / 8 * 8);
+  const int64_t blocks = (N + 7) / 8;
+  at::parallel_for(0, blocks, rows_per_task / 8, [&](int64_t b0, int64_t b1) {
+    cpu::linear_rows_avx512(W, K, b0 * 8, std::min(N, b1 * 8), xs.data(), ys.data(), M, bias);
+  });
+}
+
+// BLAS, in float32 for a reduced dtype that this CPU multiplies only by emulation.
+void linear_blas(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y) {
+  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  bool native = true;
+  if (reduced && x.is_cpu()) {
+    native = x.scalar_type() == at::kBFloat16 ? cpu::native_matmul<c10::BFloat16>() : cpu::native_matmul<c10::Half>();
+  }
+  if (!native) {
+    // Without bf16/fp16 matmul instructions BLAS emulates them slowly: multiply in
+    // float32 (same products, float accumulation as the native path) and round once.
+    at::Tensor xf = x.to(at::kFloat), wf = w.to(at::kFloat);
+    y.copy_(b.defined() ? at::addmm(b.to(at::kFloat), xf, wf.t()) : at::mm(xf, wf.t()));
+  } else if (b.defined()) {
+    at::addmm_out(y, b, x, w.t());
+  } else {
+    at::mm_out(y, x, w.t());
+  }
+}
+
+}  // namespace
+
+int64_t small_m_limit() {
+  static const int64_t limit = read_small_m_limit();
+  return limit;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, w.size(0)}, x.options());
+  if (M == 0) return y;
+  if (x.is_cpu() && M <= small_m_limit() && cpu::decode_avx512_available() && x.stride(1) == 1) {
+    MOA_DISPATCH_ENGINE_TYPES(x.scalar_type(), "moa_linear", [&] { linear_small_m<scalar_t>(x, w, b, y); });
+  } else {
+    linear_blas(x, w, b, y);
+  }
+  return y;
+}
+
+}  // namespace moa::engine
