@@ -187,8 +187,19 @@ def _slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
+def _prose(text: str) -> str:
+    """The text without its fenced blocks."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if re.match(r"^\s*```", line):
+            fenced = not fenced
+        elif not fenced:
+            out.append(line)
+    return "\n".join(out)
+
+
 def _anchors(path: Path) -> set[str]:
-    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    text = _prose(path.read_text(encoding="utf-8"))
     return {_slug(m[1]) for m in re.finditer(r"^#{1,6}\s+(.*)$", text, flags=re.M)}
 
 
@@ -197,7 +208,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 @pytest.mark.parametrize("page", LINKED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page):
-    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    text = _prose(page.read_text(encoding="utf-8"))
     broken = []
     for target in LINK.findall(text):
         if re.match(r"^[a-z]+:", target):
