@@ -1051,7 +1051,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path, 
     for d in ("math", "prose", "chat"):
         a, b = _expert_tensors(tmp_path / "one", d), _expert_tensors(tmp_path / "two", d)
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+            # The two runs sum the gradients in another order; AdamW divides each weight's step by
+            # its gradient's running RMS, so where a gradient nearly vanishes that rounding grows
+            # (about 2e-6 relative on some draws). A wrong split of the batch moves weights by 1e-2.
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
         assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
     # stage 2 (routers only, experts frozen) under DDP as well
     router = ["train", "router", "--data", data, "--steps", 3, "--batch", 3, "--max-len", 64, "--dtype", "float64",
