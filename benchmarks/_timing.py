@@ -1,7 +1,8 @@
 """Shared timing and reporting helpers for the benchmarks (their rules: CONTRIBUTING.md).
 
 - `time_fns` / `time_fn`: warm up, repeat, take the median; variants are interleaved so that
-  slow drift on a noisy machine hits every variant alike and ratios stay meaningful.
+  slow drift on a noisy machine hits every variant alike and ratios stay meaningful. Each call
+  is timed by a clock: `WallClock` (perf_counter, the device synchronised) or `CudaEventClock`.
 - `make_cache_flush`: evict the last-level cache before each timed call (cold-cache timing).
 - `measure_copy_bandwidth`: the measured memory ceiling that achieved GB/s is quoted against;
   `copy_ceiling` / `combine_copy_ceilings`: measured before and after the figures, the higher kept.
@@ -100,35 +101,79 @@ def warm_up(fn, *, device, calls, max_seconds=None):
             break
 
 
-def time_fns(fns, *, device, warmup, repeats, min_repeats=3, max_seconds=None, flush=None):
+class WallClock:
+    """Wall time of each call (time.perf_counter), the device synchronised before and after it:
+    the host's launch and synchronisation costs count."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def start(self):
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def stop(self, started):
+        synchronize(self.device)
+        return time.perf_counter() - started
+
+    def seconds(self, readings):
+        """The seconds of a round's readings (stop's results), in their order."""
+        return list(readings)
+
+
+class CudaEventClock:
+    """GPU time of each call: CUDA events recorded around it on the current stream, read after
+    the round (one synchronisation per round). Event times leave out the host's launch and
+    synchronisation costs that fall outside the GPU's work."""
+
+    device = "cuda"
+
+    def start(self):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return begin, end
+
+    def stop(self, events):
+        events[1].record()
+        return events
+
+    def seconds(self, readings):
+        torch.cuda.synchronize()
+        return [begin.elapsed_time(end) / 1e3 for begin, end in readings]
+
+
+def time_fns(fns, *, device="cpu", warmup, repeats, min_repeats=3, max_seconds=None, flush=None, clock=None):
     """Time several variants, interleaved: each round calls every variant once.
 
     fns: {name: zero-argument callable}. Each variant is first called `warmup` times (fewer if
     they take over a quarter of `max_seconds`). Then up to `repeats` rounds follow; after
     `min_repeats` rounds they stop early once `max_seconds` of wall time (flushes included) have
-    passed. `flush`, if given, runs untimed before every timed call. Returns {name: Timing}.
+    passed. `flush`, if given, runs untimed before every timed call. `clock` times each call:
+    WallClock(device) by default, or CudaEventClock(). Returns {name: Timing} in seconds.
     """
+    clock = clock if clock is not None else WallClock(device)
     warmup_seconds = None if max_seconds is None else max_seconds / 4 / len(fns)
     for fn in fns.values():
-        warm_up(fn, device=device, calls=warmup, max_seconds=warmup_seconds)
+        warm_up(fn, device=clock.device, calls=warmup, max_seconds=warmup_seconds)
     samples = {name: [] for name in fns}
     start = time.perf_counter()
     for round_index in range(repeats):
-        for name, fn in fns.items():
+        readings = []
+        for fn in fns.values():
             if flush is not None:
                 flush()
-            synchronize(device)
-            t0 = time.perf_counter()
+            started = clock.start()
             fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - t0)
+            readings.append(clock.stop(started))
+        for name, seconds in zip(fns, clock.seconds(readings)):
+            samples[name].append(seconds)
         over_budget = max_seconds is not None and time.perf_counter() - start > max_seconds
         if round_index + 1 >= min_repeats and over_budget:
             break
     return {name: Timing(values) for name, values in samples.items()}
 
 
-def time_fn(fn, *, device, warmup, repeats, min_repeats=3, max_seconds=None, flush=None):
+def time_fn(fn, *, device="cpu", warmup, repeats, min_repeats=3, max_seconds=None, flush=None, clock=None):
     """Time one zero-argument callable; see `time_fns`. Returns a Timing."""
     timings = time_fns(
         {"fn": fn},
@@ -138,6 +183,7 @@ def time_fn(fn, *, device, warmup, repeats, min_repeats=3, max_seconds=None, flu
         min_repeats=min_repeats,
         max_seconds=max_seconds,
         flush=flush,
+        clock=clock,
     )
     return timings["fn"]
 

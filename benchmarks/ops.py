@@ -29,7 +29,6 @@ way, in the same run. TFLOP/s are printed for the prefill problems.
 
 import argparse
 import fnmatch
-import functools
 import os
 import sys
 import time
@@ -306,10 +305,11 @@ def run_problem(spec, dtype, args, flush):
         fns.pop("graph", None)
     elif not row.get("graph_check", {"ok": True})["ok"]:
         del fns["graph"]
-    time_variants = time_fns_cuda if p.x.is_cuda else functools.partial(timing.time_fns, device=args.device)
+    clock = timing.CudaEventClock() if p.x.is_cuda else timing.WallClock(args.device)
     with timing.OtherLoad() as other_load:
-        timings = time_variants(
+        timings = timing.time_fns(
             fns,
+            clock=clock,
             warmup=args.warmup,
             repeats=args.repeats,
             max_seconds=BUDGET_S["quick" if args.quick else "full"],
@@ -355,37 +355,8 @@ def add_copy_fractions(rows, copy_gbps):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA timing
+# CUDA ceiling
 # ---------------------------------------------------------------------------------------------
-
-
-def time_fns_cuda(fns, *, warmup, repeats, min_repeats=3, max_seconds=None, flush=None):
-    """_timing.time_fns for CUDA: variants interleaved, each call timed by CUDA events recorded
-    around it on the current stream (the flush, if any, runs untimed before it). Event times
-    leave out the host's launch and synchronisation costs that fall outside the GPU's work.
-    Returns {name: Timing} in seconds."""
-    warmup_seconds = None if max_seconds is None else max_seconds / 4 / len(fns)
-    for fn in fns.values():
-        timing.warm_up(fn, device="cuda", calls=warmup, max_seconds=warmup_seconds)
-    samples = {name: [] for name in fns}
-    start = time.perf_counter()
-    for round_index in range(repeats):
-        events = []
-        for name, fn in fns.items():
-            if flush is not None:
-                flush()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            events.append((name, begin, end))
-        torch.cuda.synchronize()
-        for name, begin, end in events:
-            samples[name].append(begin.elapsed_time(end) / 1e3)
-        over_budget = max_seconds is not None and time.perf_counter() - start > max_seconds
-        if round_index + 1 >= min_repeats and over_budget:
-            break
-    return {name: timing.Timing(values) for name, values in samples.items()}
 
 
 def cuda_copy_ceiling(*, nbytes=1 << 30, repeats=10):
@@ -394,7 +365,7 @@ def cuda_copy_ceiling(*, nbytes=1 << 30, repeats=10):
     numel = nbytes // 4
     src = torch.randn(numel, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
-    t = time_fns_cuda({"copy": lambda: dst.copy_(src)}, warmup=3, repeats=repeats)["copy"]
+    t = timing.time_fn(lambda: dst.copy_(src), clock=timing.CudaEventClock(), warmup=3, repeats=repeats)
     return {
         "gb_per_s": 2 * numel * 4 / t.median / 1e9,
         "bytes_per_tensor": numel * 4,
@@ -447,6 +418,17 @@ def _num(row, key, fmt, suffix=""):
 
 def print_table(rows, copy, goals):
     cuda = any("graph" in row.get("times", {}) for row in rows)
+    print(timing.format_table(table_headers(cuda), [table_cells(row, cuda) for row in rows]))
+    print_notes(copy, cuda)
+    if goals:
+        print("\ngoals (reported, not asserted):")
+        for g in goals:
+            status = {True: "MET", False: "NOT MET", None: "no figure"}[g["met"]]
+            value = "-" if g["value"] is None else f"{g['value']:.2f}"
+            print(f"  {g['problem']:<10} {g['dtype']:<9} {g['goal']:<28} {g['metric']} = {value} -> {status}")
+
+
+def table_headers(cuda):
     headers = [
         "problem", "dtype", "T", "E", "in", "out", "op ms", "loop ms", "bmm ms", "bound ms",
         "loop/op", "bmm/op", "op/bound", "op GB/s", "% copy",
@@ -455,35 +437,37 @@ def print_table(rows, copy, goals):
         headers += ["graph ms", "graph GB/s", "graph % copy", "TFLOP/s"]
     else:
         headers += ["GFLOP/s"]
-    headers += ["check", "others"]
-    table = []
-    for row in rows:
-        check = describe_check(row["check"])
-        if cuda and row.get("graph_check") and not row["graph_check"]["ok"]:
-            check += ", graph " + describe_check(row["graph_check"])
-        cells = [
-            row["problem"], row["dtype"], row["T"], row["experts_used"], row["in"], row["out"],
-            _ms(row, "op"), _ms(row, "loop"), _ms(row, "bmm"), _ms(row, "bound"),
-            _num(row, "loop_over_op", ".2f", "x"),
-            _num(row, "bmm_over_op", ".2f", "x"),
-            _num(row, "op_over_bound", ".2f", "x"),
-            _num(row, "op_gb_per_s", ".1f"),
-            _num(row, "copy_fraction", ".0%"),
-        ]  # fmt: skip
-        if cuda:
-            best = max(row.get("op_gflop_per_s") or 0.0, row.get("graph_gflop_per_s") or 0.0)
-            prefill = any(s.name == row["problem"] and s.is_prefill for s in PROBLEMS)
-            cells += [
-                _ms(row, "graph"),
-                _num(row, "graph_gb_per_s", ".1f"),
-                _num(row, "graph_copy_fraction", ".0%"),
-                format(best / 1e3, ".2f") if prefill and best else "-",
-            ]
-        else:
-            cells += [_num(row, "op_gflop_per_s", ".1f")]
-        cells += [check, _num(row, "other_load_cores", ".2f", " NOISY" if is_noisy(row) else "")]
-        table.append(cells)
-    print(timing.format_table(headers, table))
+    return headers + ["check", "others"]
+
+
+def table_cells(row, cuda):
+    check = describe_check(row["check"])
+    if cuda and row.get("graph_check") and not row["graph_check"]["ok"]:
+        check += ", graph " + describe_check(row["graph_check"])
+    cells = [
+        row["problem"], row["dtype"], row["T"], row["experts_used"], row["in"], row["out"],
+        _ms(row, "op"), _ms(row, "loop"), _ms(row, "bmm"), _ms(row, "bound"),
+        _num(row, "loop_over_op", ".2f", "x"),
+        _num(row, "bmm_over_op", ".2f", "x"),
+        _num(row, "op_over_bound", ".2f", "x"),
+        _num(row, "op_gb_per_s", ".1f"),
+        _num(row, "copy_fraction", ".0%"),
+    ]  # fmt: skip
+    if cuda:
+        best = max(row.get("op_gflop_per_s") or 0.0, row.get("graph_gflop_per_s") or 0.0)
+        prefill = any(s.name == row["problem"] and s.is_prefill for s in PROBLEMS)
+        cells += [
+            _ms(row, "graph"),
+            _num(row, "graph_gb_per_s", ".1f"),
+            _num(row, "graph_copy_fraction", ".0%"),
+            format(best / 1e3, ".2f") if prefill and best else "-",
+        ]
+    else:
+        cells += [_num(row, "op_gflop_per_s", ".1f")]
+    return cells + [check, _num(row, "other_load_cores", ".2f", " NOISY" if is_noisy(row) else "")]
+
+
+def print_notes(copy, cuda):
     timer = "CUDA-event time per call" if cuda else "wall time per call"
     print(
         f"\nmedian {timer}; E = experts used. ratios loop/op and bmm/op > 1: the op is "
@@ -499,12 +483,6 @@ def print_table(rows, copy, goals):
         + f"others: CPU cores other processes kept busy while the row was timed; "
         f"NOISY above {NOISY_LOAD_CORES}: rerun that row on a quiet machine."
     )
-    if goals:
-        print("\ngoals (reported, not asserted):")
-        for g in goals:
-            status = {True: "MET", False: "NOT MET", None: "no figure"}[g["met"]]
-            value = "-" if g["value"] is None else f"{g['value']:.2f}"
-            print(f"  {g['problem']:<10} {g['dtype']:<9} {g['goal']:<28} {g['metric']} = {value} -> {status}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,13 +38,11 @@ table on stdout, JSON (--out) and a plot beside it. --quick is a smoke run for C
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-HOLD_OUT = 0.2  # see main: the split score's [0.1, 0.2), as the data build took [0, 0.1)
+HOLD_OUT = 0.2  # see prepare_data: the split score's [0.1, 0.2), as the data build took [0, 0.1)
 
 
 def parse_args(argv=None):
@@ -103,6 +101,151 @@ def parse_args(argv=None):
     return args
 
 
+# The paired comparisons of the report: (system, baseline).
+PAIRS = [("moa-label", "single"), ("moa-label", "mixed"), ("moa-last", "single"), ("moa-last", "mixed"),
+         ("moa-per_layer", "single"), ("moa-per_layer", "mixed"), ("mixed", "single")]  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    run = start_run(args)
+    data = prepare_data(run)
+    trained = train_baselines(run, data)
+    trained.stage2 = train_stage2(run, data)
+    results, routing = score(run, data)
+    growth = add_domain_experiment(run, data)
+    report(run, data, trained, results, routing, growth)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: its working folder, budgets and data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One benchmark run: the arguments, the working folder and the timings of its steps."""
+
+    args: argparse.Namespace
+    domains: list
+    work: Path
+    reuse: bool  # --reuse-stage1 with a finished stage 1 in the working folder
+    t_start: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def stage1(self) -> Path:
+        return self.work / "stage1"
+
+    @property
+    def mixed(self) -> Path:
+        return self.work / "mixed"
+
+    @property
+    def moa(self) -> Path:
+        return self.work / "moa"
+
+    @property
+    def mixed_steps(self) -> int:
+        """The mixed LoRA sees as many samples as MoA does in all: stage 1 plus the joint stage 2."""
+        return (self.args.steps + self.args.router_steps) * len(self.domains)
+
+    @property
+    def mixed_every(self) -> int:
+        """The mixed LoRA's keep-best interval: as many samples as stage 1's."""
+        return self.args.stage1_keep_best * len(self.domains)
+
+    @property
+    def expert(self):
+        from moa_engine.training import ExpertOptions
+
+        return ExpertOptions(rank=self.args.rank, alpha=2.0 * self.args.rank)
+
+    @property
+    def eval_options(self) -> dict:
+        return dict(max_len=self.args.max_len, limit=self.args.val, exact_match_domains=("math",), max_new_tokens=16)
+
+    def cfg(self, steps, lr, what):
+        """A training run's config; its log goes to <work>/<what>.log.jsonl."""
+        from moa_engine.training import TrainConfig
+
+        return TrainConfig(batch=self.args.batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=self.args.seed,
+                           checkpoint_every=0, progress=False, log_path=str(self.work / f"{what}.log.jsonl"))  # fmt: skip
+
+    def fit_cfg(self, what):
+        """The routers' fit with frozen experts: full-batch steps, no warmup."""
+        return replace(self.cfg(300, 3e-2, what), warmup=0)
+
+    def early(self, every, held_out) -> dict:
+        """Stage-1 / mixed keep-best on the records stage 2's keep-best uses (none when every is 0)."""
+        if not every:
+            return {}
+        return dict(keep_best=every, keep_best_margin=self.args.keep_best_margin, val_data=held_out)
+
+
+@dataclass
+class Data:
+    build: dict  # build_corpora's summary
+    all_train: list  # train.jsonl
+    train: list  # what every system trains on: train.jsonl less the held-out records
+    held_out: list  # held out of every system's training; stage 2's keep-best measures on them
+    val: list  # val.jsonl: the scored records
+    counts: dict  # training records per domain
+    opts: object  # the DataOptions every system trains with
+
+
+@dataclass
+class Trained:
+    """The training runs' summaries (train_experts / train_router, or read back from a log)."""
+
+    stage1: dict
+    mixed: dict
+    stage2: dict = field(default_factory=dict)
+
+
+def start_run(args) -> Run:
+    """Check the domains and clear the working folder (keeping a reusable stage 1 and mixed LoRA)."""
+    domains = [d for d in args.domains.split(",") if d]
+    if len(domains) < 3:
+        raise SystemExit("--domains: at least 3 domains (the add-a-domain run adds the last one to the others)")
+    work = Path(args.work or ROOT / "build" / ("quality-quick" if args.quick else "quality"))
+    reuse = args.reuse_stage1 and (work / "stage1" / "moa_config.json").exists()
+    if work.exists():
+        for child in work.iterdir():
+            if not (reuse and child.name in ("stage1", "stage1.log.jsonl", "mixed", "mixed.log.jsonl", "data")):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    return Run(args, domains, work, reuse, t_start=time.perf_counter())
+
+
+def prepare_data(run: Run) -> Data:
+    """Build the corpora; hold some training records out of every system's training."""
+    from moa_engine.data import build_corpora, read_records
+    from moa_engine.data.records import split_records
+    from moa_engine.training import DataOptions
+
+    args = run.args
+    build = build_corpora(run.work / "data", run.domains, max_per_domain=args.records, seed=args.seed, val_fraction=0.1,
+                          progress=False)  # fmt: skip
+    all_train = read_records(run.work / "data" / "train.jsonl")
+    val_records = read_records(run.work / "data" / "val.jsonl")
+    # Some training records are held out of every system's training; stage 2's keep-best measures
+    # on them. The split is the records' seeded content hash (split_records), so stage 2, given
+    # val_fraction HOLD_OUT, recomputes it. The data build already sent the hash's lowest tenth
+    # to val.jsonl (the scored records, never trained on), so HOLD_OUT = 0.2 holds out the next
+    # tenth: about a ninth of train.jsonl.
+    train_records, dev_records = split_records(all_train, HOLD_OUT, args.seed)
+    counts = {d: sum(r.domain == d for r in train_records) for d in run.domains}
+    log(f"data: train {counts}, held out for keep-best {len(dev_records)}, scored {len(val_records)} records")
+    return Data(build, all_train, train_records, dev_records, val_records, counts, DataOptions(max_len=args.max_len))
+
+
 def _more_held_out(folder: Path, domains: list[str], args, taken) -> list:
     """Up to args.router_val records per domain that no system trains on or is scored on: a build of
     args.records + args.router_val records per domain, less every record of the main build (by
@@ -119,193 +262,168 @@ def _more_held_out(folder: Path, domains: list[str], args, taken) -> list:
     return out
 
 
-def _reused_summary(log_path: Path) -> dict:
-    """What a reused training run's summary would say, from its JSONL log: the last training
-    step's record and, when it was early-stopped, the kept steps (its "keep-best" record)."""
-    final, kept = None, None
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("stage") == "keep-best":
-                kept = record.get("kept")
-            elif "step" in record:
-                final = record
-    return {"final": final, "kept": kept, "reused": True}
+# ---------------------------------------------------------------------------------------------
+# The systems
+# ---------------------------------------------------------------------------------------------
 
 
-def log(msg: str) -> None:
-    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def train_baselines(run: Run, data: Data) -> Trained:
+    """Stage 1 (the single-domain LoRAs, all domains at once) and the mixed LoRA, or the finished
+    ones in the working folder with --reuse-stage1."""
+    from moa_engine.training import summary_from_log, train_experts, train_mixed_lora
 
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from moa_engine import Engine
-    from moa_engine._io import atomic_write_json, atomic_write_text
-    from moa_engine.data import build_corpora, read_records, write_records
-    from moa_engine.data.records import split_records
-    from moa_engine.data.records import Record
-    from moa_engine.evaluation import compare, comparison_table, evaluate, first_per_domain, markdown_table, routing_accuracy, routing_table
-    from moa_engine.moa_format import MoAConfig, MoADir
-    from moa_engine.training import DataOptions, ExpertOptions, TrainConfig, add_domain, train_experts, train_router
-
-    torch.manual_seed(args.seed)
-    domains = [d for d in args.domains.split(",") if d]
-    if len(domains) < 3:
-        raise SystemExit("--domains: at least 3 domains (the add-a-domain run adds the last one to the others)")
-    work = Path(args.work or ROOT / "build" / ("quality-quick" if args.quick else "quality"))
-    stage1 = work / "stage1"
-    reuse = args.reuse_stage1 and (stage1 / "moa_config.json").exists()
-    if work.exists():
-        for child in work.iterdir():
-            if not (reuse and child.name in ("stage1", "stage1.log.jsonl", "mixed", "mixed.log.jsonl", "data")):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-
-    # -- data ------------------------------------------------------------------------
-    build = build_corpora(work / "data", domains, max_per_domain=args.records, seed=args.seed, val_fraction=0.1, progress=False)
-    train_records = read_records(work / "data" / "train.jsonl")
-    val_records = read_records(work / "data" / "val.jsonl")
-    # Some training records are held out of every system's training; stage 2's keep-best measures
-    # on them. The split is the records' seeded content hash (split_records), so stage 2, given
-    # val_fraction HOLD_OUT, recomputes it. The data build already sent the hash's lowest tenth
-    # to val.jsonl (the scored records, never trained on), so HOLD_OUT = 0.2 holds out the next
-    # tenth: about a ninth of train.jsonl.
-    all_train = train_records
-    train_records, dev_records = split_records(all_train, HOLD_OUT, args.seed)
-    counts = {d: sum(r.domain == d for r in train_records) for d in domains}
-    log(f"data: train {counts}, held out for keep-best {len(dev_records)}, scored {len(val_records)} records")
-    data_opts = DataOptions(max_len=args.max_len)
-
-    def cfg(steps, lr, what):
-        return TrainConfig(batch=args.batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=args.seed,
-                           checkpoint_every=0, progress=False, log_path=str(work / f"{what}.log.jsonl"))  # fmt: skip
-
-    def fit_cfg(what):  # the routers' fit with frozen experts: full-batch steps, no warmup
-        return replace(cfg(300, 3e-2, what), warmup=0)
-
-    expert = ExpertOptions(rank=args.rank, alpha=2.0 * args.rank)
-    timings = {}
-
-    def early(every, held_out):  # stage-1 / mixed keep-best on the records stage 2's keep-best uses
-        if not every:
-            return {}
-        return dict(keep_best=every, keep_best_margin=args.keep_best_margin, val_data=held_out)
-
-    # -- stage 1 (the single-domain LoRAs, all domains at once) and the mixed LoRA ----------
-    # The mixed LoRA sees as many samples as MoA does in all: stage 1 plus the joint stage 2.
-    mixed_steps = (args.steps + args.router_steps) * len(domains)
-    mixed_every = args.stage1_keep_best * len(domains)  # its keep-best interval: as many samples as stage 1's
-    mixed = work / "mixed"
-    jobs = {}
-    s1 = mixed_summary = {}
-    if reuse:
+    args = run.args
+    jobs, stage1, mixed = {}, {}, {}
+    if run.reuse:
         log("stage 1: reusing the experts in the working folder")
-        s1 = _reused_summary(work / "stage1.log.jsonl")
+        stage1 = summary_from_log(run.work / "stage1.log.jsonl")
     else:
-        jobs["stage1"] = dict(data=train_records, out=str(stage1), cfg=cfg(args.steps, args.lr, "stage1"),
-                              expert=expert, data_opts=data_opts, domains=domains, **early(args.stage1_keep_best, dev_records))  # fmt: skip
-    if reuse and (mixed / "moa_config.json").exists():
+        jobs["stage1"] = (train_experts, dict(data=data.train, out=str(run.stage1), cfg=run.cfg(args.steps, args.lr, "stage1"),
+                          expert=run.expert, data_opts=data.opts, domains=run.domains,
+                          **run.early(args.stage1_keep_best, data.held_out)))  # fmt: skip
+    if run.reuse and (run.mixed / "moa_config.json").exists():
         log("mixed LoRA: reusing the one in the working folder")
-        mixed_summary = _reused_summary(work / "mixed.log.jsonl")
+        mixed = summary_from_log(run.work / "mixed.log.jsonl")
     else:
-        def as_mixed(records):
-            return [Record("mixed", r.prompt, r.response, r.text) for r in records]
-
-        jobs["mixed"] = dict(data=as_mixed(train_records), out=str(mixed), cfg=cfg(mixed_steps, args.lr, "mixed"), expert=expert,
-                             data_opts=data_opts, **early(mixed_every, as_mixed(dev_records)))  # fmt: skip
+        jobs["mixed"] = (train_mixed_lora, dict(data=data.train, out=str(run.mixed), cfg=run.cfg(run.mixed_steps, args.lr, "mixed"),
+                         expert=run.expert, data_opts=data.opts, **run.early(run.mixed_every, data.held_out)))  # fmt: skip
     t = time.perf_counter()
     results_of = _run_jobs(jobs, args.jobs)
-    s1 = results_of.get("stage1", s1)
-    mixed_summary = results_of.get("mixed", mixed_summary)
-    timings["stage1_and_mixed_s"] = time.perf_counter() - t
-    log(f"stage 1 ({len(domains)} experts x {args.steps} steps) and the mixed LoRA ({mixed_steps} steps) in "
-        f"{timings['stage1_and_mixed_s']:.0f} s ({args.jobs} process(es))")  # fmt: skip
+    run.timings["stage1_and_mixed_s"] = time.perf_counter() - t
+    log(f"stage 1 ({len(run.domains)} experts x {args.steps} steps) and the mixed LoRA ({run.mixed_steps} steps) in "
+        f"{run.timings['stage1_and_mixed_s']:.0f} s ({args.jobs} process(es))")  # fmt: skip
+    return Trained(results_of.get("stage1", stage1), results_of.get("mixed", mixed))
 
-    # -- stage 2: routers with the experts tuned jointly --------------------------------------
+
+def _train_job(job, threads: int | None) -> dict:
+    fn, kwargs = job
+    if threads:
+        torch.set_num_threads(threads)
+    return fn(**kwargs)
+
+
+def _run_jobs(jobs: dict, n: int) -> dict:
+    """Each job's summary (a job: (train_experts or train_mixed_lora, its arguments)); with n = 2,
+    the jobs run in two processes at once."""
+    if n == 1 or len(jobs) < 2:
+        return {name: _train_job(job, None) for name, job in jobs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // n)
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_train_job, job, threads) for name, job in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def train_stage2(run: Run, data: Data) -> dict:
+    """Stage 2 on a copy of stage 1: routers with the experts tuned jointly."""
+    from moa_engine.training import train_router
+
+    args = run.args
     t = time.perf_counter()
-    moa = work / "moa"
-    shutil.copytree(stage1, moa)
-    s2_opts = replace(data_opts, val_fraction=HOLD_OUT) if args.keep_best else data_opts
-    s2 = train_router(moa, all_train if args.keep_best else train_records, cfg=cfg(args.router_steps, args.router_lr, "stage2"), eta=args.eta,
-                      joint=True, expert_lr=args.expert_lr, data_opts=s2_opts, keep_best=args.keep_best,
+    shutil.copytree(run.stage1, run.moa)
+    s2_opts = replace(data.opts, val_fraction=HOLD_OUT) if args.keep_best else data.opts
+    s2 = train_router(run.moa, data.all_train if args.keep_best else data.train, cfg=run.cfg(args.router_steps, args.router_lr, "stage2"),
+                      eta=args.eta, joint=True, expert_lr=args.expert_lr, data_opts=s2_opts, keep_best=args.keep_best,
                       keep_best_margin=args.keep_best_margin if args.keep_best else 0.0)  # fmt: skip
-    timings["stage2_s"] = time.perf_counter() - t
-    log(f"stage 2 (joint): {args.router_steps} steps in {timings['stage2_s']:.0f} s")
+    run.timings["stage2_s"] = time.perf_counter() - t
+    log(f"stage 2 (joint): {args.router_steps} steps in {run.timings['stage2_s']:.0f} s")
+    return s2
 
-    # -- evaluation -----------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def score(run: Run, data: Data):
+    """(every system's evaluate result on the scored records, the routers' accuracy on more
+    held-out records or None)."""
+    from moa_engine import Engine
+    from moa_engine.evaluation import evaluate
+
     t = time.perf_counter()
-    ev = dict(max_len=args.max_len, limit=args.val, exact_match_domains=("math",), max_new_tokens=16)
+    ev = run.eval_options
     results = {}
-    results["base"] = evaluate(Engine(experts=None), val_records, ["base"], **ev)["base"]
-    results["single"] = evaluate(Engine(experts=stage1), val_records, ["label"], **ev)["label"]
-    results["mixed"] = evaluate(Engine(experts=mixed), val_records, ["mixed"], **ev)["mixed"]
-    moa_engine = Engine(experts=moa)
-    for mode, res in evaluate(moa_engine, val_records, ["label", "per_layer", "last", "vote"], **ev).items():
+    results["base"] = evaluate(Engine(experts=None), data.val, ["base"], **ev)["base"]
+    results["single"] = evaluate(Engine(experts=run.stage1), data.val, ["label"], **ev)["label"]
+    results["mixed"] = evaluate(Engine(experts=run.mixed), data.val, ["mixed"], **ev)["mixed"]
+    moa_engine = Engine(experts=run.moa)
+    for mode, res in evaluate(moa_engine, data.val, ["label", "per_layer", "last", "vote"], **ev).items():
         results[f"moa-{mode}"] = res
-    timings["eval_s"] = time.perf_counter() - t
-    log(f"evaluation in {timings['eval_s']:.0f} s")
-    routing = None
-    if args.router_val:
-        t = time.perf_counter()
-        extra = _more_held_out(work / "data-routing", domains, args, train_records + dev_records + val_records)
-        scored = first_per_domain(val_records, args.val)
-        routing = routing_accuracy(moa_engine, scored + extra, ("per_layer", "last", "vote"), max_len=args.max_len)
-        timings["routing_s"] = time.perf_counter() - t
-        log(f"router accuracy on {len(scored) + len(extra)} held-out records in {timings['routing_s']:.0f} s")
+    run.timings["eval_s"] = time.perf_counter() - t
+    log(f"evaluation in {run.timings['eval_s']:.0f} s")
+    routing = router_accuracy(run, data, moa_engine) if run.args.router_val else None
+    return results, routing
 
-    # -- add a domain ---------------------------------------------------------------------
+
+def router_accuracy(run: Run, data: Data, engine) -> dict:
+    """The routers alone on the scored records and up to --router-val more per domain."""
+    from moa_engine.evaluation import first_per_domain, routing_accuracy
+
     t = time.perf_counter()
-    old, new = domains[:-1], domains[-1]
-    grow = work / "grow"
-    s1dir = MoADir.load(stage1)
-    config = MoAConfig(base_model=s1dir.config.base_model, domains=old, target_modules=s1dir.config.target_modules, eta=args.eta)
-    MoADir.save(grow, config, {d: s1dir.expert_paths[d] for d in old})
-    old_train = [r for r in train_records if r.domain in old]
-    train_router(grow, old_train, cfg=fit_cfg("grow-router"), data_opts=data_opts)  # experts frozen: a fit
-    old_val = [r for r in val_records if r.domain in old]
-    before = evaluate(Engine(experts=grow), old_val, ["label", "last"], **ev)
-    new_path = work / "new.jsonl"
-    write_records(new_path, [r for r in train_records if r.domain == new])
-    sample = [r for d in old for r in [x for x in old_train if x.domain == d][: args.router_sample]]
-    add_domain(grow, new, new_path, router_data=sample, cfg=cfg(args.grow_steps or args.steps, args.lr, "grow-expert"),
-               router_cfg=fit_cfg("grow-router2"), expert=expert, data_opts=data_opts)  # fmt: skip
-    after = evaluate(Engine(experts=grow), val_records, ["label", "last"], **ev)
-    timings["add_domain_s"] = time.perf_counter() - t
-    growth = {"old_domains": old, "new_domain": new, "before": before, "after": after, "change_pct": {}}
-    for mode in ("label", "last"):
-        growth["change_pct"][mode] = {
-            d: 100.0 * (after[mode]["domains"][d]["ppl"] / before[mode]["domains"][d]["ppl"] - 1.0) for d in old
-        }
-    log(f"add-a-domain in {timings['add_domain_s']:.0f} s")
+    extra = _more_held_out(run.work / "data-routing", run.domains, run.args, data.train + data.held_out + data.val)
+    scored = first_per_domain(data.val, run.args.val)
+    routing = routing_accuracy(engine, scored + extra, ("per_layer", "last", "vote"), max_len=run.args.max_len)
+    run.timings["routing_s"] = time.perf_counter() - t
+    log(f"router accuracy on {len(scored) + len(extra)} held-out records in {run.timings['routing_s']:.0f} s")
+    return routing
 
-    # -- report ---------------------------------------------------------------------------
-    table = markdown_table(results)
+
+def add_domain_experiment(run: Run, data: Data) -> dict:
+    """A MoA of all domains but the last, scored before and after the last one is added."""
+    from moa_engine import evaluation
+
+    args = run.args
+    t = time.perf_counter()
+    growth = evaluation.add_domain_experiment(
+        run.stage1, run.domains[:-1], run.domains[-1], data.train, data.val, run.work / "grow",
+        router_cfg=run.fit_cfg("grow-router"), expert_cfg=run.cfg(args.grow_steps or args.steps, args.lr, "grow-expert"),
+        new_router_cfg=run.fit_cfg("grow-router2"), expert=run.expert, data_opts=data.opts, eta=args.eta,
+        router_sample=args.router_sample, **run.eval_options,
+    )  # fmt: skip
+    run.timings["add_domain_s"] = time.perf_counter() - t
+    log(f"add-a-domain in {run.timings['add_domain_s']:.0f} s")
+    return growth
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def report(run: Run, data: Data, trained: Trained, results: dict, routing: dict | None, growth: dict) -> None:
+    """The markdown report on stdout and beside --out, the JSON (--out) and the plot."""
+    from moa_engine._io import atomic_write_json, atomic_write_text
+    from moa_engine.evaluation import compare
+
+    args = run.args
     # Paired bootstrap over the scored records: is a difference larger than the records' spread?
-    pairs = [("moa-label", "single"), ("moa-label", "mixed"), ("moa-last", "single"), ("moa-last", "mixed"),
-             ("moa-per_layer", "single"), ("moa-per_layer", "mixed"), ("mixed", "single")]  # fmt: skip
-    comparisons = {f"{a} vs {b}": compare(results[a], results[b], n_boot=args.bootstrap, seed=args.seed) for a, b in pairs}
-    grow_rows = ["| domain | " + " | ".join(f"{m} ppl before | after | change" for m in ("label", "last")) + " | router acc before | after |",
-                 "|---|" + "---|---|---|" * 2 + "---|---|"]  # fmt: skip
-    for d in old:
-        cells = []
-        for mode in ("label", "last"):
-            b, a = before[mode]["domains"][d]["ppl"], after[mode]["domains"][d]["ppl"]
-            cells += [f"{b:.3f}", f"{a:.3f}", f"{growth['change_pct'][mode][d]:+.2f}%"]
-        acc_b = before["last"]["router_accuracy"].get(d, float("nan"))
-        acc_a = after["last"]["router_accuracy"].get(d, float("nan"))
-        grow_rows.append(f"| {d} | " + " | ".join(cells) + f" | {100 * acc_b:.1f}% | {100 * acc_a:.1f}% |")
-    new_row = after["label"]["domains"].get(new)
+    comparisons = {f"{a} vs {b}": compare(results[a], results[b], n_boot=args.bootstrap, seed=args.seed) for a, b in PAIRS}
+    budget = budget_text(run, data, trained, results)
+    text = report_text(run, results, comparisons, routing, growth, budget)
+    print(text)
+    out = Path(args.out)
+    atomic_write_json(out, payload(run, data, trained, results, comparisons, routing, growth, budget))
+    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    _plot(results, growth, comparisons, out.with_suffix(".png"))
+    log(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+
+
+def budget_text(run: Run, data: Data, trained: Trained, results: dict) -> str:
+    """Every budget of the run, in words."""
+    args = run.args
     early_text = ""
     if args.stage1_keep_best:
         early_text = (f"stage 1 and the mixed LoRA each kept at its best of every {args.stage1_keep_best} (mixed: "
-                      f"{mixed_every}) steps by the loss on the held-out records"
+                      f"{run.mixed_every}) steps by the loss on the held-out records"
                       + (f" ({args.keep_best_margin:g} standard error margin)" if args.keep_best_margin else "")
-                      + ", kept at: " + ", ".join(f"{d} step {k['step']}" for d, k in {**(s1.get("kept") or {}),
-                                                   **(mixed_summary.get("kept") or {})}.items()) + "; ")  # fmt: skip
-    budget = (
+                      + ", kept at: " + ", ".join(f"{d} step {k['step']}" for d, k in {**(trained.stage1.get("kept") or {}),
+                                                   **(trained.mixed.get("kept") or {})}.items()) + "; ")  # fmt: skip
+    return (
         f"stage 1: {args.steps} steps x {args.batch} samples per domain (rank {args.rank}, lr {args.lr}); "
-        f"mixed: {mixed_steps} steps x {args.batch} samples (as many as MoA's stages 1 and 2); {early_text}stage 2 (joint): "
+        f"mixed: {run.mixed_steps} steps x {args.batch} samples (as many as MoA's stages 1 and 2); {early_text}stage 2 (joint): "
         f"{args.router_steps} steps x {args.batch} samples per domain (router lr {args.router_lr}, expert lr "
         f"{args.expert_lr}, eta {args.eta}"
         + (f"; each expert kept at its best of steps 0, {args.keep_best}, ... by its loss on the held-out records"
@@ -315,19 +433,28 @@ def main(argv=None) -> int:
         + "), then the routers refitted on the tuned experts (300 full-batch steps, each prompt through a random expert); "
         f"added domain: {args.grow_steps or args.steps} expert steps, then each router's new row fitted (the old rows "
         f"kept) on the old and new records ({args.router_sample} per old domain); "
-        f"max_len {args.max_len}; every system trained on the same {sum(counts.values())} records "
-        f"({len(dev_records)} more held out for keep-best); scored records: "
+        f"max_len {args.max_len}; every system trained on the same {sum(data.counts.values())} records "
+        f"({len(data.held_out)} more held out for keep-best); scored records: "
         + ", ".join(f"{d} {len(v['tokens'])}" for d, v in results["single"]["records"].items())
-    )
-    text = "\n".join([
-        "### Per-domain perplexity (held-out), router accuracy, math exact match", "", table, "",
+    )  # fmt: skip
+
+
+def report_text(run: Run, results: dict, comparisons: dict, routing: dict | None, growth: dict, budget: str) -> str:
+    """The markdown report: the systems' table, the comparisons, add-a-domain and router accuracy."""
+    from moa_engine.evaluation import add_domain_table, comparison_table, markdown_table, routing_table
+
+    args = run.args
+    old, new = growth["old_domains"], growth["new_domain"]
+    new_row = growth["after"]["label"]["domains"].get(new)
+    return "\n".join([
+        "### Per-domain perplexity (held-out), router accuracy, math exact match", "", markdown_table(results), "",
         f"Budget: {budget}.", "",
         "### MoA against the baselines: change in average perplexity (paired bootstrap over the scored records)", "",
         comparison_table(comparisons), "",
         f"Each of {args.bootstrap} draws resamples every domain's scored records with replacement, the same "
         "records for both systems; P(lower) is the share of draws where the first system's average "
         "perplexity is the lower.", "",
-        f"### Adding a domain ({new}) to a MoA of {', '.join(old)}", "", *grow_rows, "",
+        f"### Adding a domain ({new}) to a MoA of {', '.join(old)}", "", add_domain_table(growth), "",
         f"New domain {new}: label-routed perplexity {new_row['ppl']:.3f}" if new_row else "",
         *([] if routing is None else [
             "", "### Router accuracy on more held-out records (routing only; 95% Wilson intervals)", "",
@@ -336,44 +463,22 @@ def main(argv=None) -> int:
             "per_layer counts every layer's choice.",
         ]),
     ])  # fmt: skip
-    print(text)
-    payload = {
+
+
+def payload(run: Run, data: Data, trained: Trained, results, comparisons, routing, growth, budget) -> dict:
+    """The JSON written to --out."""
+    args = run.args
+    return {
         "benchmark": "quality", "quick": args.quick, "args": vars(args), "budget": budget,
-        "data": {"train": counts, "held_out_for_keep_best": len(dev_records), "val_per_domain": args.val,
-                 "sources": build.get("sources", {})},
-        "results": results, "comparisons": comparisons, "routing": routing, "add_domain": growth, "timings_s": timings, "total_s": time.perf_counter() - t_start,
-        "stage1_final": s1.get("final"), "stage1_kept": s1.get("kept"), "mixed_kept": mixed_summary.get("kept"),
-        "stage2_final": s2.get("final"), "stage2_kept": s2.get("kept"),
+        "data": {"train": data.counts, "held_out_for_keep_best": len(data.held_out), "val_per_domain": args.val,
+                 "sources": data.build.get("sources", {})},
+        "results": results, "comparisons": comparisons, "routing": routing, "add_domain": growth, "timings_s": run.timings,
+        "total_s": time.perf_counter() - run.t_start,
+        "stage1_final": trained.stage1.get("final"), "stage1_kept": trained.stage1.get("kept"), "mixed_kept": trained.mixed.get("kept"),
+        "stage2_final": trained.stage2.get("final"), "stage2_kept": trained.stage2.get("kept"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads()},
     }  # fmt: skip
-    out = Path(args.out)
-    atomic_write_json(out, payload)
-    atomic_write_text(out.with_suffix(".md"), text + "\n")
-    _plot(results, growth, comparisons, out.with_suffix(".png"))
-    log(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
-    return 0
-
-
-def _train_job(kwargs: dict, threads: int | None) -> dict:
-    from moa_engine.training import train_experts
-
-    if threads:
-        torch.set_num_threads(threads)
-    return train_experts(**kwargs)
-
-
-def _run_jobs(jobs: dict, n: int) -> dict:
-    """Each job's train_experts summary; with n = 2, the jobs run in two processes at once."""
-    if n == 1 or len(jobs) < 2:
-        return {name: _train_job(kw, None) for name, kw in jobs.items()}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    threads = max(1, torch.get_num_threads() // n)
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_train_job, kw, threads) for name, kw in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
 
 
 def _plot(results: dict, growth: dict, comparisons: dict, path: Path) -> None:

@@ -4,7 +4,8 @@ import argparse
 import sys
 
 from moa_engine.data.cli import add_data_subcommand
-from moa_engine.training.cli import add_add_domain_subcommand, add_eval_subcommand, add_train_subcommands
+from moa_engine.evaluation.cli import add_eval_subcommand
+from moa_engine.training.cli import add_add_domain_subcommand, add_train_subcommands
 
 
 def _add_demo(subparsers):

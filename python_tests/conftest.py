@@ -29,12 +29,18 @@ DEVICES = [
 ]
 
 
+def seeded_generator(node_id: str) -> torch.Generator:
+    """A CPU generator seeded from a pytest node id (a test's, or a module- or session-scoped
+    fixture's request.node.nodeid), shifted by MOA_TEST_SEED as `gen` is."""
+    salt = os.environ.get("MOA_TEST_SEED", "0")
+    return torch.Generator().manual_seed(zlib.crc32(f"{salt}:{node_id}".encode()))
+
+
 @pytest.fixture
 def gen(request):
     """A CPU generator seeded from the test id: reproducible, and different for every case.
     MOA_TEST_SEED (default 0) shifts every seed, to rerun the suite on fresh draws."""
-    salt = os.environ.get("MOA_TEST_SEED", "0")
-    return torch.Generator().manual_seed(zlib.crc32(f"{salt}:{request.node.nodeid}".encode()))
+    return seeded_generator(request.node.nodeid)
 
 
 # ---------------------------------------------------------------------------------------------

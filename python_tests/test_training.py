@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import seeded_generator
 
 from moa_engine.data.records import Record
 from moa_engine.moa_format import MoADir, load_peft_adapter
@@ -46,10 +47,16 @@ from moa_engine.training.trainer import Group, Plan, lr_at, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _seed(gen: torch.Generator) -> int:
+    """A seed drawn from `gen`."""
+    return int(torch.randint(0, 2**31, (), generator=gen))
+
+
 def _tiny_llama(vocab: int, seed: int, dtype=torch.float32, hidden=48, layers=2):
+    """A tiny random Llama; its weights depend on `seed` only."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
+    weights = torch.Generator().manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=72, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
@@ -59,31 +66,29 @@ def _tiny_llama(vocab: int, seed: int, dtype=torch.float32, hidden=48, layers=2)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
-                p.normal_(0, 0.2)
+                p.normal_(0, 0.2, generator=weights)
     return model
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tmp_path_factory, request):
     """A tiny random Llama with the default model's tokenizer (vocab 49152), saved as a folder."""
     from moa_engine.models import resolve_model
 
     source = resolve_model(None, progress=False)
     folder = tmp_path_factory.mktemp("tiny_train") / "model"
-    model = _tiny_llama(49152, seed=3)
+    model = _tiny_llama(49152, seed=_seed(seeded_generator(request.node.nodeid + "::tiny_dir")))
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(source / name, folder / name)
     return folder
 
 
-def _records(n=24, seed=0, domains=("math", "prose", "chat")):
-    import random
-
-    rng = random.Random(seed)
+def _records(n: int, gen: torch.Generator, domains=("math", "prose", "chat")):
+    """n records of each domain, their numbers drawn from gen."""
     out = []
     for i in range(n):
-        a, b = rng.randrange(100), rng.randrange(100)
+        a, b = torch.randint(0, 100, (2,), generator=gen).tolist()
         if "math" in domains:
             out.append(Record("math", prompt=f"What is {a} plus {b}?", response=str(a + b)))
         if "prose" in domains:
@@ -113,20 +118,20 @@ def _sha(path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_moa_model_matches_plain_torch_forward_and_grads():
+def test_moa_model_matches_plain_torch_forward_and_grads(gen):
     """Label-routed MoAModel == a hand-written reference: each layer's target linears get
     scale * (x A^T) B^T of the row's expert; gradients of A and B match too (float64)."""
-    torch.manual_seed(0)
-    hf = _tiny_llama(97, seed=1, dtype=torch.float64)
-    ref = _tiny_llama(97, seed=1, dtype=torch.float64)
+    seed = _seed(gen)
+    hf = _tiny_llama(97, seed=seed, dtype=torch.float64)
+    ref = _tiny_llama(97, seed=seed, dtype=torch.float64)
     moa = MoAModel(hf, ["q_proj", "v_proj", "down_proj"])
-    moa.add_expert("a", rank=3, alpha=5, seed=1)
-    moa.add_expert("b", rank=5, alpha=7, seed=2)  # heterogeneous ranks
+    moa.add_expert("a", rank=3, alpha=5, seed=_seed(gen))
+    moa.add_expert("b", rank=5, alpha=7, seed=_seed(gen))  # heterogeneous ranks
     for lin in moa.linears.values():
         for B in lin.lora_B:
-            torch.nn.init.normal_(B, std=0.3)
+            torch.nn.init.normal_(B, std=0.3, generator=gen)
     moa.double()
-    ids = torch.randint(0, 97, (3, 11))
+    ids = torch.randint(0, 97, (3, 11), generator=gen)
     attn = torch.ones_like(ids)
     experts = [1, -1, 0]
     hidden, _ = moa(ids, attn, experts)
@@ -167,12 +172,12 @@ def test_moa_model_matches_plain_torch_forward_and_grads():
 
 
 @pytest.mark.parametrize("N,chunk,bias", [(131, 16, False), (7, 64, True), (64, 64, False), (1, 3, True)])
-def test_linear_cross_entropy_matches_the_logits_way(N, chunk, bias):
+def test_linear_cross_entropy_matches_the_logits_way(N, chunk, bias, gen):
     """Chunked head + CE (gradient formed in the forward) against F.cross_entropy of the full
     logits: per-token losses and the gradient of a random per-token weighting, float64."""
     from moa_engine.training.linear_ce import linear_cross_entropy
 
-    g = torch.Generator().manual_seed(N)
+    g = gen
     V, H = 301, 37
     h = torch.randn(N, H, dtype=torch.float64, generator=g, requires_grad=True)
     W = torch.randn(V, H, dtype=torch.float64, generator=g)
@@ -188,10 +193,10 @@ def test_linear_cross_entropy_matches_the_logits_way(N, chunk, bias):
     torch.testing.assert_close(gh, gh2, rtol=1e-10, atol=1e-12)
 
 
-def test_linear_cross_entropy_under_autocast_and_bad_input():
+def test_linear_cross_entropy_under_autocast_and_bad_input(gen):
     from moa_engine.training.linear_ce import linear_cross_entropy
 
-    g = torch.Generator().manual_seed(1)
+    g = gen
     h = torch.randn(50, 32, generator=g, requires_grad=True)
     W = torch.randn(97, 32, generator=g) * 0.3
     y = torch.randint(0, 97, (50,), generator=g)
@@ -211,22 +216,23 @@ def test_linear_cross_entropy_under_autocast_and_bad_input():
         linear_cross_entropy(h, W, y[:-1])
 
 
-def test_saved_expert_loads_in_peft_with_the_same_logits(tmp_path):
+def test_saved_expert_loads_in_peft_with_the_same_logits(tmp_path, gen):
     peft = pytest.importorskip("peft")
-    hf = _tiny_llama(101, seed=4)
+    seed = _seed(gen)
+    hf = _tiny_llama(101, seed=seed)
     moa = MoAModel(hf, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"])
-    moa.add_expert("x", rank=4, alpha=12, seed=0)
-    moa.add_expert("y", rank=6, alpha=3, seed=1, use_rslora=True)
+    moa.add_expert("x", rank=4, alpha=12, seed=_seed(gen))
+    moa.add_expert("y", rank=6, alpha=3, seed=_seed(gen), use_rslora=True)
     for lin in moa.linears.values():
         for B in lin.lora_B:
-            torch.nn.init.normal_(B, std=0.2)
-    ids = torch.randint(0, 101, (2, 9))
+            torch.nn.init.normal_(B, std=0.2, generator=gen)
+    ids = torch.randint(0, 101, (2, 9), generator=gen)
     for e, name in enumerate(moa.experts):
         folder = moa.save_expert(name, tmp_path / name, "tiny")
         with torch.no_grad():
             hidden, _ = moa(ids, torch.ones_like(ids), [e, e])
             ours = moa.lm_logits(hidden)
-        base = _tiny_llama(101, seed=4)
+        base = _tiny_llama(101, seed=seed)
         peft_model = peft.PeftModel.from_pretrained(base, str(folder))
         with torch.no_grad():
             theirs = peft_model(input_ids=ids).logits
@@ -252,21 +258,21 @@ def _random_examples(domains, n, vocab, gen):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_concurrent_step_equals_separate_steps(optimizer):
+def test_concurrent_step_equals_separate_steps(optimizer, gen):
     """One optimiser step on a mixed batch of 3 domains gives each expert exactly the weights
     that a step on its own domain's samples alone gives (float64; per-domain loss; per-expert
     clipping; micro-batches that mix domains)."""
-    gen = torch.Generator().manual_seed(7)
+    model_seed, expert_seeds = _seed(gen), [_seed(gen) for _ in range(3)]
     domains = ["a", "b", "c"]
     examples = _random_examples(domains, 5, 89, gen)
     cfg = TrainConfig(batch=3, steps=2, lr=0.05, optimizer=optimizer, dtype="float64", micro_batch=4,
                       max_grad_norm=0.5, progress=False)  # fmt: skip
 
     def build():
-        hf = _tiny_llama(89, seed=5, dtype=torch.float64)
+        hf = _tiny_llama(89, seed=model_seed, dtype=torch.float64)
         m = MoAModel(hf, ["q_proj", "v_proj", "up_proj", "down_proj"])
         for i, d in enumerate(domains):
-            m.add_expert(d, rank=3 + i, alpha=4, seed=10 + i)
+            m.add_expert(d, rank=3 + i, alpha=4, seed=expert_seeds[i])
         return m.double()
 
     together = build()
@@ -287,7 +293,7 @@ def test_concurrent_step_equals_separate_steps(optimizer):
                     assert torch.equal(p, q)
 
 
-def test_length_buckets_and_bucketed_steps_equal_one_forward():
+def test_length_buckets_and_bucketed_steps_equal_one_forward(gen):
     """Length-sorted forwards under a padded-token budget: the buckets themselves, and two
     AdamW steps with every sequence alone / one forward per step / budgets between, equal."""
     from moa_engine.training.trainer import length_buckets
@@ -296,14 +302,14 @@ def test_length_buckets_and_bucketed_steps_equal_one_forward():
     buckets = length_buckets(list("abcdefg"), lengths, budget=18)
     assert buckets == [["b", "d", "g"], ["e", "a"], ["c"], ["f"]]  # 3x5, 2x9, 12 (3x12 > 18), 30 alone
     assert length_buckets([], [], 8) == [[]]
-    gen = torch.Generator().manual_seed(11)
     examples = _random_examples(["a", "b"], 6, 71, gen)
+    model_seed, expert_seeds = _seed(gen), [_seed(gen) for _ in range(2)]
     weights = []
     for budget in (1, 30, 10**6):
-        hf = _tiny_llama(71, seed=8, dtype=torch.float64)
+        hf = _tiny_llama(71, seed=model_seed, dtype=torch.float64)
         m = MoAModel(hf, ["k_proj", "o_proj", "gate_proj"])
-        m.add_expert("a", 3, 6, seed=1)
-        m.add_expert("b", 5, 6, seed=2)
+        m.add_expert("a", 3, 6, seed=expert_seeds[0])
+        m.add_expert("b", 5, 6, seed=expert_seeds[1])
         m.double()
         cfg = TrainConfig(batch=3, steps=2, lr=0.02, dtype="float64", forward_tokens=budget, progress=False)
         plan = Plan(examples, {"a": 2, "b": 2}, {"a": 0, "b": 1})
@@ -315,18 +321,18 @@ def test_length_buckets_and_bucketed_steps_equal_one_forward():
     assert any(p.abs().max() > 0 for p in weights[0][1::2])
 
 
-def test_gradient_checkpointing_gives_the_same_step():
-    gen = torch.Generator().manual_seed(3)
+def test_gradient_checkpointing_gives_the_same_step(gen):
     examples = _random_examples(["a", "b"], 4, 61, gen)
+    model_seed, expert_seeds = _seed(gen), [_seed(gen) for _ in range(2)]
     results = []
     for ckpt in (False, True):
-        hf = _tiny_llama(61, seed=2, dtype=torch.float64)
+        hf = _tiny_llama(61, seed=model_seed, dtype=torch.float64)
         if ckpt:
             enable_checkpointing(hf)
             hf.train()
         m = MoAModel(hf, ["q_proj", "down_proj"])
-        m.add_expert("a", 4, 8, seed=1)
-        m.add_expert("b", 4, 8, seed=2)
+        m.add_expert("a", 4, 8, seed=expert_seeds[0])
+        m.add_expert("b", 4, 8, seed=expert_seeds[1])
         m.double()
         cfg = TrainConfig(batch=2, steps=2, lr=0.01, dtype="float64", progress=False)
         plan = Plan(examples, {"a": 2, "b": 2}, {"a": 0, "b": 1})
@@ -411,10 +417,10 @@ def _cfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dir, tmp_path_factory):
+def trained(tiny_dir, tmp_path_factory, request):
     """Stage 1 and stage 2 on three domains; the MoA dir and its data."""
     work = tmp_path_factory.mktemp("moa")
-    data = _write_jsonl(work / "data.jsonl", _records(24))
+    data = _write_jsonl(work / "data.jsonl", _records(24, seeded_generator(request.node.nodeid + "::trained")))
     moa = work / "moa"
     s1 = train_experts(data, moa, model=tiny_dir, cfg=_cfg(), expert=ExpertOptions(rank=4, alpha=8),
                        data_opts=DataOptions(max_len=64, val_fraction=0.15))  # fmt: skip
@@ -439,7 +445,7 @@ def test_stage1_writes_a_moa_dir_that_peft_and_the_engine_load(trained, tiny_dir
     assert set(engine.experts) == {"math", "prose", "chat"}
 
 
-def test_router_stage_keeps_frozen_experts_and_routes_held_out_prompts(trained, tiny_dir):
+def test_router_stage_keeps_frozen_experts_and_routes_held_out_prompts(trained, tiny_dir, gen):
     for d, tensors in trained["stage1"].items():
         after = _expert_tensors(trained["moa"], d)
         assert all(torch.equal(tensors[k], after[k]) for k in tensors)  # frozen in stage 2
@@ -447,14 +453,14 @@ def test_router_stage_keeps_frozen_experts_and_routes_held_out_prompts(trained, 
     from moa_engine import Engine
 
     engine = Engine(tiny_dir, experts=trained["moa"])
-    records = _records(6, seed=99)
+    records = _records(6, gen)
     prompts = [r.prompt for r in records if r.is_chat]
     labels = [r.domain for r in records if r.is_chat]
     out = engine.generate(prompts, max_new_tokens=2, chat=True)
     assert [c.domain for c in out] == labels
 
 
-def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_dir):
+def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_dir, gen):
     """router_features (prompt-only forwards, sorted and batched) against the routers' inputs
     that a full teacher-forced forward of each record alone computes, in the records' order."""
     from transformers import AutoTokenizer
@@ -462,13 +468,13 @@ def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_d
     from moa_engine.training import router_features
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
-    model = MoAModel(_tiny_llama(49152, seed=11), ["q_proj", "down_proj"])
+    model = MoAModel(_tiny_llama(49152, seed=_seed(gen)), ["q_proj", "down_proj"])
     for k, d in enumerate(("math", "prose", "chat")):
-        model.add_expert(d, rank=3, alpha=5, seed=k)
+        model.add_expert(d, rank=3, alpha=5, seed=_seed(gen))
         for p in model.expert_parameters(d)[1::2]:
-            torch.nn.init.normal_(p, std=0.3)  # B != 0: each expert moves the features
+            torch.nn.init.normal_(p, std=0.3, generator=gen)  # B != 0: each expert moves the features
     model.set_routers(["math", "prose", "chat"])
-    examples, _ = encode_records(_records(5, seed=4), tok, max_len=40)
+    examples, _ = encode_records(_records(5, gen), tok, max_len=40)
     index = {"math": 0, "prose": 1, "chat": 2}
     for batch in (1, 4):
         feats, labels = router_features(model, examples, index, "cpu", batch=batch)
@@ -494,7 +500,7 @@ def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_d
         router_features(model, examples, index, "cpu", experts=[0])
 
 
-def test_routers_fitted_through_random_experts_tell_the_domain_whatever_expert_ran_below(tiny_dir):
+def test_routers_fitted_through_random_experts_tell_the_domain_whatever_expert_ran_below(tiny_dir, gen):
     """Experts with a strong imprint. Routers fitted on teacher-forced features (each prompt
     through its own expert) against routers fitted through serving_experts' random experts, both
     scored on held-out prompts run through each expert in turn, as the routing pass may: the
@@ -506,15 +512,15 @@ def test_routers_fitted_through_random_experts_tell_the_domain_whatever_expert_r
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
     names = ["math", "prose", "chat"]
-    model = MoAModel(_tiny_llama(49152, seed=12, layers=3), ["q_proj", "v_proj", "down_proj"])
+    model = MoAModel(_tiny_llama(49152, seed=_seed(gen), layers=3), ["q_proj", "v_proj", "down_proj"])
     for k, d in enumerate(names):
-        model.add_expert(d, rank=4, alpha=8, seed=k)
+        model.add_expert(d, rank=4, alpha=8, seed=_seed(gen))
         for p in model.expert_parameters(d)[1::2]:
-            torch.nn.init.normal_(p, std=1.0)
+            torch.nn.init.normal_(p, std=1.0, generator=gen)
     model.set_routers(names)
     index = {d: k for k, d in enumerate(names)}
-    train_ex, _ = encode_records(_records(30, seed=1), tok, max_len=40)
-    held, _ = encode_records(_records(12, seed=2), tok, max_len=40)
+    train_ex, _ = encode_records(_records(30, gen), tok, max_len=40)
+    held, _ = encode_records(_records(12, gen), tok, max_len=40)
     assert sorted(serving_experts(model, names, 600, 0)) != [0] * 600 and set(serving_experts(model, names, 600, 0)) == {0, 1, 2}
     assert serving_experts(model, names, 50, 3) == serving_experts(model, names, 50, 3)
 
@@ -536,12 +542,12 @@ def test_routers_fitted_through_random_experts_tell_the_domain_whatever_expert_r
     assert min(forced_acc) <= 0.5, (robust_acc, forced_acc)  # the imprint, not the domain
 
 
-def test_fit_routers_separates_domains_and_weighs_them_equally():
+def test_fit_routers_separates_domains_and_weighs_them_equally(gen):
     """The full-batch fit against a plain per-layer torch logistic regression with the same
     AdamW steps; duplicating one domain's samples changes nothing (each domain weighs 1/D)."""
     from moa_engine.training import fit_routers
 
-    g = torch.Generator().manual_seed(7)
+    g = gen
     D, L, H, n = 3, 4, 23, 37
     centers = torch.randn(L, D, H, generator=g) * 1.5
     labels = torch.randint(0, D, (n,), generator=g)
@@ -580,12 +586,12 @@ def test_fit_routers_separates_domains_and_weighs_them_equally():
         fit_routers(routers, bad, labels, D, steps=1, lr=1e-2)
 
 
-def test_fit_routers_with_fixed_rows_fits_only_the_others():
+def test_fit_routers_with_fixed_rows_fits_only_the_others(gen):
     """fixed_rows keeps those rows bit-identical, and the other rows end where a plain torch fit
     of those rows alone ends, the fixed rows' logits entering the loss as constants."""
     from moa_engine.training import fit_routers
 
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    g = gen
     D, L, H, n = 4, 3, 19, 53
     labels = torch.randint(0, D, (n,), generator=g)
     labels[:D] = torch.arange(D)
@@ -675,7 +681,7 @@ def test_joint_keep_best_ends_each_expert_at_its_lowest_held_out_loss(trained, t
     assert any(k["step"] > 0 for k in kept.values())  # the tiny experts are far from trained
 
 
-def test_keep_best_restores_weights_that_were_made_worse(trained):
+def test_keep_best_restores_weights_that_were_made_worse(trained, gen):
     """KeepBest alone: step 0 measured, one expert made worse by noise and another better by
     nothing (unchanged), a measurement, restore(): the noisy expert is back bit for bit."""
     from moa_engine.training.stages import KeepBest, _load_moa_model, as_records, prepare
@@ -686,7 +692,6 @@ def test_keep_best_restores_weights_that_were_made_worse(trained):
     _, val, _ = prepare(as_records(trained["data"]), tok, DataOptions(max_len=64, val_fraction=0.3), 0, moa.config.domains)
     keeper = KeepBest(module, val, moa.config.domains, cfg, every=2, total=4, path=None)
     before = [p.detach().clone() for p in module.expert_parameters("math")]
-    gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in module.expert_parameters("math"):
             p.add_(torch.randn(p.shape, generator=gen) * 0.5)
@@ -703,7 +708,7 @@ def test_keep_best_restores_weights_that_were_made_worse(trained):
 def test_keep_best_survives_an_interrupted_run(trained, tmp_path, monkeypatch):
     """Interrupted right after a measurement (before that step's checkpoint) and resumed: the
     same experts as an uninterrupted run."""
-    from moa_engine.training import stages
+    from moa_engine.training import keep_best
 
     opts = DataOptions(max_len=64, val_fraction=0.3)
     runs = {}
@@ -714,17 +719,17 @@ def test_keep_best_survives_an_interrupted_run(trained, tmp_path, monkeypatch):
         cfg = _cfg(steps=6, lr=1e-2, checkpoint_every=2, checkpoint_dir=str(tmp_path / f"{name}.ckpt"))
         kwargs = dict(cfg=cfg, joint=True, expert_lr=0.05, data_opts=opts, keep_best=2)
         if name == "cut":
-            real = stages.KeepBest.__call__
+            real = keep_best.KeepBest.__call__
 
             def cut(self, steps_done, record):
                 real(self, steps_done, record)
                 if steps_done == 4:
                     raise KeyboardInterrupt
 
-            monkeypatch.setattr(stages.KeepBest, "__call__", cut)
+            monkeypatch.setattr(keep_best.KeepBest, "__call__", cut)
             with pytest.raises(KeyboardInterrupt):
                 train_router(moa, trained["data"], **kwargs)
-            monkeypatch.setattr(stages.KeepBest, "__call__", real)
+            monkeypatch.setattr(keep_best.KeepBest, "__call__", real)
             kwargs["cfg"] = replace(cfg, resume=True)
         out = train_router(moa, trained["data"], **kwargs)
         runs[name + "_kept"] = out["kept"]
@@ -734,26 +739,26 @@ def test_keep_best_survives_an_interrupted_run(trained, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), d
 
 
-def test_keep_best_margin_moves_an_expert_only_by_more_than_its_standard_error(trained, tmp_path, monkeypatch):
+def test_keep_best_margin_moves_an_expert_only_by_more_than_its_standard_error(trained, tmp_path, monkeypatch, gen):
     """keep_best_margin: the per-example held-out losses of every measurement, recorded as they
     are taken, replayed through the rule written out here (a state replaces the kept one when
     its mean token loss is lower by more than margin x the paired standard error) give the kept
     steps; a huge margin keeps every expert at its stage-1 weights, bit for bit."""
     import statistics
 
-    from moa_engine.training import stages
+    from moa_engine.training import keep_best
 
     calls = []
-    real = stages.example_losses
+    real = keep_best.example_losses
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append({d: (s.tolist(), c.tolist()) for d, (s, c) in out.items()})
         return out
 
-    monkeypatch.setattr(stages, "example_losses", spy)
+    monkeypatch.setattr(keep_best, "example_losses", spy)
     opts = DataOptions(max_len=64, val_fraction=0.3)
-    margin = 1.0 + random.random()
+    margin = 1.0 + float(torch.rand((), generator=gen))
     moa = tmp_path / "m"
     shutil.copytree(trained["moa"], moa)
     out = train_router(moa, trained["data"], cfg=_cfg(steps=6, lr=1e-2, seed=2), joint=True, expert_lr=2e-2,
@@ -784,8 +789,8 @@ def test_keep_best_margin_moves_an_expert_only_by_more_than_its_standard_error(t
             train_router(moa, trained["data"], cfg=_cfg(steps=2), joint=True, data_opts=opts, keep_best=2, keep_best_margin=bad)
 
 
-def test_keep_best_in_stage1_and_its_errors(tiny_dir, tmp_path, trained):
-    data = _write_jsonl(tmp_path / "d.jsonl", _records(24))
+def test_keep_best_in_stage1_and_its_errors(tiny_dir, tmp_path, trained, gen):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(24, gen))
     opts = DataOptions(max_len=64, val_fraction=0.25)
     out = train_experts(data, tmp_path / "s1", model=tiny_dir, cfg=_cfg(steps=4), expert=ExpertOptions(rank=4, alpha=8),
                         data_opts=opts, keep_best=2)  # fmt: skip
@@ -800,10 +805,10 @@ def test_keep_best_in_stage1_and_its_errors(tiny_dir, tmp_path, trained):
         train_experts(data, tmp_path / "s3", model=tiny_dir, cfg=_cfg(steps=2), data_opts=opts, keep_best=-1)
 
 
-def test_explicit_val_data_equals_the_same_split_and_its_errors(tiny_dir, tmp_path):
+def test_explicit_val_data_equals_the_same_split_and_its_errors(tiny_dir, tmp_path, gen):
     from moa_engine.data.records import split_records
 
-    records = _records(30, seed=3)
+    records = _records(30, gen)
     train_part, val_part = split_records(records, 0.3, seed=7)
     assert val_part and train_part
     kw = dict(model=tiny_dir, cfg=_cfg(steps=5, seed=7), expert=ExpertOptions(rank=4, alpha=8), keep_best=2)
@@ -830,12 +835,12 @@ def test_explicit_val_data_equals_the_same_split_and_its_errors(tiny_dir, tmp_pa
     assert set(plain["val_loss"]) == {"math", "prose"} and plain["kept"] is None
 
 
-def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path):
+def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path, gen):
     moa = tmp_path / "grow"
     shutil.copytree(trained["moa"], moa)
     before = {p.relative_to(moa): _sha(p) for p in (moa / "experts").rglob("*") if p.is_file()}
     old_router = MoADir.load(moa).router
-    new = _write_jsonl(tmp_path / "code.jsonl", _records(16, seed=5, domains=("code",)))
+    new = _write_jsonl(tmp_path / "code.jsonl", _records(16, gen, domains=("code",)))
     add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=4), router_cfg=_cfg(steps=20, lr=3e-2),
                data_opts=DataOptions(max_len=64), router_rows="all")  # fmt: skip
     after = {p.relative_to(moa): _sha(p) for p in (moa / "experts").rglob("*") if p.is_file()}
@@ -859,14 +864,14 @@ def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path
         add_domain(moa, "more", new, router_data=trained["data"], cfg=_cfg(steps=1))
 
 
-def test_add_domain_can_keep_the_old_router_rows(trained, tiny_dir, tmp_path):
+def test_add_domain_can_keep_the_old_router_rows(trained, tiny_dir, tmp_path, gen):
     """router_rows="new" (the default): the old domains' rows of every router are bit-identical
     after the growth, so among the old domains every prompt is routed as before; only the new
     row is fitted."""
     moa = tmp_path / "grow"
     shutil.copytree(trained["moa"], moa)
     old_router = MoADir.load(moa).router
-    new = _write_jsonl(tmp_path / "code.jsonl", _records(16, seed=5, domains=("code",)))
+    new = _write_jsonl(tmp_path / "code.jsonl", _records(16, gen, domains=("code",)))
     add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=4), router_cfg=_cfg(steps=20, lr=3e-2),
                data_opts=DataOptions(max_len=64))  # fmt: skip
     loaded = MoADir.load(moa)
@@ -889,8 +894,72 @@ def test_add_domain_can_keep_the_old_router_rows(trained, tiny_dir, tmp_path):
         train_router(moa, trained["data"], cfg=_cfg(steps=2), fixed_domains=["math"], data_opts=DataOptions(max_len=64))
 
 
-def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_dir, tmp_path):
-    data = _write_jsonl(tmp_path / "d.jsonl", _records(8, domains=("math", "chat")))
+def test_add_domain_experiment_scores_the_old_domains_before_and_after(trained, tmp_path, gen):
+    """add_domain_experiment: a MoA of two of the stage-1 experts (the files copied), its routers
+    fitted, then the third domain added with the old router rows kept; the old domains scored
+    before and after, the new one after, and the changes are those of the two scores."""
+    from moa_engine.evaluation import add_domain_experiment
+
+    records, val = _records(12, gen), _records(2, gen)
+    out = tmp_path / "grow"
+    growth = add_domain_experiment(
+        trained["moa"], ["math", "prose"], "chat", records, val, out, router_cfg=_cfg(steps=20, lr=3e-2),
+        expert_cfg=_cfg(steps=2), new_router_cfg=_cfg(steps=20, lr=3e-2), expert=ExpertOptions(rank=4, alpha=8),
+        data_opts=DataOptions(max_len=64), eta=0.25, router_sample=5, max_len=64, exact_match_domains=(),
+    )  # fmt: skip
+    assert growth["old_domains"] == ["math", "prose"] and growth["new_domain"] == "chat"
+    for mode in ("label", "last"):
+        assert set(growth["before"][mode]["domains"]) == {"math", "prose"}
+        assert set(growth["after"][mode]["domains"]) == {"math", "prose", "chat"}
+        for d in ("math", "prose"):
+            b, a = growth["before"][mode]["domains"][d]["ppl"], growth["after"][mode]["domains"][d]["ppl"]
+            assert growth["change_pct"][mode][d] == pytest.approx(100 * (a / b - 1), rel=1e-12)
+    # label-routed perplexity of an old domain: the same expert files, so the same figure (up to
+    # the batching, which the new domain's records change)
+    for d in ("math", "prose"):
+        assert growth["after"]["label"]["domains"][d]["ppl"] == pytest.approx(growth["before"]["label"]["domains"][d]["ppl"], rel=1e-4)
+        a, b = _expert_tensors(out, d), trained["stage1"][d]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    grown = MoADir.load(out)
+    assert grown.config.domains == ["math", "prose", "chat"] and grown.config.eta == 0.25
+    assert grown.router[0].shape == (3, 48)
+
+
+def test_mixed_lora_is_stage_1_on_the_records_relabelled(tiny_dir, tmp_path, gen):
+    """train_mixed_lora == train_experts on mixed_records of the data and of the held-out records:
+    one expert, the same weights bit for bit, kept by keep-best under the one domain."""
+    from moa_engine.training import mixed_records, train_mixed_lora
+
+    records, held_out = _records(6, gen), _records(2, gen)
+    relabelled = mixed_records(records, "all")
+    assert [r.domain for r in relabelled] == ["all"] * len(records)
+    assert [(r.prompt, r.response, r.text) for r in relabelled] == [(r.prompt, r.response, r.text) for r in records]
+    kw = dict(model=tiny_dir, cfg=_cfg(steps=2), expert=ExpertOptions(rank=2, alpha=4), data_opts=DataOptions(max_len=48), keep_best=1)
+    mixed = train_mixed_lora(records, tmp_path / "mixed", val_data=held_out, **kw)
+    plain = train_experts(mixed_records(records), tmp_path / "plain", val_data=mixed_records(held_out), **kw)
+    assert mixed["domains"] == ["mixed"] and set(mixed["kept"]) == {"mixed"} and mixed["kept"] == plain["kept"]
+    assert MoADir.load(tmp_path / "mixed").config.domains == ["mixed"]
+    a, b = _expert_tensors(tmp_path / "mixed", "mixed"), _expert_tensors(tmp_path / "plain", "mixed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_summary_from_log_reads_the_last_step_and_the_kept_steps(tmp_path, gen):
+    from moa_engine.training import summary_from_log
+
+    losses = torch.rand(4, generator=gen).tolist()
+    steps = [{"step": k + 1, "loss": x} for k, x in enumerate(losses)]
+    kept = {"a": {"step": 2, "val_loss": losses[1]}}
+    log = tmp_path / "log.jsonl"
+    lines = steps[:2] + [{"stage": "router-fit", "steps": 3}] + steps[2:] + [{"stage": "keep-best", "kept": kept, "history": []}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert summary_from_log(log) == {"final": steps[-1], "kept": kept, "reused": True}
+    log.write_text("".join(json.dumps(r) + "\n" for r in steps[:3]))
+    assert summary_from_log(str(log)) == {"final": steps[2], "kept": None, "reused": True}
+    assert summary_from_log(tmp_path / "missing.jsonl") == {"final": None, "kept": None, "reused": True}
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_dir, tmp_path, gen):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(8, gen, domains=("math", "chat")))
     cfg = _cfg(steps=8, lr=1e9, optimizer="sgd", max_grad_norm=None, checkpoint_every=1)
     with pytest.raises(TrainingDiverged, match="not finite") as info:
         train_experts(data, tmp_path / "moa", model=tiny_dir, cfg=cfg, data_opts=DataOptions(max_len=48))
@@ -901,8 +970,8 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_dir, 
         assert all(torch.isfinite(t).all() for t in state["params"].values())
 
 
-def test_bad_inputs_name_the_problem(tiny_dir, tmp_path, trained):
-    data = _write_jsonl(tmp_path / "d.jsonl", _records(4, domains=("math",)))
+def test_bad_inputs_name_the_problem(tiny_dir, tmp_path, trained, gen):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(4, gen, domains=("math",)))
     with pytest.raises(ValueError, match="give exactly one of steps and epochs"):
         train_experts(data, tmp_path / "a", model=tiny_dir, cfg=TrainConfig(progress=False))
     with pytest.raises(ValueError, match="dtype"):
@@ -913,7 +982,7 @@ def test_bad_inputs_name_the_problem(tiny_dir, tmp_path, trained):
     bad.write_text('{"domain": "x", "prompt": "p", "answer": "a"}\n')
     with pytest.raises(ValueError, match="unknown field"):
         train_experts(bad, tmp_path / "b", model=tiny_dir, cfg=_cfg())
-    other = _write_jsonl(tmp_path / "o.jsonl", _records(4, domains=("code", "math")))
+    other = _write_jsonl(tmp_path / "o.jsonl", _records(4, gen, domains=("code", "math")))
     with pytest.raises(ValueError, match=r"domain\(s\) \['code'\] that the MoA directory does not have"):
         train_router(trained["moa"], other, cfg=_cfg())
     with pytest.raises(ValueError, match="fitted by full-batch AdamW: --optimizer sgd and --warmup apply to --joint"):
@@ -939,8 +1008,8 @@ def _env():
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path):
-    data = _write_jsonl(tmp_path / "d.jsonl", _records(24))
+def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path, gen):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(24, gen))
     common = ["train", "experts", "--model", tiny_dir, "--data", data, "--steps", 30, "--batch", 6, "--rank", 4,
               "--lr", 3e-3, "--max-len", 64, "--checkpoint-every", 5, "--no-progress", "--seed", 3]  # fmt: skip
     ref = subprocess.run(_cli(*common, "--out", tmp_path / "ref"), env=_env(), capture_output=True, text=True)
@@ -969,8 +1038,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path):
-    data = _write_jsonl(tmp_path / "d.jsonl", _records(12))
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path, gen):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(12, gen))
     common = ["train", "experts", "--model", tiny_dir, "--data", data, "--steps", 3, "--batch", 3, "--rank", 4,
               "--lr", 1e-2, "--max-len", 64, "--dtype", "float64", "--no-progress", "--checkpoint-every", 0]  # fmt: skip
     one = subprocess.run(_cli(*common, "--out", tmp_path / "one"), env=_env(), capture_output=True, text=True)
@@ -982,7 +1051,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path):
     for d in ("math", "prose", "chat"):
         a, b = _expert_tensors(tmp_path / "one", d), _expert_tensors(tmp_path / "two", d)
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+            # The two runs sum the gradients in another order; AdamW divides each weight's step by
+            # its gradient's running RMS, so where a gradient nearly vanishes that rounding grows
+            # (about 2e-6 relative on some draws). A wrong split of the batch moves weights by 1e-2.
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
         assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
     # stage 2 (routers only, experts frozen) under DDP as well
     router = ["train", "router", "--data", data, "--steps", 3, "--batch", 3, "--max-len", 64, "--dtype", "float64",
@@ -999,8 +1071,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path):
     assert a[0].abs().max() > 0
 
 
-def test_sequential_training_gives_the_same_experts(tiny_dir, tmp_path):
-    data = _records(6, domains=("math", "chat"))
+def test_sequential_training_gives_the_same_experts(tiny_dir, tmp_path, gen):
+    data = _records(6, gen, domains=("math", "chat"))
     outs = []
     for sequential in (False, True):
         out = tmp_path / f"seq{sequential}"
@@ -1014,8 +1086,9 @@ def test_sequential_training_gives_the_same_experts(tiny_dir, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
-def test_cli_train_experts_and_router(tiny_dir, tmp_path):
-    data = _write_jsonl(tmp_path / "d.jsonl", _records(8, domains=("math", "chat")))
+@pytest.mark.slow
+def test_cli_train_experts_and_router(tiny_dir, tmp_path, gen):
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(8, gen, domains=("math", "chat")))
     r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "m", "--steps", 2,
                             "--batch", 2, "--rank", 2, "--targets", "q_proj,v_proj", "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
@@ -1027,7 +1100,7 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     # add-domain: --warmup is the new expert's; the routers' fit takes none
     routers_before = MoADir.load(tmp_path / "m").router
-    new = _write_jsonl(tmp_path / "code.jsonl", _records(4, seed=2, domains=("code",)))
+    new = _write_jsonl(tmp_path / "code.jsonl", _records(4, gen, domains=("code",)))
     r = subprocess.run(_cli("add-domain", "--moa", tmp_path / "m", "--domain", "code", "--data", new, "--router-data", data,
                             "--steps", 2, "--batch", 2, "--warmup", 1, "--router-steps", 5, "--router-rows", "new", "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
@@ -1055,7 +1128,7 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
                             "--keep-best", 1, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "--val-fraction" in r.stderr and "Traceback" not in r.stderr
-    val = _write_jsonl(tmp_path / "v.jsonl", _records(4, seed=9, domains=("math", "chat")))
+    val = _write_jsonl(tmp_path / "v.jsonl", _records(4, gen, domains=("math", "chat")))
     r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k", "--steps", 2,
                             "--keep-best", 1, "--val-data", val, "--no-progress"),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
@@ -1075,10 +1148,10 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_forward_route_len_routes_over_the_prompt_only(trained, tiny_dir):
+def test_forward_route_len_routes_over_the_prompt_only(trained, tiny_dir, gen):
     from moa_engine import Engine
 
-    records = [r for r in _records(4, seed=11) if r.is_chat]
+    records = [r for r in _records(4, gen) if r.is_chat]
     for strategy in ("per_layer", "last"):
         engine = Engine(tiny_dir, experts=trained["moa"], routing=strategy)
         for r in records:
@@ -1097,7 +1170,7 @@ def test_forward_route_len_routes_over_the_prompt_only(trained, tiny_dir):
         engine.forward(full, route_len=[1, 2, 3])
 
 
-def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir):
+def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir, gen):
     """The engine-served perplexity equals the one the PyTorch training model (HF + MoALinear)
     computes for the same records and experts."""
     from moa_engine import Engine
@@ -1105,7 +1178,7 @@ def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir)
     from moa_engine.training.stages import _load_moa_model, lm_loss
     from transformers import AutoTokenizer
 
-    val = _records(3, seed=21)
+    val = _records(3, gen)
     engine = Engine(tiny_dir, experts=trained["moa"])
     results = evaluate(engine, val, ["base", "label", "last"], max_len=64)
     module, tok = _load_moa_model(MoADir.load(trained["moa"]), TrainConfig(steps=1))
@@ -1137,14 +1210,14 @@ def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir)
     assert table.count("\n") == 4 and "math ppl" in table
 
 
-def test_routing_accuracy_counts_each_strategys_choices(trained, tiny_dir):
+def test_routing_accuracy_counts_each_strategys_choices(trained, tiny_dir, gen):
     """routing_accuracy routes each record's prompt alone; its counts equal the router accuracy
     evaluate() reports while scoring the whole records (routed over the same prompt), for every
     strategy, and its confusion counts add up."""
     from moa_engine import Engine
     from moa_engine.evaluation import evaluate, routing_accuracy, routing_table
 
-    val = _records(7, seed=33)
+    val = _records(7, gen)
     engine = Engine(tiny_dir, experts=trained["moa"])
     strategies = ("per_layer", "last", "vote")
     got = routing_accuracy(engine, val, strategies, max_len=64, batch=5)
@@ -1170,14 +1243,13 @@ def test_routing_accuracy_counts_each_strategys_choices(trained, tiny_dir):
         routing_accuracy(engine, val + [Record("law", "a question", "an answer")], max_len=64)
 
 
-def test_wilson_interval_inverts_the_score_test():
+def test_wilson_interval_inverts_the_score_test(gen):
     """Each end b of the interval solves (p - b)^2 = z^2 b (1 - b) / n, the score test's
     boundary (an independent statement of the interval), and random draws are covered at
     about the nominal rate."""
     from moa_engine.evaluation import wilson_interval
 
     z = 1.959963984540054
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     for n in (1, 7, 241, 1000):
         for hits in {0, 1, n // 2, n - 1, n}:
             lo, hi = wilson_interval(hits, n)
@@ -1200,8 +1272,9 @@ def test_wilson_interval_inverts_the_score_test():
             wilson_interval(*bad)
 
 
-def test_cli_eval(trained, tiny_dir, tmp_path):
-    val = _write_jsonl(tmp_path / "val.jsonl", _records(2, seed=5))
+@pytest.mark.slow
+def test_cli_eval(trained, tiny_dir, tmp_path, gen):
+    val = _write_jsonl(tmp_path / "val.jsonl", _records(2, gen))
     r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--json", tmp_path / "r.json", "--max-len", 64),
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -174,89 +174,17 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
     after_step(steps_done, record), when given, runs after every optimizer step, before that
     step's checkpoint is written (so a resumed run never skips it); it may add to the record."""
     cfg.check()
-    module = module if module is not None else model
-    rank, world_size = world()
-    device = torch.device(cfg.device)
-    pad_id = _pad_id(module)
-    trainable = set_trainable(module, groups)
-    opt = _optimizer(groups, cfg)
-    names = {id(p): n for n, p in module.named_parameters()}
-
-    ckpt_path = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
-    start = 0
-    if cfg.resume and ckpt_path is not None and ckpt_path.exists():
-        start = _load_checkpoint(ckpt_path, module, opt, plan, names, trainable)
-    elif cfg.resume:
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-
-    log_file = None
-    if rank == 0 and cfg.log_path:
-        Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(cfg.log_path, "a" if start else "w", encoding="utf-8")
-
+    run = TrainRun.start(model, groups, plan, loss_fn, cfg, module)
+    start = run.resume()
+    log_file = _open_log(cfg, start)
     from tqdm.auto import tqdm
 
     total = plan.total_steps
-    bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, disable=not cfg.progress or run.rank != 0, unit="step", dynamic_ncols=True)
     records = []
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
-    )
-    n_domains = len(plan.domain_index)
     try:
         for step in range(start, total):
-            t0 = time.perf_counter()
-            chosen = [
-                (d, i)
-                for d in plan.examples
-                if step < plan.steps[d]
-                for i in domain_samples(len(plan.examples[d]), cfg.batch, step, cfg.seed, d)
-            ]
-            norms = _norms(chosen, plan, n_domains)
-            mine = chosen[rank::world_size]
-            if cfg.micro_batch:
-                chunks = [mine[i : i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)] or [[]]
-            else:
-                chunks = length_buckets(mine, [len(plan.examples[d][i].input_ids) for d, i in mine], cfg.forward_tokens)
-            sums: dict[str, torch.Tensor] = {}
-            tokens = 0
-            for c, chunk in enumerate(chunks):
-                last = c == len(chunks) - 1
-                sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-                with sync:
-                    if chunk:
-                        batch = collate([plan.examples[d][i] for d, i in chunk], plan.domain_index, pad_id)
-                        batch = _to(batch, device)
-                        tokens += batch.tokens
-                        with autocast:
-                            loss, metrics = loss_fn(model, batch, norms)
-                        loss = loss * world_size  # DDP averages gradients over processes
-                    else:  # no sample for this process this step: a forward of zero weight, so
-                        # that DDP's gradient reduction still sees every process
-                        d, i = chosen[0]
-                        batch = _to(collate([plan.examples[d][i]], plan.domain_index, pad_id), device)
-                        with autocast:
-                            loss, metrics = loss_fn(model, batch, norms)
-                        loss, metrics = loss * 0.0, {}
-                    loss.backward()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, torch.zeros(n_domains, dtype=torch.float64)) + value.detach().double().cpu()
-            stats = _reduce_metrics(sums, n_domains, tokens)
-            _check_finite(stats, step, ckpt_path)
-            lrs = {}
-            for group, pg in zip(groups, opt.param_groups):
-                if step >= group.steps:
-                    for p in group.params:
-                        p.grad = None
-                    continue
-                pg["lr"] = lr_at(step, group.steps, group.lr, cfg.warmup, cfg.min_lr_ratio)
-                lrs[group.name] = pg["lr"]
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_([p for p in group.params if p.grad is not None], cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t0
-            record = _record(step, stats, norms, plan, elapsed, lrs)
+            record = train_step(run, step)
             if after_step is not None:
                 after_step(step + 1, record)
             records.append(record)
@@ -265,15 +193,146 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
                 log_file.flush()
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if ckpt_path is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
+            if run.ckpt_path is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
                 # the last one marks the run finished (a resume then has nothing left to do);
                 # the stage removes it once its output is written
-                _save_checkpoint(ckpt_path, step + 1, module, opt, plan, names, trainable)
+                _save_checkpoint(run.ckpt_path, step + 1, run.module, run.opt, plan, run.names, run.trainable)
     finally:
         bar.close()
         if log_file:
             log_file.close()
     return records
+
+
+@dataclass
+class TrainRun:
+    """What every step of a `train` call uses: the model, the plan, the optimizer and where the
+    process stands (rank, world size)."""
+
+    model: object  # what loss_fn is called with (a DDP wrapper when distributed)
+    module: object  # the bare MoAModel
+    groups: list[Group]
+    plan: Plan
+    loss_fn: LossFn
+    cfg: TrainConfig
+    opt: torch.optim.Optimizer
+    trainable: list  # the groups' parameters
+    names: dict  # id(parameter) -> its name in module
+    device: torch.device
+    pad_id: int
+    autocast: object  # the context each forward runs in (bfloat16 autocast, or none)
+    rank: int
+    world_size: int
+
+    @property
+    def ckpt_path(self) -> Path | None:
+        return Path(self.cfg.checkpoint_dir) / "checkpoint.pt" if self.cfg.checkpoint_dir else None
+
+    @classmethod
+    def start(cls, model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainConfig, module=None) -> TrainRun:
+        module = module if module is not None else model
+        rank, world_size = world()
+        device = torch.device(cfg.device)
+        pad_id = _pad_id(module)
+        trainable = set_trainable(module, groups)
+        opt = _optimizer(groups, cfg)
+        names = {id(p): n for n, p in module.named_parameters()}
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+        return cls(model, module, groups, plan, loss_fn, cfg, opt, trainable, names, device, pad_id, autocast, rank, world_size)
+
+    def resume(self) -> int:
+        """The step to start from: 0, or with cfg.resume the step of the last checkpoint (loaded)."""
+        if self.cfg.resume and self.ckpt_path is not None and self.ckpt_path.exists():
+            return _load_checkpoint(self.ckpt_path, self.module, self.opt, self.plan, self.names, self.trainable)
+        if self.cfg.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
+        return 0
+
+
+def _open_log(cfg: TrainConfig, start: int):
+    """The JSONL log, on the first process (appended to when resuming), or None."""
+    if world()[0] != 0 or not cfg.log_path:
+        return None
+    Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
+    return open(cfg.log_path, "a" if start else "w", encoding="utf-8")
+
+
+def train_step(run: TrainRun, step: int) -> dict:
+    """One optimizer step: the step's samples of every active domain, this process's share in
+    micro-batches (gradients accumulated), the groups' learning rates and clipping, the update.
+    Returns the step's log record."""
+    t0 = time.perf_counter()
+    plan, cfg = run.plan, run.cfg
+    chosen = [
+        (d, i)
+        for d in plan.examples
+        if step < plan.steps[d]
+        for i in domain_samples(len(plan.examples[d]), cfg.batch, step, cfg.seed, d)
+    ]
+    norms = _norms(chosen, plan, len(plan.domain_index))
+    sums, tokens = _accumulate_gradients(run, chosen, norms)
+    stats = _reduce_metrics(sums, len(plan.domain_index), tokens)
+    _check_finite(stats, step, run.ckpt_path)
+    lrs = _update(run, step)
+    return _record(step, stats, norms, plan, time.perf_counter() - t0, lrs)
+
+
+def _micro_batches(run: TrainRun, mine: list) -> list[list]:
+    """This process's samples of the step, cut into forwards: cfg.micro_batch sequences each, or
+    by length under cfg.forward_tokens (length_buckets). [[]] for none."""
+    cfg, plan = run.cfg, run.plan
+    if cfg.micro_batch:
+        return [mine[i : i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)] or [[]]
+    return length_buckets(mine, [len(plan.examples[d][i].input_ids) for d, i in mine], cfg.forward_tokens)
+
+
+def _accumulate_gradients(run: TrainRun, chosen: list, norms: dict) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward of every micro-batch of this process's share of `chosen` (DDP syncs
+    the gradients at the last one); (the metrics' per-domain sums, the tokens run)."""
+    plan, n_domains = run.plan, len(run.plan.domain_index)
+    chunks = _micro_batches(run, chosen[run.rank :: run.world_size])
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for c, chunk in enumerate(chunks):
+        last = c == len(chunks) - 1
+        sync = nullcontext() if last or not hasattr(run.model, "no_sync") else run.model.no_sync()
+        with sync:
+            if chunk:
+                batch = collate([plan.examples[d][i] for d, i in chunk], plan.domain_index, run.pad_id)
+                batch = _to(batch, run.device)
+                tokens += batch.tokens
+                with run.autocast:
+                    loss, metrics = run.loss_fn(run.model, batch, norms)
+                loss = loss * run.world_size  # DDP averages gradients over processes
+            else:  # no sample for this process this step: a forward of zero weight, so
+                # that DDP's gradient reduction still sees every process
+                d, i = chosen[0]
+                batch = _to(collate([plan.examples[d][i]], plan.domain_index, run.pad_id), run.device)
+                with run.autocast:
+                    loss, metrics = run.loss_fn(run.model, batch, norms)
+                loss, metrics = loss * 0.0, {}
+            loss.backward()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, torch.zeros(n_domains, dtype=torch.float64)) + value.detach().double().cpu()
+    return sums, tokens
+
+
+def _update(run: TrainRun, step: int) -> dict[str, float]:
+    """Each group active at `step` gets its scheduled learning rate and its gradient clipped (the
+    others' gradients are dropped); the optimizer steps. Returns {group: lr}."""
+    cfg, lrs = run.cfg, {}
+    for group, pg in zip(run.groups, run.opt.param_groups):
+        if step >= group.steps:
+            for p in group.params:
+                p.grad = None
+            continue
+        pg["lr"] = lr_at(step, group.steps, group.lr, cfg.warmup, cfg.min_lr_ratio)
+        lrs[group.name] = pg["lr"]
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in group.params if p.grad is not None], cfg.max_grad_norm)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return lrs
 
 
 def length_buckets(items: list, lengths: list[int], budget: int) -> list[list]:
