@@ -115,14 +115,18 @@ def extension():
     macros = [("MOA_WITH_CUDA", None)] if with_cuda else []
     common = dict(
         name="moa_engine._C",
-        sources=cxx + ["csrc/python/module.cpp", "csrc/python/engine_bindings.cpp", "csrc/python/moa_format_bindings.cpp"] + (cu if with_cuda else []),
+        sources=cxx
+        + ["csrc/python/module.cpp", "csrc/python/engine_bindings.cpp", "csrc/python/moa_format_bindings.cpp"]
+        + (cu if with_cuda else []),
         include_dirs=[str(CSRC), str(CSRC / "include"), json_include_dir()],
         define_macros=macros,
         extra_link_args=["-fopenmp"],
     )
     if with_cuda:
         configure_cuda_archs()
-        return CUDAExtension(**common, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]})
+        return CUDAExtension(
+            **common, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]}
+        )
     return CppExtension(**common, extra_compile_args={"cxx": cxx_flags})
 
 

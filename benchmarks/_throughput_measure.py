@@ -1,6 +1,7 @@
 """benchmarks/throughput.py: the measurements. Each mode's rows (measure_base, measure_moa), each
 row timed with its variants interleaved (time_interleaved) and returned JSON-ready."""
 
+import functools
 import gc
 import statistics
 
@@ -25,8 +26,10 @@ QUICK_ROUTING_VARIANTS = ("named", "last", "per_layer")  # --quick times only th
 
 def measure_base(sides, model_path, dtype, workload, args):
     """The base mode's rows: decode at each batch, prefill, forward."""
-    measurements = [lambda b=b: measure_decode(sides, workload.decode_prompts[:b], args.new_tokens, args)
-                    for b in args.mode_batches["base"]]  # fmt: skip
+    measurements = [
+        lambda b=b: measure_decode(sides, workload.decode_prompts[:b], args.new_tokens, args)
+        for b in args.mode_batches["base"]
+    ]
     measurements.append(lambda: measure_prefill(sides, workload.prefill_prompts, args))
     measurements.append(lambda: measure_forward(sides, workload.forward_ids, args))
     for measure in measurements:
@@ -145,12 +148,17 @@ def measure_moa_decode(sides, prompts, n_experts, args):
     timings, other_load = time_interleaved(fns, args, cold=cold)
     check_lengths({k: v for k, v in outputs.items() if k != "PEFT"}, batch, new_tokens + 1)
     row = {
-        "kind": "decode", "batch": batch, "experts": len(set(names)), "experts_loaded": len(sides.experts),
-        "tokens": new_tokens, "prompt_tokens": sum(map(len, prompts)),
-        "base_weight_bytes": sides.base_weight_bytes, "expert_bytes": sides.expert_bytes,
+        "kind": "decode",
+        "batch": batch,
+        "experts": len(set(names)),
+        "experts_loaded": len(sides.experts),
+        "tokens": new_tokens,
+        "prompt_tokens": sum(map(len, prompts)),
+        "base_weight_bytes": sides.base_weight_bytes,
+        "expert_bytes": sides.expert_bytes,
         # a step reads the base weights and each expert in the batch once
         "weight_bytes": sides.base_weight_bytes + len(set(names)) * sides.expert_bytes,
-    }  # fmt: skip
+    }
     row["ours"], moa = decode_figures(timings, "ours", batch, new_tokens)
     row["ours_base"], base = decode_figures(timings, "ours_base", batch, new_tokens)
     row["overhead"] = ratio(row["ours"]["step_ms"], row["ours_base"]["step_ms"])
@@ -190,7 +198,7 @@ def measure_routing(model_path, dtype, prompts, args):
         variants = {label: variants[label] for label in QUICK_ROUTING_VARIANTS}
     fns, results = {}, {}
     for label, (names, routing) in variants.items():
-        keep = (lambda label: lambda r: results.__setitem__(label, r))(label)  # a reference only
+        keep = functools.partial(results.__setitem__, label)  # a reference only
         fns[label] = ours.generate_fn(prompts, 1, names, routing, on_results=keep)
     timings, other_load = time_interleaved(fns, args)
     tokens = sum(map(len, prompts))

@@ -32,36 +32,84 @@ def print_tables(rows, copy, has_hf):
 
 
 def print_moa_tables(rows, copy, has_hf):
-    headers = ["mode", "dtype", "kind", "B", "experts", "tokens", "ours tok/s", "PEFT tok/s", "ours/PEFT",
-               "ours ms/step", "base ms/step", "overhead", "ours % roof", "agree", "others"]  # fmt: skip
+    headers = [
+        "mode",
+        "dtype",
+        "kind",
+        "B",
+        "experts",
+        "tokens",
+        "ours tok/s",
+        "PEFT tok/s",
+        "ours/PEFT",
+        "ours ms/step",
+        "base ms/step",
+        "overhead",
+        "ours % roof",
+        "agree",
+        "others",
+    ]
     table = []
     for r in rows:
         if r["kind"] != "decode":
             continue
         ours, base, peft = r["ours"], r["ours_base"], r.get("PEFT", {})
-        table.append([
-            r["mode"], r["dtype"], r["kind"], r["batch"], r["experts"], r["tokens"],
-            _fmt(ours["tokens_per_s"], ".0f"), _fmt(peft.get("tokens_per_s"), ".0f"),
-            _fmt(r["ours_over_peft"], ".1f", "x"),
-            _fmt(ours["step_ms"], ".2f"), _fmt(base["step_ms"], ".2f"), _fmt(r["overhead"], ".3f", "x"),
-            _fmt(ours.get("roofline_fraction"), ".0%"), _fmt(r.get("agreement"), ".2f"),
-            _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
-        ])  # fmt: skip
+        table.append(
+            [
+                r["mode"],
+                r["dtype"],
+                r["kind"],
+                r["batch"],
+                r["experts"],
+                r["tokens"],
+                _fmt(ours["tokens_per_s"], ".0f"),
+                _fmt(peft.get("tokens_per_s"), ".0f"),
+                _fmt(r["ours_over_peft"], ".1f", "x"),
+                _fmt(ours["step_ms"], ".2f"),
+                _fmt(base["step_ms"], ".2f"),
+                _fmt(r["overhead"], ".3f", "x"),
+                _fmt(ours.get("roofline_fraction"), ".0%"),
+                _fmt(r.get("agreement"), ".2f"),
+                _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
+            ]
+        )
     print(timing.format_table(headers, table))
-    headers = ["mode", "dtype", "kind", "B", "experts", "prompt tokens", "domain", "TTFT ms", "prefill tok/s",
-               "vs named", "experts used", "others"]  # fmt: skip
+    headers = [
+        "mode",
+        "dtype",
+        "kind",
+        "B",
+        "experts",
+        "prompt tokens",
+        "domain",
+        "TTFT ms",
+        "prefill tok/s",
+        "vs named",
+        "experts used",
+        "others",
+    ]
     table = []
     for r in rows:
         if r["kind"] != "routing":
             continue
         for label, figures in r["ttft"].items():
             domain = label if label in ("base", "named") else f"None, {label}"
-            table.append([
-                r["mode"], r["dtype"], r["kind"], r["batch"], r["experts"], r["tokens"], domain,
-                _fmt(figures["ttft_ms"], ".1f"), _fmt(figures["tokens_per_s"], ".0f"),
-                _fmt(r["over_named"][label], ".3f", "x"), figures["experts_used"],
-                _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
-            ])  # fmt: skip
+            table.append(
+                [
+                    r["mode"],
+                    r["dtype"],
+                    r["kind"],
+                    r["batch"],
+                    r["experts"],
+                    r["tokens"],
+                    domain,
+                    _fmt(figures["ttft_ms"], ".1f"),
+                    _fmt(figures["tokens_per_s"], ".0f"),
+                    _fmt(r["over_named"][label], ".3f", "x"),
+                    figures["experts_used"],
+                    _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
+                ]
+            )
     if table:
         print()
         print(timing.format_table(headers, table))
@@ -72,14 +120,13 @@ def print_moa_tables(rows, copy, has_hf):
         f"{decode[0]['experts_loaded'] if decode else '-'} loaded); tokens = N timed per sequence for ours "
         f"(PEFT: N = {peft}); tok/s = B * N / ([N + 1 tokens] - [1 token]) generate time.\n"
         "PEFT: transformers + PEFT generate(adapter_names=[per row]) on one PeftModel holding every adapter.\n"
-        "base ms/step: the same engine and prompts with domain=\"base\"; overhead = ours ms/step / base ms/step "
+        'base ms/step: the same engine and prompts with domain="base"; overhead = ours ms/step / base ms/step '
         f"(goal <= {OVERHEAD_GOAL} at 8 experts, B = 32); ours/PEFT goal >= {PEFT_GOAL:g}x.\n"
         "% roof: (base weights + the batch's experts, in the engine dtype) / copy bandwidth / step time.\n"
         "agree: as above, ours against PEFT over the tokens both made.\n"
         "routing: time to first token of the batch; domain None = routed by the MoA directory's random routers "
         "with that strategy; vs named = TTFT / TTFT with named experts (round-robin); experts used = distinct "
-        "experts the requests ended up with (any layer)."
-        + ("" if has_hf else "\n--no-hf: PEFT was not run.")
+        "experts the requests ended up with (any layer)." + ("" if has_hf else "\n--no-hf: PEFT was not run.")
     )
     print_goals(rows, has_hf)
 
@@ -90,15 +137,19 @@ def print_goals(rows, has_hf):
     at = [r for r in decode if r["experts"] == 8 and r["batch"] == 32]
     for r in at:
         verdict = "met" if r["overhead"] is not None and r["overhead"] <= OVERHEAD_GOAL else "NOT met"
-        print(f"goal overhead <= {OVERHEAD_GOAL} at 8 experts, B = 32, {r['dtype']}: {_fmt(r['overhead'], '.3f', 'x')} "
-              f"({verdict}{', NOISY' if r['noisy'] else ''})")  # fmt: skip
+        print(
+            f"goal overhead <= {OVERHEAD_GOAL} at 8 experts, B = 32, {r['dtype']}: {_fmt(r['overhead'], '.3f', 'x')} "
+            f"({verdict}{', NOISY' if r['noisy'] else ''})"
+        )
     if has_hf and decode:
         ratios = [r["ours_over_peft"] for r in decode if r["ours_over_peft"]]
         if ratios:
             short = sum(r < PEFT_GOAL for r in ratios)
             verdict = "met in every row" if not short else f"NOT met in {short}"
-            print(f"goal ours/PEFT >= {PEFT_GOAL:g}x: {min(ratios):.1f}x to {max(ratios):.1f}x over "
-                  f"{len(ratios)} rows ({verdict})")  # fmt: skip
+            print(
+                f"goal ours/PEFT >= {PEFT_GOAL:g}x: {min(ratios):.1f}x to {max(ratios):.1f}x over "
+                f"{len(ratios)} rows ({verdict})"
+            )
     for r in rows:
         if r["kind"] == "routing":
             parts = [f"{label} {r['over_named'][label]:.3f}x" for label in ROUTINGS if r["over_named"].get(label)]
@@ -106,20 +157,43 @@ def print_goals(rows, has_hf):
 
 
 def print_table(rows, copy, has_hf):
-    headers = ["mode", "dtype", "kind", "B", "tokens", "ours tok/s", "HF tok/s", "ours/HF",
-               "ours ms/step", "HF ms/step", "ours % roof", "HF % roof", "agree", "others"]  # fmt: skip
+    headers = [
+        "mode",
+        "dtype",
+        "kind",
+        "B",
+        "tokens",
+        "ours tok/s",
+        "HF tok/s",
+        "ours/HF",
+        "ours ms/step",
+        "HF ms/step",
+        "ours % roof",
+        "HF % roof",
+        "agree",
+        "others",
+    ]
     table = []
     for r in rows:
         ours, hf = r["ours"], r.get("HF", {})
-        table.append([
-            r["mode"], r["dtype"], r["kind"], r["batch"], r["tokens"],
-            _fmt(ours["tokens_per_s"], ".0f"), _fmt(hf.get("tokens_per_s"), ".0f"),
-            _fmt(r["ours_over_hf"], ".2f", "x"),
-            _fmt(ours.get("step_ms"), ".2f"), _fmt(hf.get("step_ms"), ".2f"),
-            _fmt(ours.get("roofline_fraction"), ".0%"), _fmt(hf.get("roofline_fraction"), ".0%"),
-            _fmt(r.get("agreement"), ".2f"),
-            _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
-        ])  # fmt: skip
+        table.append(
+            [
+                r["mode"],
+                r["dtype"],
+                r["kind"],
+                r["batch"],
+                r["tokens"],
+                _fmt(ours["tokens_per_s"], ".0f"),
+                _fmt(hf.get("tokens_per_s"), ".0f"),
+                _fmt(r["ours_over_hf"], ".2f", "x"),
+                _fmt(ours.get("step_ms"), ".2f"),
+                _fmt(hf.get("step_ms"), ".2f"),
+                _fmt(ours.get("roofline_fraction"), ".0%"),
+                _fmt(hf.get("roofline_fraction"), ".0%"),
+                _fmt(r.get("agreement"), ".2f"),
+                _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
+            ]
+        )
     print(timing.format_table(headers, table))
     print(
         "\ndecode: tokens = N new tokens per sequence timed; tok/s = B * N / ([N + 1 tokens] - [1 token]) "
@@ -142,20 +216,36 @@ def build_payload(args, env, model_path, copy, rows, elapsed):
         "model": str(model_path),
         "environment": env,
         "settings": {
-            "modes": args.mode, "dtypes": args.dtype, "batches": args.mode_batches, "new_tokens": args.new_tokens,
+            "modes": args.mode,
+            "dtypes": args.dtype,
+            "batches": args.mode_batches,
+            "new_tokens": args.new_tokens,
             "moa": {
-                "experts": args.experts, "rank": MOA_RANK, "alpha": MOA_ALPHA, "peft_new_tokens": args.peft_new_tokens,
-                "router_experts": args.router_experts, "router_batch": ROUTER_BATCH, "routings": list(ROUTINGS),
-                "router_seed": ROUTER_SEED, "adapter_cache": args.adapter_cache,
+                "experts": args.experts,
+                "rank": MOA_RANK,
+                "alpha": MOA_ALPHA,
+                "peft_new_tokens": args.peft_new_tokens,
+                "router_experts": args.router_experts,
+                "router_batch": ROUTER_BATCH,
+                "routings": list(ROUTINGS),
+                "router_seed": ROUTER_SEED,
+                "adapter_cache": args.adapter_cache,
                 "goals": {"overhead_at_8_experts_B32_max": OVERHEAD_GOAL, "ours_over_peft_min": PEFT_GOAL},
             },
-            "prefill_tokens": args.prefill_tokens, "repeats": args.repeats, "warmup": args.warmup,
-            "budget_s_per_row": args.budget, "min_repeats": MIN_REPEATS, "quick": args.quick,
-            "hf": not args.no_hf, "threads": torch.get_num_threads(),
-            "prompt_tokens_range": list(PROMPT_TOKENS), "forward_batch": FORWARD_BATCH,
-            "variants interleaved": True, "noisy_above_other_load_cores": NOISY_LOAD_CORES,
+            "prefill_tokens": args.prefill_tokens,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "budget_s_per_row": args.budget,
+            "min_repeats": MIN_REPEATS,
+            "quick": args.quick,
+            "hf": not args.no_hf,
+            "threads": torch.get_num_threads(),
+            "prompt_tokens_range": list(PROMPT_TOKENS),
+            "forward_batch": FORWARD_BATCH,
+            "variants interleaved": True,
+            "noisy_above_other_load_cores": NOISY_LOAD_CORES,
             "noisy_above_spread": NOISY_SPREAD,
-        },  # fmt: skip
+        },
         "method": {
             "decode": "B * N / median over rounds of (t[generate N + 1 new tokens] - t[generate 1 new token])",
             "step_ms": "that difference / N",
@@ -255,12 +345,24 @@ def plot_moa_decode_panel(ax, rows, dtype):
         for side, style, name in (("ours", "o-", "ours"), ("PEFT", "s--", "PEFT"), ("ours_base", ":", "ours, base")):
             values = [r.get(side, {}).get("tokens_per_s") for r in series]
             if any(v is not None for v in values):
-                ax.plot(experts, [v or float("nan") for v in values], style, color=color, label=f"{name} B={batch}",
-                        alpha=0.6 if side == "ours_base" else 1.0)  # fmt: skip
+                ax.plot(
+                    experts,
+                    [v or float("nan") for v in values],
+                    style,
+                    color=color,
+                    label=f"{name} B={batch}",
+                    alpha=0.6 if side == "ours_base" else 1.0,
+                )
         for r in series:
             if r["ours_over_peft"]:
-                ax.annotate(f"{r['ours_over_peft']:.1f}x", (r["experts"], r["ours"]["tokens_per_s"]),
-                            textcoords="offset points", xytext=(3, 5), fontsize=7, color=color)  # fmt: skip
+                ax.annotate(
+                    f"{r['ours_over_peft']:.1f}x",
+                    (r["experts"], r["ours"]["tokens_per_s"]),
+                    textcoords="offset points",
+                    xytext=(3, 5),
+                    fontsize=7,
+                    color=color,
+                )
     _experts_axis(ax, sorted({r["experts"] for r in rows}))
     ax.set_ylim(bottom=0)
     noisy = any(r["noisy"] for r in rows)
@@ -275,8 +377,12 @@ def plot_overhead_panel(ax, rows):
         for batch in sorted({r["batch"] for r in rows}):
             series = sorted((r for r in rows if (r["dtype"], r["batch"]) == (dtype, batch)), key=lambda r: r["experts"])
             if series:
-                ax.plot([r["experts"] for r in series], [r["overhead"] or float("nan") for r in series], "o-",
-                        label=f"{dtype} B={batch}")  # fmt: skip
+                ax.plot(
+                    [r["experts"] for r in series],
+                    [r["overhead"] or float("nan") for r in series],
+                    "o-",
+                    label=f"{dtype} B={batch}",
+                )
     ax.axhline(OVERHEAD_GOAL, color="red", linestyle="--", linewidth=1, label=f"goal {OVERHEAD_GOAL} (8 experts, B=32)")
     ax.axhline(1.0, color="gray", linewidth=0.8)
     _experts_axis(ax, sorted({r["experts"] for r in rows}))
@@ -297,8 +403,14 @@ def plot_routing_panel(ax, rows):
         ax.bar(xs, values, width, label=name)
         for x, r in zip(xs, rows):
             if label not in ("base", "named") and r["over_named"].get(label) and label in r["ttft"]:
-                ax.annotate(f"{r['over_named'][label]:.2f}x", (x, r["ttft"][label]["ttft_ms"]),
-                            textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)  # fmt: skip
+                ax.annotate(
+                    f"{r['over_named'][label]:.2f}x",
+                    (x, r["ttft"][label]["ttft_ms"]),
+                    textcoords="offset points",
+                    xytext=(0, 2),
+                    ha="center",
+                    fontsize=7,
+                )
     ax.set_xticks(range(len(rows)), [f"{r['dtype']}\nB={r['batch']}, {r['experts']} experts" for r in rows], fontsize=8)
     ax.margins(y=0.15)
     noisy = any(r["noisy"] for r in rows)
@@ -323,8 +435,13 @@ def plot_decode_panel(ax, rows, modes, dtype):
                 ax.plot(batches, [v or float("nan") for v in values], style, label=label)
         for r in decode:
             if r["ours_over_hf"]:
-                ax.annotate(f"{r['ours_over_hf']:.1f}x", (r["batch"], r["ours"]["tokens_per_s"]),
-                            textcoords="offset points", xytext=(4, 6), fontsize=8)  # fmt: skip
+                ax.annotate(
+                    f"{r['ours_over_hf']:.1f}x",
+                    (r["batch"], r["ours"]["tokens_per_s"]),
+                    textcoords="offset points",
+                    xytext=(4, 6),
+                    fontsize=8,
+                )
         if batches:
             ax.margins(x=0.15, y=0.12)
             ax.set_xscale("log", base=2)
@@ -352,8 +469,14 @@ def plot_prefill_panel(ax, rows, dtypes, modes):
         match = [r for r in rows if (r["mode"], r["dtype"], r["kind"]) == (mode, dtype, kind)]
         if match and match[0]["ours_over_hf"]:
             top = max(match[0]["ours"]["tokens_per_s"], match[0]["HF"]["tokens_per_s"])
-            ax.annotate(f"{match[0]['ours_over_hf']:.2f}x", (i, top), textcoords="offset points",
-                        xytext=(0, 3), ha="center", fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{match[0]['ours_over_hf']:.2f}x",
+                (i, top),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=8,
+            )
     ax.margins(y=0.12)
     names = [f"{d}\n{k}" if len(modes) == 1 else f"{m} {d}\n{k}" for m, d, k in groups]
     ax.set_xticks(range(len(groups)), names, fontsize=8)

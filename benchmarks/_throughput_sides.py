@@ -171,9 +171,7 @@ class HFRunner:
     def generate_fn(self, prompts, new_tokens, **extra):
         """extra: more generate() arguments (PEFT: adapter_names, one per prompt)."""
         input_ids, attention_mask = left_pad(prompts, self.pad_id)  # [B, max P] each
-        options = dict(
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad_id
-        )
+        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad_id)
         options.update(extra)
 
         def run():

@@ -386,9 +386,16 @@ def evaluate_goals(rows, device):
             value = row.get(metric)
             met = None if value is None else (value >= target if comparison == ">=" else value <= target)
             results.append(
-                {"problem": problem, "dtype": row["dtype"], "goal": label, "metric": metric,
-                 "target": target, "value": value, "met": met}
-            )  # fmt: skip
+                {
+                    "problem": problem,
+                    "dtype": row["dtype"],
+                    "goal": label,
+                    "metric": metric,
+                    "target": target,
+                    "value": value,
+                    "met": met,
+                }
+            )
     return results
 
 
@@ -430,9 +437,22 @@ def print_table(rows, copy, goals):
 
 def table_headers(cuda):
     headers = [
-        "problem", "dtype", "T", "E", "in", "out", "op ms", "loop ms", "bmm ms", "bound ms",
-        "loop/op", "bmm/op", "op/bound", "op GB/s", "% copy",
-    ]  # fmt: skip
+        "problem",
+        "dtype",
+        "T",
+        "E",
+        "in",
+        "out",
+        "op ms",
+        "loop ms",
+        "bmm ms",
+        "bound ms",
+        "loop/op",
+        "bmm/op",
+        "op/bound",
+        "op GB/s",
+        "% copy",
+    ]
     if cuda:
         headers += ["graph ms", "graph GB/s", "graph % copy", "TFLOP/s"]
     else:
@@ -445,14 +465,22 @@ def table_cells(row, cuda):
     if cuda and row.get("graph_check") and not row["graph_check"]["ok"]:
         check += ", graph " + describe_check(row["graph_check"])
     cells = [
-        row["problem"], row["dtype"], row["T"], row["experts_used"], row["in"], row["out"],
-        _ms(row, "op"), _ms(row, "loop"), _ms(row, "bmm"), _ms(row, "bound"),
+        row["problem"],
+        row["dtype"],
+        row["T"],
+        row["experts_used"],
+        row["in"],
+        row["out"],
+        _ms(row, "op"),
+        _ms(row, "loop"),
+        _ms(row, "bmm"),
+        _ms(row, "bound"),
         _num(row, "loop_over_op", ".2f", "x"),
         _num(row, "bmm_over_op", ".2f", "x"),
         _num(row, "op_over_bound", ".2f", "x"),
         _num(row, "op_gb_per_s", ".1f"),
         _num(row, "copy_fraction", ".0%"),
-    ]  # fmt: skip
+    ]
     if cuda:
         best = max(row.get("op_gflop_per_s") or 0.0, row.get("graph_gflop_per_s") or 0.0)
         prefill = any(s.name == row["problem"] and s.is_prefill for s in PROBLEMS)
@@ -572,25 +600,33 @@ def build_payload(args, env, copy, rows, goals, elapsed):
         "op": "torch.ops.moa.grouped_lora_add_",
         "environment": env,
         "settings": {
-            "quick": args.quick, "repeats": args.repeats, "warmup": args.warmup, "cache": args.cache,
-            "budget_s_per_row": BUDGET_S["quick" if args.quick else "full"], "seed": SEED,
+            "quick": args.quick,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "cache": args.cache,
+            "budget_s_per_row": BUDGET_S["quick" if args.quick else "full"],
+            "seed": SEED,
             "timer": (
                 "CUDA events around each call on the stream; median"
                 if args.device == "cuda"
                 else "time.perf_counter per call; median"
             ),
-            "variants interleaved": True, "noisy_above_other_load_cores": NOISY_LOAD_CORES,
-        },  # fmt: skip
+            "variants interleaved": True,
+            "noisy_above_other_load_cores": NOISY_LOAD_CORES,
+        },
         "copy_bandwidth": copy,
         "figures": {
             "op_gb_per_s": "(used experts' A and B + x + 2 * y) bytes / median op time",
             "op_gflop_per_s": "2 * T * r * (in + out) / median op time",
-            "loop_over_op": "loop median / op median", "bmm_over_op": "bmm median / op median",
-            "op_over_bound": "op median / bound median", "copy_fraction": "op_gb_per_s / copy gb_per_s",
+            "loop_over_op": "loop median / op median",
+            "bmm_over_op": "bmm median / op median",
+            "op_over_bound": "op median / bound median",
+            "copy_fraction": "op_gb_per_s / copy gb_per_s",
             "graph_gb_per_s": "CUDA: the same bytes / median time of the op replayed from a CUDA graph",
-            "graph_copy_fraction": "graph_gb_per_s / copy gb_per_s", "bmm_over_graph": "bmm median / graph median",
+            "graph_copy_fraction": "graph_gb_per_s / copy gb_per_s",
+            "bmm_over_graph": "bmm median / graph median",
             "other_load_cores": "CPU cores kept busy by other processes while the row was timed",
-        },  # fmt: skip
+        },
         "rows": rows,
         "goals": goals,
         "total_s": elapsed,
@@ -604,7 +640,9 @@ def report_problems(rows):
         print(f"other processes were busy while timing {', '.join(noisy)}: those figures are unreliable")
     wrong = [r for r in rows if not r["check"]["ok"] or not r.get("graph_check", {"ok": True})["ok"]]
     for r in wrong:
-        print(f"op check failed on {r['problem']}/{r['dtype']}: {r['check']} {r.get('graph_check', '')}", file=sys.stderr)
+        print(
+            f"op check failed on {r['problem']}/{r['dtype']}: {r['check']} {r.get('graph_check', '')}", file=sys.stderr
+        )
     return 1 if wrong else 0
 
 

@@ -68,31 +68,57 @@ def parse_args(argv=None):
     p.add_argument("--expert-lr", type=float, default=2e-4, help="experts' lr in the joint stage 2")
     p.add_argument("--router-lr", type=float, default=1e-2)
     p.add_argument("--eta", type=float, default=0.1)
-    p.add_argument("--keep-best", type=int, default=5,
-                   help="stage 2: every N joint steps each expert's loss on held-out training records (about a ninth); "
-                   "each expert ends at its best (0: off)")  # fmt: skip
-    p.add_argument("--keep-best-margin", type=float, default=1.0,
-                   help="keep-best (stage 2; with --stage1-keep-best also stage 1 and the mixed LoRA): a later state "
-                   "counts as better only by more than this many standard errors of the paired per-record difference "
-                   "(default 1: the one-standard-error rule; 0: the plain minimum)")  # fmt: skip
-    p.add_argument("--stage1-keep-best", type=int, default=0, metavar="N",
-                   help="early stopping for stage 1 and the mixed LoRA too: every N stage-1 steps (the mixed LoRA: every "
-                   "N x domains steps, as many samples) each is measured on the same held-out records and ends at its "
-                   "best state, with --keep-best-margin (default 0: off, both train to their step counts)")  # fmt: skip
+    p.add_argument(
+        "--keep-best",
+        type=int,
+        default=5,
+        help="stage 2: every N joint steps each expert's loss on held-out training records (about a ninth); "
+        "each expert ends at its best (0: off)",
+    )
+    p.add_argument(
+        "--keep-best-margin",
+        type=float,
+        default=1.0,
+        help="keep-best (stage 2; with --stage1-keep-best also stage 1 and the mixed LoRA): a later state "
+        "counts as better only by more than this many standard errors of the paired per-record difference "
+        "(default 1: the one-standard-error rule; 0: the plain minimum)",
+    )
+    p.add_argument(
+        "--stage1-keep-best",
+        type=int,
+        default=0,
+        metavar="N",
+        help="early stopping for stage 1 and the mixed LoRA too: every N stage-1 steps (the mixed LoRA: every "
+        "N x domains steps, as many samples) each is measured on the same held-out records and ends at its "
+        "best state, with --keep-best-margin (default 0: off, both train to their step counts)",
+    )
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the paired comparisons")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working folder (default: build/quality)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
-    p.add_argument("--reuse-stage1", action="store_true",
-                   help="keep the working folder's finished stage-1 experts and mixed LoRA (same arguments) instead of training them again")
+    p.add_argument(
+        "--reuse-stage1",
+        action="store_true",
+        help="keep the working folder's finished stage-1 experts and mixed LoRA (same arguments) instead of training them again",
+    )
     p.add_argument("--grow-steps", type=int, default=None, help="steps of the added domain's expert (default --steps)")
     p.add_argument("--router-sample", type=int, default=64, help="records per old domain in add-domain's --router-data")
-    p.add_argument("--router-val", type=int, default=300, metavar="N",
-                   help="router accuracy also on up to N more held-out records per domain (built beyond --records, none "
-                   "in any system's training or scoring), routing only, with Wilson intervals (0: off)")  # fmt: skip
-    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
-                   help="2: train stage 1 and the mixed LoRA in two processes at once, half the threads each")
+    p.add_argument(
+        "--router-val",
+        type=int,
+        default=300,
+        metavar="N",
+        help="router accuracy also on up to N more held-out records per domain (built beyond --records, none "
+        "in any system's training or scoring), routing only, with Wilson intervals (0: off)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="2: train stage 1 and the mixed LoRA in two processes at once, half the threads each",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.records, args.val, args.steps, args.batch, args.router_steps = 16, 2, 2, 1, 2
@@ -102,8 +128,15 @@ def parse_args(argv=None):
 
 
 # The paired comparisons of the report: (system, baseline).
-PAIRS = [("moa-label", "single"), ("moa-label", "mixed"), ("moa-last", "single"), ("moa-last", "mixed"),
-         ("moa-per_layer", "single"), ("moa-per_layer", "mixed"), ("mixed", "single")]  # fmt: skip
+PAIRS = [
+    ("moa-label", "single"),
+    ("moa-label", "mixed"),
+    ("moa-last", "single"),
+    ("moa-last", "mixed"),
+    ("moa-per_layer", "single"),
+    ("moa-per_layer", "mixed"),
+    ("mixed", "single"),
+]
 
 
 def log(msg: str) -> None:
@@ -175,8 +208,16 @@ class Run:
         """A training run's config; its log goes to <work>/<what>.log.jsonl."""
         from moa_engine.training import TrainConfig
 
-        return TrainConfig(batch=self.args.batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=self.args.seed,
-                           checkpoint_every=0, progress=False, log_path=str(self.work / f"{what}.log.jsonl"))  # fmt: skip
+        return TrainConfig(
+            batch=self.args.batch,
+            steps=steps,
+            lr=lr,
+            warmup=max(1, steps // 10),
+            seed=self.args.seed,
+            checkpoint_every=0,
+            progress=False,
+            log_path=str(self.work / f"{what}.log.jsonl"),
+        )
 
     def fit_cfg(self, what):
         """The routers' fit with frozen experts: full-batch steps, no warmup."""
@@ -231,8 +272,9 @@ def prepare_data(run: Run) -> Data:
     from moa_engine.training import DataOptions
 
     args = run.args
-    build = build_corpora(run.work / "data", run.domains, max_per_domain=args.records, seed=args.seed, val_fraction=0.1,
-                          progress=False)  # fmt: skip
+    build = build_corpora(
+        run.work / "data", run.domains, max_per_domain=args.records, seed=args.seed, val_fraction=0.1, progress=False
+    )
     all_train = read_records(run.work / "data" / "train.jsonl")
     val_records = read_records(run.work / "data" / "val.jsonl")
     # Some training records are held out of every system's training; stage 2's keep-best measures
@@ -252,7 +294,9 @@ def _more_held_out(folder: Path, domains: list[str], args, taken) -> list:
     content). A small corpus (dialogue has about 1,240 records) gives fewer."""
     from moa_engine.data import build_corpora, read_records
 
-    build_corpora(folder, domains, max_per_domain=args.records + args.router_val, seed=args.seed, val_fraction=0.1, progress=False)
+    build_corpora(
+        folder, domains, max_per_domain=args.records + args.router_val, seed=args.seed, val_fraction=0.1, progress=False
+    )
     seen = {r.content_key() for r in taken}
     out, count = [], dict.fromkeys(domains, 0)
     for r in read_records(folder / "train.jsonl") + read_records(folder / "val.jsonl"):
@@ -278,20 +322,40 @@ def train_baselines(run: Run, data: Data) -> Trained:
         log("stage 1: reusing the experts in the working folder")
         stage1 = summary_from_log(run.work / "stage1.log.jsonl")
     else:
-        jobs["stage1"] = (train_experts, dict(data=data.train, out=str(run.stage1), cfg=run.cfg(args.steps, args.lr, "stage1"),
-                          expert=run.expert, data_opts=data.opts, domains=run.domains,
-                          **run.early(args.stage1_keep_best, data.held_out)))  # fmt: skip
+        jobs["stage1"] = (
+            train_experts,
+            dict(
+                data=data.train,
+                out=str(run.stage1),
+                cfg=run.cfg(args.steps, args.lr, "stage1"),
+                expert=run.expert,
+                data_opts=data.opts,
+                domains=run.domains,
+                **run.early(args.stage1_keep_best, data.held_out),
+            ),
+        )
     if run.reuse and (run.mixed / "moa_config.json").exists():
         log("mixed LoRA: reusing the one in the working folder")
         mixed = summary_from_log(run.work / "mixed.log.jsonl")
     else:
-        jobs["mixed"] = (train_mixed_lora, dict(data=data.train, out=str(run.mixed), cfg=run.cfg(run.mixed_steps, args.lr, "mixed"),
-                         expert=run.expert, data_opts=data.opts, **run.early(run.mixed_every, data.held_out)))  # fmt: skip
+        jobs["mixed"] = (
+            train_mixed_lora,
+            dict(
+                data=data.train,
+                out=str(run.mixed),
+                cfg=run.cfg(run.mixed_steps, args.lr, "mixed"),
+                expert=run.expert,
+                data_opts=data.opts,
+                **run.early(run.mixed_every, data.held_out),
+            ),
+        )
     t = time.perf_counter()
     results_of = _run_jobs(jobs, args.jobs)
     run.timings["stage1_and_mixed_s"] = time.perf_counter() - t
-    log(f"stage 1 ({len(run.domains)} experts x {args.steps} steps) and the mixed LoRA ({run.mixed_steps} steps) in "
-        f"{run.timings['stage1_and_mixed_s']:.0f} s ({args.jobs} process(es))")  # fmt: skip
+    log(
+        f"stage 1 ({len(run.domains)} experts x {args.steps} steps) and the mixed LoRA ({run.mixed_steps} steps) in "
+        f"{run.timings['stage1_and_mixed_s']:.0f} s ({args.jobs} process(es))"
+    )
     return Trained(results_of.get("stage1", stage1), results_of.get("mixed", mixed))
 
 
@@ -324,9 +388,17 @@ def train_stage2(run: Run, data: Data) -> dict:
     t = time.perf_counter()
     shutil.copytree(run.stage1, run.moa)
     s2_opts = replace(data.opts, val_fraction=HOLD_OUT) if args.keep_best else data.opts
-    s2 = train_router(run.moa, data.all_train if args.keep_best else data.train, cfg=run.cfg(args.router_steps, args.router_lr, "stage2"),
-                      eta=args.eta, joint=True, expert_lr=args.expert_lr, data_opts=s2_opts, keep_best=args.keep_best,
-                      keep_best_margin=args.keep_best_margin if args.keep_best else 0.0)  # fmt: skip
+    s2 = train_router(
+        run.moa,
+        data.all_train if args.keep_best else data.train,
+        cfg=run.cfg(args.router_steps, args.router_lr, "stage2"),
+        eta=args.eta,
+        joint=True,
+        expert_lr=args.expert_lr,
+        data_opts=s2_opts,
+        keep_best=args.keep_best,
+        keep_best_margin=args.keep_best_margin if args.keep_best else 0.0,
+    )
     run.timings["stage2_s"] = time.perf_counter() - t
     log(f"stage 2 (joint): {args.router_steps} steps in {run.timings['stage2_s']:.0f} s")
     return s2
@@ -378,11 +450,21 @@ def add_domain_experiment(run: Run, data: Data) -> dict:
     args = run.args
     t = time.perf_counter()
     growth = evaluation.add_domain_experiment(
-        run.stage1, run.domains[:-1], run.domains[-1], data.train, data.val, run.work / "grow",
-        router_cfg=run.fit_cfg("grow-router"), expert_cfg=run.cfg(args.grow_steps or args.steps, args.lr, "grow-expert"),
-        new_router_cfg=run.fit_cfg("grow-router2"), expert=run.expert, data_opts=data.opts, eta=args.eta,
-        router_sample=args.router_sample, **run.eval_options,
-    )  # fmt: skip
+        run.stage1,
+        run.domains[:-1],
+        run.domains[-1],
+        data.train,
+        data.val,
+        run.work / "grow",
+        router_cfg=run.fit_cfg("grow-router"),
+        expert_cfg=run.cfg(args.grow_steps or args.steps, args.lr, "grow-expert"),
+        new_router_cfg=run.fit_cfg("grow-router2"),
+        expert=run.expert,
+        data_opts=data.opts,
+        eta=args.eta,
+        router_sample=args.router_sample,
+        **run.eval_options,
+    )
     run.timings["add_domain_s"] = time.perf_counter() - t
     log(f"add-a-domain in {run.timings['add_domain_s']:.0f} s")
     return growth
@@ -400,7 +482,9 @@ def report(run: Run, data: Data, trained: Trained, results: dict, routing: dict 
 
     args = run.args
     # Paired bootstrap over the scored records: is a difference larger than the records' spread?
-    comparisons = {f"{a} vs {b}": compare(results[a], results[b], n_boot=args.bootstrap, seed=args.seed) for a, b in PAIRS}
+    comparisons = {
+        f"{a} vs {b}": compare(results[a], results[b], n_boot=args.bootstrap, seed=args.seed) for a, b in PAIRS
+    }
     budget = budget_text(run, data, trained, results)
     text = report_text(run, results, comparisons, routing, growth, budget)
     print(text)
@@ -416,27 +500,39 @@ def budget_text(run: Run, data: Data, trained: Trained, results: dict) -> str:
     args = run.args
     early_text = ""
     if args.stage1_keep_best:
-        early_text = (f"stage 1 and the mixed LoRA each kept at its best of every {args.stage1_keep_best} (mixed: "
-                      f"{run.mixed_every}) steps by the loss on the held-out records"
-                      + (f" ({args.keep_best_margin:g} standard error margin)" if args.keep_best_margin else "")
-                      + ", kept at: " + ", ".join(f"{d} step {k['step']}" for d, k in {**(trained.stage1.get("kept") or {}),
-                                                   **(trained.mixed.get("kept") or {})}.items()) + "; ")  # fmt: skip
+        early_text = (
+            f"stage 1 and the mixed LoRA each kept at its best of every {args.stage1_keep_best} (mixed: "
+            f"{run.mixed_every}) steps by the loss on the held-out records"
+            + (f" ({args.keep_best_margin:g} standard error margin)" if args.keep_best_margin else "")
+            + ", kept at: "
+            + ", ".join(
+                f"{d} step {k['step']}"
+                for d, k in {**(trained.stage1.get("kept") or {}), **(trained.mixed.get("kept") or {})}.items()
+            )
+            + "; "
+        )
     return (
         f"stage 1: {args.steps} steps x {args.batch} samples per domain (rank {args.rank}, lr {args.lr}); "
         f"mixed: {run.mixed_steps} steps x {args.batch} samples (as many as MoA's stages 1 and 2); {early_text}stage 2 (joint): "
         f"{args.router_steps} steps x {args.batch} samples per domain (router lr {args.router_lr}, expert lr "
         f"{args.expert_lr}, eta {args.eta}"
-        + (f"; each expert kept at its best of steps 0, {args.keep_best}, ... by its loss on the held-out records"
-           + (f", a later state counting as better only by more than {args.keep_best_margin:g} standard error(s)"
-              if args.keep_best_margin else "")
-           if args.keep_best else "")
+        + (
+            f"; each expert kept at its best of steps 0, {args.keep_best}, ... by its loss on the held-out records"
+            + (
+                f", a later state counting as better only by more than {args.keep_best_margin:g} standard error(s)"
+                if args.keep_best_margin
+                else ""
+            )
+            if args.keep_best
+            else ""
+        )
         + "), then the routers refitted on the tuned experts (300 full-batch steps, each prompt through a random expert); "
         f"added domain: {args.grow_steps or args.steps} expert steps, then each router's new row fitted (the old rows "
         f"kept) on the old and new records ({args.router_sample} per old domain); "
         f"max_len {args.max_len}; every system trained on the same {sum(data.counts.values())} records "
         f"({len(data.held_out)} more held out for keep-best); scored records: "
         + ", ".join(f"{d} {len(v['tokens'])}" for d, v in results["single"]["records"].items())
-    )  # fmt: skip
+    )
 
 
 def report_text(run: Run, results: dict, comparisons: dict, routing: dict | None, growth: dict, budget: str) -> str:
@@ -446,39 +542,76 @@ def report_text(run: Run, results: dict, comparisons: dict, routing: dict | None
     args = run.args
     old, new = growth["old_domains"], growth["new_domain"]
     new_row = growth["after"]["label"]["domains"].get(new)
-    return "\n".join([
-        "### Per-domain perplexity (held-out), router accuracy, math exact match", "", markdown_table(results), "",
-        f"Budget: {budget}.", "",
-        "### MoA against the baselines: change in average perplexity (paired bootstrap over the scored records)", "",
-        comparison_table(comparisons), "",
-        f"Each of {args.bootstrap} draws resamples every domain's scored records with replacement, the same "
-        "records for both systems; P(lower) is the share of draws where the first system's average "
-        "perplexity is the lower.", "",
-        f"### Adding a domain ({new}) to a MoA of {', '.join(old)}", "", add_domain_table(growth), "",
-        f"New domain {new}: label-routed perplexity {new_row['ppl']:.3f}" if new_row else "",
-        *([] if routing is None else [
-            "", "### Router accuracy on more held-out records (routing only; 95% Wilson intervals)", "",
-            routing_table(routing), "",
-            f"The records: each domain's {args.val} scored ones and up to {args.router_val} more built beyond --records. "
-            "per_layer counts every layer's choice.",
-        ]),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "### Per-domain perplexity (held-out), router accuracy, math exact match",
+            "",
+            markdown_table(results),
+            "",
+            f"Budget: {budget}.",
+            "",
+            "### MoA against the baselines: change in average perplexity (paired bootstrap over the scored records)",
+            "",
+            comparison_table(comparisons),
+            "",
+            f"Each of {args.bootstrap} draws resamples every domain's scored records with replacement, the same "
+            "records for both systems; P(lower) is the share of draws where the first system's average "
+            "perplexity is the lower.",
+            "",
+            f"### Adding a domain ({new}) to a MoA of {', '.join(old)}",
+            "",
+            add_domain_table(growth),
+            "",
+            f"New domain {new}: label-routed perplexity {new_row['ppl']:.3f}" if new_row else "",
+            *(
+                []
+                if routing is None
+                else [
+                    "",
+                    "### Router accuracy on more held-out records (routing only; 95% Wilson intervals)",
+                    "",
+                    routing_table(routing),
+                    "",
+                    f"The records: each domain's {args.val} scored ones and up to {args.router_val} more built beyond --records. "
+                    "per_layer counts every layer's choice.",
+                ]
+            ),
+        ]
+    )
 
 
 def payload(run: Run, data: Data, trained: Trained, results, comparisons, routing, growth, budget) -> dict:
     """The JSON written to --out."""
     args = run.args
     return {
-        "benchmark": "quality", "quick": args.quick, "args": vars(args), "budget": budget,
-        "data": {"train": data.counts, "held_out_for_keep_best": len(data.held_out), "val_per_domain": args.val,
-                 "sources": data.build.get("sources", {})},
-        "results": results, "comparisons": comparisons, "routing": routing, "add_domain": growth, "timings_s": run.timings,
+        "benchmark": "quality",
+        "quick": args.quick,
+        "args": vars(args),
+        "budget": budget,
+        "data": {
+            "train": data.counts,
+            "held_out_for_keep_best": len(data.held_out),
+            "val_per_domain": args.val,
+            "sources": data.build.get("sources", {}),
+        },
+        "results": results,
+        "comparisons": comparisons,
+        "routing": routing,
+        "add_domain": growth,
+        "timings_s": run.timings,
         "total_s": time.perf_counter() - run.t_start,
-        "stage1_final": trained.stage1.get("final"), "stage1_kept": trained.stage1.get("kept"), "mixed_kept": trained.mixed.get("kept"),
-        "stage2_final": trained.stage2.get("final"), "stage2_kept": trained.stage2.get("kept"),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                        "threads": torch.get_num_threads()},
-    }  # fmt: skip
+        "stage1_final": trained.stage1.get("final"),
+        "stage1_kept": trained.stage1.get("kept"),
+        "mixed_kept": trained.mixed.get("kept"),
+        "stage2_final": trained.stage2.get("final"),
+        "stage2_kept": trained.stage2.get("kept"),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+    }
 
 
 def _plot(results: dict, growth: dict, comparisons: dict, path: Path) -> None:

@@ -96,10 +96,18 @@ else:
     from _throughput_sides import DTYPES, base_mode, make_workload, moa_mode
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-FULL = dict(new_tokens=64, repeats=5, dtype=["float32", "bfloat16"], prefill_tokens=768,
-            experts=[1, 4, 8, 32], peft_new_tokens=16, router_experts=8)  # fmt: skip
-QUICK = dict(new_tokens=8, repeats=1, dtype=["float32"], prefill_tokens=256,
-             experts=[1, 4], peft_new_tokens=4, router_experts=4)  # fmt: skip
+FULL = dict(
+    new_tokens=64,
+    repeats=5,
+    dtype=["float32", "bfloat16"],
+    prefill_tokens=768,
+    experts=[1, 4, 8, 32],
+    peft_new_tokens=16,
+    router_experts=8,
+)
+QUICK = dict(
+    new_tokens=8, repeats=1, dtype=["float32"], prefill_tokens=256, experts=[1, 4], peft_new_tokens=4, router_experts=4
+)
 MODE_BATCHES = {"base": ([1, 8, 32], [1, 8]), "moa": ([16, 32], [16])}  # default --batches: (full, quick)
 
 
@@ -161,28 +169,61 @@ def load_tokenizer(model_path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--mode", nargs="+", choices=list(MODES), default=list(MODES),
-        help="what the engine serves: base (the plain model), moa (LoRA experts); default both")
+    add(
+        "--mode",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="what the engine serves: base (the plain model), moa (LoRA experts); default both",
+    )
     add("--dtype", nargs="+", choices=list(DTYPES), default=None, help="default: both (--quick: float32)")
-    add("--batches", nargs="+", type=int, default=None,
-        help="decode batch sizes, every mode (default base 1 8 32, moa 16 32; --quick: base 1 8, moa 16)")
+    add(
+        "--batches",
+        nargs="+",
+        type=int,
+        default=None,
+        help="decode batch sizes, every mode (default base 1 8 32, moa 16 32; --quick: base 1 8, moa 16)",
+    )
     add("--new-tokens", type=int, default=None, help="N, decode tokens timed per sequence (default 64; quick 8)")
     add("--prefill-tokens", type=int, default=None, help="prompt tokens per prefill row (default 768; quick 256)")
     add("--repeats", type=int, default=None, help="timed rounds, median taken (default 5; --quick: 1)")
     add("--warmup", type=int, default=1, help="untimed calls per variant before timing (default 1)")
-    add("--budget", type=float, default=120.0,
-        help=f"seconds per row after which no new round starts, once {MIN_REPEATS} are in (default 120)")
+    add(
+        "--budget",
+        type=float,
+        default=120.0,
+        help=f"seconds per row after which no new round starts, once {MIN_REPEATS} are in (default 120)",
+    )
     add("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, both sides (all)")
-    add("--quick", action="store_true",
-        help="smoke run: N = 8, 1 repeat, float32; base B = 1 8; moa B = 16, experts 1 4, PEFT N = 4 unwarmed (CI)")
-    add("--experts", nargs="+", type=int, default=None,
-        help="moa: distinct experts in the batch, round-robin (default 1 4 8 32; --quick: 1 4)")
-    add("--peft-new-tokens", type=int, default=None,
-        help="moa: new tokens timed per sequence for PEFT, which is slow (default 16; --quick: 4)")
-    add("--router-experts", type=int, default=None,
-        help="moa: experts of the routing rows' MoA dir (default 8; --quick: 4)")
-    add("--adapter-cache", default=os.path.join(RESULTS_DIR, "adapters"),
-        help="moa: folder of the cached random PEFT adapters and MoA dirs (default results/adapters)")
+    add(
+        "--quick",
+        action="store_true",
+        help="smoke run: N = 8, 1 repeat, float32; base B = 1 8; moa B = 16, experts 1 4, PEFT N = 4 unwarmed (CI)",
+    )
+    add(
+        "--experts",
+        nargs="+",
+        type=int,
+        default=None,
+        help="moa: distinct experts in the batch, round-robin (default 1 4 8 32; --quick: 1 4)",
+    )
+    add(
+        "--peft-new-tokens",
+        type=int,
+        default=None,
+        help="moa: new tokens timed per sequence for PEFT, which is slow (default 16; --quick: 4)",
+    )
+    add(
+        "--router-experts",
+        type=int,
+        default=None,
+        help="moa: experts of the routing rows' MoA dir (default 8; --quick: 4)",
+    )
+    add(
+        "--adapter-cache",
+        default=os.path.join(RESULTS_DIR, "adapters"),
+        help="moa: folder of the cached random PEFT adapters and MoA dirs (default results/adapters)",
+    )
     add("--no-hf", action="store_true", help="skip the HF and PEFT baselines (no ratios to them)")
     add("--model", default=None, help="a model folder or .gguf (default: the default model)")
     add("--device", choices=["cpu", "cuda"], default="cpu")
@@ -198,8 +239,9 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or min(args.batches or [1]) < 1 or min(args.experts) < 1:
-        parser.error(f"--warmup must be >= 0, --batches and --experts >= 1, got {args.warmup}, "
-                     f"{args.batches} and {args.experts}")  # fmt: skip
+        parser.error(
+            f"--warmup must be >= 0, --batches and --experts >= 1, got {args.warmup}, {args.batches} and {args.experts}"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     args.mode = list(dict.fromkeys(args.mode))

@@ -170,8 +170,13 @@ class PeftSystem:
 
         from moa_engine.moa_format import TARGET_MODULES
 
-        config = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=list(TARGET_MODULES),
-                            lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha,
+            target_modules=list(TARGET_MODULES),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
         self.model = get_peft_model(load_hf(folder, args), config).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = [b.to(args.device) for b in batches]
@@ -231,8 +236,16 @@ class OursSystem:
 
         args = self.args
         total = args.warmup + args.steps
-        cfg = TrainConfig(batch=self.per_domain, steps=total, lr=args.lr, dtype=dtype, device=args.device,
-                          max_grad_norm=1.0, weight_decay=0.0, progress=False)  # fmt: skip
+        cfg = TrainConfig(
+            batch=self.per_domain,
+            steps=total,
+            lr=args.lr,
+            dtype=dtype,
+            device=args.device,
+            max_grad_norm=1.0,
+            weight_decay=0.0,
+            progress=False,
+        )
         names = list(self.examples)
         plan = Plan(self.examples, {d: total for d in names}, {d: k for k, d in enumerate(names)})
         groups = [Group(d, self.module.expert_parameters(d), total, args.lr) for d in names]
@@ -262,8 +275,10 @@ def peak_device_bytes(device):
 
 def measure_dtype(systems, dtype, args):
     """Every system's rounds, interleaved; returns {key: raw results}."""
-    raw = {s.key: {"rounds": [], "loss": [], "log_time_s": [], "other_load": [], "peak_device_bytes": None}
-           for s in systems}  # fmt: skip
+    raw = {
+        s.key: {"rounds": [], "loss": [], "log_time_s": [], "other_load": [], "peak_device_bytes": None}
+        for s in systems
+    }
     for r in range(args.rounds):
         order = systems if r % 2 == 0 else systems[::-1]
         for s in order:
@@ -296,16 +311,24 @@ def build_rows(systems, raw, dtype, args):
         spread = t.iqr / t.median
         log = entry["log_time_s"]
         row = {
-            "dtype": dtype, "system": s.key, "label": s.label, "experts": s.experts,
-            "sequences_per_step": args.batch, "sequences_per_expert": args.batch // s.experts,
-            "tokens_per_step": tokens, "trainable_parameters": s.trainable(),
-            "step": t.to_json(), "step_s_per_round": entry["rounds"],
+            "dtype": dtype,
+            "system": s.key,
+            "label": s.label,
+            "experts": s.experts,
+            "sequences_per_step": args.batch,
+            "sequences_per_expert": args.batch // s.experts,
+            "tokens_per_step": tokens,
+            "trainable_parameters": s.trainable(),
+            "step": t.to_json(),
+            "step_s_per_round": entry["rounds"],
             "tokens_per_s": tokens / t.median,
             "trainer_log_tokens_per_s": tokens / statistics.median(log) if log else None,
-            "loss_per_round": entry["loss"], "other_load_cores": other, "spread": spread,
+            "loss_per_round": entry["loss"],
+            "other_load_cores": other,
+            "spread": spread,
             "peak_device_bytes": entry["peak_device_bytes"],
             "noisy": (other is not None and other > NOISY_LOAD_CORES) or spread > NOISY_SPREAD,
-        }  # fmt: skip
+        }
         rows.append(row)
     peft = next(r for r in rows if r["system"] == "PEFT")
     for row in rows:
@@ -324,8 +347,9 @@ def ratios(rows):
         entry = {
             "ours_over_peft": ours["tokens_per_s"] / peft["tokens_per_s"],
             "ours_over_peft_per_round": ours["over_peft_per_round"],
-            "goal": GOAL, "goal_met": ours["tokens_per_s"] / peft["tokens_per_s"] >= GOAL,
-        }  # fmt: skip
+            "goal": GOAL,
+            "goal_met": ours["tokens_per_s"] / peft["tokens_per_s"] >= GOAL,
+        }
         if one is not None:
             entry["ours_1_over_peft"] = one["tokens_per_s"] / peft["tokens_per_s"]
             entry["ours_over_ours_1"] = ours["tokens_per_s"] / one["tokens_per_s"]
@@ -343,16 +367,36 @@ def _fmt(value, spec, suffix=""):
 
 
 def markdown_table(rows):
-    headers = ["dtype", "system", "experts", "seqs/step", "tokens/step", "step ms", "IQR", "tokens/s",
-               "vs PEFT", "trainer log tok/s", "others", "noisy"]  # fmt: skip
+    headers = [
+        "dtype",
+        "system",
+        "experts",
+        "seqs/step",
+        "tokens/step",
+        "step ms",
+        "IQR",
+        "tokens/s",
+        "vs PEFT",
+        "trainer log tok/s",
+        "others",
+        "noisy",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for r in rows:
         cells = [
-            r["dtype"], r["label"], str(r["experts"]), str(r["sequences_per_step"]), str(r["tokens_per_step"]),
-            f"{r['step']['median_ms']:.0f}", f"{r['spread']:.0%}", f"{r['tokens_per_s']:.1f}",
-            f"{r['over_peft']:.2f}x", _fmt(r["trainer_log_tokens_per_s"], ".1f"), _fmt(r["other_load_cores"], ".2f"),
+            r["dtype"],
+            r["label"],
+            str(r["experts"]),
+            str(r["sequences_per_step"]),
+            str(r["tokens_per_step"]),
+            f"{r['step']['median_ms']:.0f}",
+            f"{r['spread']:.0%}",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['over_peft']:.2f}x",
+            _fmt(r["trainer_log_tokens_per_s"], ".1f"),
+            _fmt(r["other_load_cores"], ".2f"),
             "NOISY" if r["noisy"] else "",
-        ]  # fmt: skip
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -366,8 +410,10 @@ def print_report(rows, summary, args, peak_rss):
         if "ours_over_ours_1" in entry:
             extra = f"; {args.experts} experts vs 1: {entry['ours_over_ours_1']:.2f}x the single-expert tokens/s"
         rounds = ", ".join(f"{x:.2f}" for x in entry["ours_over_peft_per_round"])
-        print(f"{dtype}: ours ({args.experts} experts) / PEFT (1 adapter) = {entry['ours_over_peft']:.2f}x "
-              f"(per round {rounds}); goal >= {GOAL:.1f}x: {met}{extra}")  # fmt: skip
+        print(
+            f"{dtype}: ours ({args.experts} experts) / PEFT (1 adapter) = {entry['ours_over_peft']:.2f}x "
+            f"(per round {rounds}); goal >= {GOAL:.1f}x: {met}{extra}"
+        )
     print(
         f"\ntokens = sequences x seq_len per step ({args.batch} x {args.seq_len}); step time = wall time between "
         f"consecutive optimizer.step() ends, median over {args.steps} steps x {args.rounds} rounds "
@@ -399,8 +445,14 @@ def write_plot(rows, summary, path, title):
             if match:
                 xs.append(j + (i - (len(systems) - 1) / 2) * width)
                 values.append(match[0]["tokens_per_s"])
-                ax.annotate(f"{match[0]['over_peft']:.2f}x", (xs[-1], values[-1]), textcoords="offset points",
-                            xytext=(0, 2), ha="center", fontsize=8)  # fmt: skip
+                ax.annotate(
+                    f"{match[0]['over_peft']:.2f}x",
+                    (xs[-1], values[-1]),
+                    textcoords="offset points",
+                    xytext=(0, 2),
+                    ha="center",
+                    fontsize=8,
+                )
         ax.bar(xs, values, width, label=labels[system], color=colors.get(system))
     ax.set_xticks(range(len(dtypes)), dtypes)
     ax.margins(y=0.15)
@@ -423,15 +475,29 @@ def build_payload(args, env, folder, rows, summary, peak_rss, elapsed):
         "model": str(folder),
         "environment": env,
         "settings": {
-            "dtypes": args.dtype, "seq_len": args.seq_len, "batch": args.batch, "experts": args.experts,
-            "sequences_per_domain": args.batch // args.experts, "rank": args.rank, "alpha": args.alpha,
-            "target_modules": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj", "lr": args.lr,
-            "optimizer": "AdamW (weight decay 0, fused, on both)", "max_grad_norm": 1.0, "steps": args.steps,
-            "warmup": args.warmup, "rounds": args.rounds, "grad_checkpointing": args.grad_checkpointing,
-            "threads": torch.get_num_threads(), "device": args.device, "quick": args.quick,
-            "single_expert_row": not args.no_single, "data_seed": DATA_SEED,
-            "noisy_above_other_load_cores": NOISY_LOAD_CORES, "noisy_above_spread": NOISY_SPREAD,
-        },  # fmt: skip
+            "dtypes": args.dtype,
+            "seq_len": args.seq_len,
+            "batch": args.batch,
+            "experts": args.experts,
+            "sequences_per_domain": args.batch // args.experts,
+            "rank": args.rank,
+            "alpha": args.alpha,
+            "target_modules": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+            "lr": args.lr,
+            "optimizer": "AdamW (weight decay 0, fused, on both)",
+            "max_grad_norm": 1.0,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "grad_checkpointing": args.grad_checkpointing,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "quick": args.quick,
+            "single_expert_row": not args.no_single,
+            "data_seed": DATA_SEED,
+            "noisy_above_other_load_cores": NOISY_LOAD_CORES,
+            "noisy_above_spread": NOISY_SPREAD,
+        },
         "method": {
             "tokens": "input tokens per step = batch * seq_len (no padding); seq_len - 1 scored per sequence",
             "step": "wall time between consecutive optimizer.step() ends, device synchronized; the first "
@@ -475,15 +541,22 @@ def parse_args(argv=None):
     add("--alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
     add("--lr", type=float, default=2e-4, help="learning rate, every system (default 2e-4)")
     add("--steps", type=int, default=None, help="timed steps per round (default 8; --quick 2)")
-    add("--warmup", type=int, default=None,
-        help="untimed steps at the start of every round, >= 1 (default 2; --quick 1)")
+    add(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps at the start of every round, >= 1 (default 2; --quick 1)",
+    )
     add("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 1)")
     add("--grad-checkpointing", action="store_true", help="activation checkpointing of the decoder layers, both sides")
     add("--no-single", action="store_true", help="skip the ours (1 expert) row")
     add("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all)")
     add("--quick", action="store_true", help="smoke run: seq 32, batch 4, 2 steps, 1 warmup, 1 round")
-    add("--out", default=os.path.join(RESULTS_DIR, "train.json"),
-        help="JSON path (default results/train.json); plot: .png beside")
+    add(
+        "--out",
+        default=os.path.join(RESULTS_DIR, "train.json"),
+        help="JSON path (default results/train.json); plot: .png beside",
+    )
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -527,8 +600,11 @@ def main(argv=None):
     if not args.no_single:
         single = {"all": [replace(e, domain="all") for d in examples for e in examples[d]]}
         systems.append(OursSystem(folder, args, single, args.batch, "ours_1", "ours (1 expert)"))
-    print(f"loaded {len(systems)} systems in {time.perf_counter() - started:.1f} s; {args.batch} x {args.seq_len} "
-          f"tokens per step, rank {args.rank}", flush=True)  # fmt: skip
+    print(
+        f"loaded {len(systems)} systems in {time.perf_counter() - started:.1f} s; {args.batch} x {args.seq_len} "
+        f"tokens per step, rank {args.rank}",
+        flush=True,
+    )
     rows = []
     for dtype in args.dtype:
         rows += build_rows(systems, measure_dtype(systems, dtype, args), dtype, args)
@@ -538,8 +614,10 @@ def main(argv=None):
     print_report(rows, summary, args, peak_rss)
     elapsed = time.perf_counter() - started
     timing.write_json_atomic(args.out, build_payload(args, env, folder, rows, summary, peak_rss, elapsed))
-    title = (f"stage-1 training tokens/s, {env['device_name']}, {env['threads']} threads\n{args.batch} x "
-             f"{args.seq_len} tokens/step, rank {args.rank}, {args.experts} experts; x: vs PEFT")  # fmt: skip
+    title = (
+        f"stage-1 training tokens/s, {env['device_name']}, {env['threads']} threads\n{args.batch} x "
+        f"{args.seq_len} tokens/step, rank {args.rank}, {args.experts} experts; x: vs PEFT"
+    )
     write_plot(rows, summary, args.plot, title)
     print(f"\nwrote {args.out} and {args.plot} in {elapsed:.1f} s")
     noisy = [f"{r['dtype']}/{r['system']}" for r in rows if r["noisy"]]

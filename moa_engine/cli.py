@@ -83,7 +83,9 @@ def _add_generate(subparsers):
         help="a MoA directory, or a named PEFT LoRA folder (repeatable)",
     )
     p.add_argument("--domain", help="the expert for every prompt, or 'base' (default: the routers choose)")
-    p.add_argument("--routing", choices=["per_layer", "last", "vote"], help="routing strategy (default: the MoA directory's)")
+    p.add_argument(
+        "--routing", choices=["per_layer", "last", "vote"], help="routing strategy (default: the MoA directory's)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 is off (default)")

@@ -3,6 +3,7 @@
 Dimension legend: T tokens, E experts, r rank, in / out feature sizes.
 """
 
+import functools
 import statistics
 import time
 
@@ -69,11 +70,11 @@ def run_demo(experts=8, rank=16, dtype="float32", seed=0):
             err = (got.float() - want.float()).abs().max().item()
             worst = max(worst, err)
             y = y0.clone()
-            t_op = _median_seconds(lambda: grouped_lora_add_(y, x, lora_a, lora_b, expert_ids, scales))
-            t_loop = _median_seconds(lambda: _per_expert_loop(y, x, lora_a, lora_b, expert_ids, scales))
+            operands = (y, x, lora_a, lora_b, expert_ids, scales)
+            t_op = _median_seconds(functools.partial(grouped_lora_add_, *operands))
+            t_loop = _median_seconds(functools.partial(_per_expert_loop, *operands))
             print(
-                f"{batch:8} {name:10} {T:>5} {err:>9.2e} {t_op * 1e3:>8.3f} {t_loop * 1e3:>8.3f} "
-                f"{t_loop / t_op:>7.1f}x"
+                f"{batch:8} {name:10} {T:>5} {err:>9.2e} {t_op * 1e3:>8.3f} {t_loop * 1e3:>8.3f} {t_loop / t_op:>7.1f}x"
             )
     tolerance = 1e-3 if torch_dtype == torch.float32 else 1e-1
     status = "OK" if worst <= tolerance else "MISMATCH"

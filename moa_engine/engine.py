@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from moa_engine import _C
-from moa_engine.models import DEFAULT_MODEL, resolve_model
 from moa_engine.moa_format import MoADir
+from moa_engine.models import DEFAULT_MODEL, resolve_model
 from moa_engine.routing import BASE, ROUTE
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -57,7 +57,15 @@ class SamplingParams:
 
     def __post_init__(self):
         stop = self.stop
-        stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
+        stops = (
+            ()
+            if stop is None
+            else (stop,)
+            if isinstance(stop, str)
+            else tuple(stop)
+            if isinstance(stop, (list, tuple))
+            else None
+        )
         if stops is None or any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         object.__setattr__(self, "stop", stops)
@@ -363,7 +371,7 @@ class Engine:
                 if not done and text.endswith("\ufffd"):
                     continue
                 if len(text) > len(sent):
-                    yield text[len(sent):]
+                    yield text[len(sent) :]
                     sent = text
                 if done:
                     return
@@ -388,9 +396,7 @@ class Engine:
         if not prompts:
             raise ValueError("prompts is empty: pass a list of strings or of token-id lists")
         if all(isinstance(p, int) for p in prompts):
-            raise ValueError(
-                "prompts is a flat list of ints: pass a list of token-id lists, e.g. [[1, 2, 3]]"
-            )
+            raise ValueError("prompts is a flat list of ints: pass a list of token-id lists, e.g. [[1, 2, 3]]")
         return prompts
 
     def _encode(self, prompt, chat: bool) -> list[int]:

@@ -253,7 +253,9 @@ def save_peft_adapter(folder, adapter_config: dict, weights: dict) -> Path:
         tensors[f"{prefix}.lora_B.weight"] = B.detach().to("cpu", torch.float32).contiguous().clone()
     folder = Path(folder)
     with staged_folder(folder, overwrite=True) as stage:
-        atomic_write_bytes(stage / ADAPTER_CONFIG, (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(
+            stage / ADAPTER_CONFIG, (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode()
+        )
         _write_safetensors(stage / ADAPTER_WEIGHTS, tensors)
     return folder
 

@@ -248,7 +248,9 @@ def _read_gguf_weights(gguf_path: Path, config, progress: bool) -> dict:
         tensors[hf_name] = torch.from_numpy(np.array(weight, dtype=np.float32))
     missing = [name for name in shapes if name not in tensors]
     if missing:
-        raise ValueError(f"{gguf_path.name}: the file lacks {len(missing)} weights the model needs: {', '.join(missing[:5])}")
+        raise ValueError(
+            f"{gguf_path.name}: the file lacks {len(missing)} weights the model needs: {', '.join(missing[:5])}"
+        )
     return {name: tensors[name] for name in shapes}
 
 

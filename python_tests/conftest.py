@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-
 from reference import grouped_lora_ref, grouped_lora_torch
 
 CUDA_AVAILABLE = torch.cuda.is_available()
@@ -304,7 +303,7 @@ def pairwise(space):
             if k in row:
                 continue
 
-            def gain(v):
+            def gain(v, k=k, row=row):
                 return sum(_pair(k, v, m, row[m]) in uncovered for m in row)
 
             row[k] = max(range(sizes[k]), key=lambda v: (gain(v), -v))

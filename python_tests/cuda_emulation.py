@@ -35,11 +35,28 @@ import torch
 TILING_H = Path(__file__).resolve().parent.parent / "csrc" / "kernels" / "cuda" / "tiling.h"
 _CONSTANT = re.compile(r"^\s*inline constexpr int64_t (k\w+) = (\d+);", re.MULTILINE)
 REQUIRED = [
-    "kVecBytes", "kSegThreads", "kSegTileM", "kSegTileN", "kSegTileK", "kSegWarpsM", "kSegWarpsN",
-    "kMma", "kFmaThreadsN", "kSmemPad", "kAccPad", "kGatherThreads", "kGatherTokens",
-    "kGatherShrinkRows", "kGatherShrinkK", "kGatherExpandRows", "kGatherMaxRank",
-    "kGradTokensPerSplit", "kGradMaxSplits", "kGradMaxWorkspaceBytes", "kSegmentMinTokensPerExpert",
-]  # fmt: skip
+    "kVecBytes",
+    "kSegThreads",
+    "kSegTileM",
+    "kSegTileN",
+    "kSegTileK",
+    "kSegWarpsM",
+    "kSegWarpsN",
+    "kMma",
+    "kFmaThreadsN",
+    "kSmemPad",
+    "kAccPad",
+    "kGatherThreads",
+    "kGatherTokens",
+    "kGatherShrinkRows",
+    "kGatherShrinkK",
+    "kGatherExpandRows",
+    "kGatherMaxRank",
+    "kGradTokensPerSplit",
+    "kGradMaxSplits",
+    "kGradMaxWorkspaceBytes",
+    "kSegmentMinTokensPerExpert",
+]
 MAX_GRID_YZ = 65535  # grouped_lora_cuda.h kMaxGridYZ
 STATIC_SMEM_LIMIT = 48 * 1024
 ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
@@ -387,7 +404,7 @@ class SegmentKernel:
     def epilogue_indices(self):
         """(row, col) of each thread's epilogue elements: idx = tid + threads * i < BM * BN."""
         tid = torch.arange(self.threads)
-        idx = (tid[None, :] + self.threads * torch.arange(ceil_div(self.BM * self.BN, self.threads))[:, None])
+        idx = tid[None, :] + self.threads * torch.arange(ceil_div(self.BM * self.BN, self.threads))[:, None]
         idx = idx.reshape(-1)
         idx = idx[idx < self.BM * self.BN]
         return idx // self.BN, idx % self.BN
@@ -417,8 +434,23 @@ class SegmentKernel:
                         if expand and not accumulate:
                             self._zero_rows(plan, out, ld_out, N, s0, s1 - s0, n0)
                         continue
-                    self._forward_pass(plan, p_src, weight, N, K, q_vec, out, ld_out, expand, scales,
-                                       accumulate, key - 1, s0, s1 - s0, n0)  # fmt: skip
+                    self._forward_pass(
+                        plan,
+                        p_src,
+                        weight,
+                        N,
+                        K,
+                        q_vec,
+                        out,
+                        ld_out,
+                        expand,
+                        scales,
+                        accumulate,
+                        key - 1,
+                        s0,
+                        s1 - s0,
+                        n0,
+                    )
 
     def _forward_pass(self, plan, p_src, weight, N, K, q_vec, out, ld_out, expand, scales, accumulate, e, s0, rows, n0):
         acc = self.core_init()
@@ -568,12 +600,16 @@ class GatherKernel:
                 for by in range(ceil_div(r, t.kGatherShrinkRows)):
                     for key, pos, end in scan_runs(ids, w0, w1):
                         if key > 0:
-                            self._shrink_run(ids, A, in_features, r, partials, vec, key - 1, pos - w0,
-                                             end - pos, by, bz, k0, k1, w0)  # fmt: skip
+                            self._shrink_run(
+                                ids, A, in_features, r, partials, vec, key - 1, pos - w0, end - pos, by, bz, k0, k1, w0
+                            )
 
     def _stage_x(self, ids, x, ldx, w0, w1, k0, k1):
         self.xs.poison()
-        i = torch.arange(self.threads)[None, :] + self.threads * torch.arange(ceil_div(self.G * self.KC, self.threads))[:, None]
+        i = (
+            torch.arange(self.threads)[None, :]
+            + self.threads * torch.arange(ceil_div(self.G * self.KC, self.threads))[:, None]
+        )
         i = i.reshape(-1)
         i = i[i < self.G * self.KC]
         pos, k = w0 + i // self.KC, k0 + i % self.KC
@@ -639,8 +675,9 @@ class GatherKernel:
                 o0 = by * t.kGatherExpandRows
                 for key, pos, end in scan_runs(ids, w0, w1):
                     if key > 0:
-                        self._expand_run(ids, B, scales, out, r, y, ldy, accumulate, vec, W, key - 1,
-                                         pos - w0, end - pos, w0, o0)  # fmt: skip
+                        self._expand_run(
+                            ids, B, scales, out, r, y, ldy, accumulate, vec, W, key - 1, pos - w0, end - pos, w0, o0
+                        )
                     elif not accumulate:
                         nt, rows = end - pos, t.kGatherExpandRows
                         i = torch.arange(nt * rows)
@@ -651,7 +688,10 @@ class GatherKernel:
     def _stage_v(self, ids, partials, splits, r, w0, w1):
         self.vs.poison()
         t = self.t
-        i = torch.arange(self.threads)[None, :] + self.threads * torch.arange(ceil_div(self.G * r, self.threads))[:, None]
+        i = (
+            torch.arange(self.threads)[None, :]
+            + self.threads * torch.arange(ceil_div(self.G * r, self.threads))[:, None]
+        )
         i = i.reshape(-1)
         i = i[i < self.G * r]
         g, j = i // r, i % r
@@ -775,8 +815,19 @@ def grouped_lora(x, lora_a, lora_b, expert_ids, scales, y=None, *, path="auto", 
             x_src = RowSource(x_ptr, ldx, plan.perm, x_ptr.aligned(ldx, dtype, t))
             kernel.forward(plan, x_src, A, r, in_features, A.aligned(in_features, dtype, t), v, r, expand=False)
             v_src = RowSource(v, r, None, v.aligned(r, dtype, t))
-            kernel.forward(plan, v_src, B, out, r, B.aligned(r, dtype, t), Ptr(y_buf), out, expand=True,
-                           scales=scales, accumulate=accumulate)  # fmt: skip
+            kernel.forward(
+                plan,
+                v_src,
+                B,
+                out,
+                r,
+                B.aligned(r, dtype, t),
+                Ptr(y_buf),
+                out,
+                expand=True,
+                scales=scales,
+                accumulate=accumulate,
+            )
         else:
             kernel = GatherKernel(t, dtype)
             ids = gather_ids(expert_ids, E)  # no plan: token order
@@ -825,9 +876,16 @@ def weight_grads(grad, x, lora_a, lora_b, expert_ids, scales, *, t=None, splits=
     dB = Ptr(Buffer(torch.full((E * out * r,), float("nan"), dtype=dtype)))
     chosen = []
     for L, R, M, N, dW, forced in (
-        (RowSource(u, r, None, u.aligned(r, dtype, t)), x_src, r, in_features, dA, None if splits is None else splits[0]),
+        (
+            RowSource(u, r, None, u.aligned(r, dtype, t)),
+            x_src,
+            r,
+            in_features,
+            dA,
+            None if splits is None else splits[0],
+        ),
         (g_src, RowSource(v, r, None, v.aligned(r, dtype, t)), out, r, dB, None if splits is None else splits[1]),
-    ):  # fmt: skip
+    ):
         s = weight_grad_splits(t, dtype, T, E, M, N) if forced is None else forced
         chosen.append(s)
         ws = Ptr(Buffer(torch.full((s * E * M * N,), float("nan"), dtype=acc_dtype(dtype)))) if s > 1 else None

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CUDA_AVAILABLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -38,8 +37,9 @@ def test_rounds_interleave_the_variants_with_the_flush_before_each_timed_call(ge
     events = []
     durations = torch.rand(12, generator=gen, dtype=torch.float64).tolist()
     fns = {name: (lambda name=name: events.append(name)) for name in ("a", "b", "c")}
-    timings = timing.time_fns(fns, warmup=2, repeats=4, flush=lambda: events.append("flush"),
-                              clock=FakeClock(events, durations))  # fmt: skip
+    timings = timing.time_fns(
+        fns, warmup=2, repeats=4, flush=lambda: events.append("flush"), clock=FakeClock(events, durations)
+    )
     assert events[:6] == ["a", "a", "b", "b", "c", "c"]  # the warm-up, untimed
     one_round = [e for name in "abc" for e in ("flush", "start", name, "stop")] + ["round"]
     assert events[6:] == one_round * 4
@@ -67,7 +67,11 @@ def test_the_default_clock_is_the_wall_clock():
 @pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device")
 def test_the_cuda_event_clock_times_gpu_work():
     x = torch.randn(2048, 2048, device="cuda")
-    small, big = timing.time_fns({"small": lambda: x[:64] @ x[:, :64], "big": lambda: x @ x @ x},
-                                 clock=timing.CudaEventClock(), warmup=2, repeats=5).values()  # fmt: skip
+    small, big = timing.time_fns(
+        {"small": lambda: x[:64] @ x[:, :64], "big": lambda: x @ x @ x},
+        clock=timing.CudaEventClock(),
+        warmup=2,
+        repeats=5,
+    ).values()
     assert len(small.samples) == len(big.samples) == 5
     assert 0 < small.median < big.median

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from tiny_models import build_model, save_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +22,19 @@ def test_train_benchmark_quick_on_a_tiny_model(tmp_path):
     folder = save_model(build_model("llama_gqa", seed=0), tmp_path / "model")
     out = tmp_path / "results" / "train.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--model", str(folder), "--out", str(out),
-           "--dtype", "float32,bfloat16", "--threads", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--model",
+        str(folder),
+        "--out",
+        str(out),
+        "--dtype",
+        "float32,bfloat16",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| dtype | system |" in proc.stdout and "ours (4 experts) / PEFT (1 adapter)" in proc.stdout

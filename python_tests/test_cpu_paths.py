@@ -24,8 +24,17 @@ CHECKS = "matches_reference or poisoned or grads_match or weight_grads_op or het
 
 def run_pytest_subset(env_overrides):
     env = dict(os.environ, **env_overrides)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", CHECKS,
-           str(ROOT / "python_tests" / "test_grouped_lora.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        CHECKS,
+        str(ROOT / "python_tests" / "test_grouped_lora.py"),
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -12,10 +12,9 @@ every 16-byte access aligned (asserted inside the emulation).
 import re
 from pathlib import Path
 
+import cuda_emulation as emu
 import pytest
 import torch
-
-import cuda_emulation as emu
 from conftest import PATTERNS, randn
 from reference import grouped_lora_ref, grouped_lora_rounded
 
@@ -216,14 +215,18 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize(
-    "case", GRAD_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-in{c[2]}-out{c[3]}-r{c[4]}-E{c[5]}-{c[6]}-{c[7]}-ld{c[8]}"
+    "case",
+    GRAD_CASES,
+    ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-in{c[2]}-out{c[3]}-r{c[4]}-E{c[5]}-{c[6]}-{c[7]}-ld{c[8]}",
 )
 def test_weight_grads_match_reference(case, gen):
     dtype, T, n_in, n_out, r, E, pattern, splits, ld_extra = case
     x, a, b, ids, scales = make_case(gen, dtype, T, n_in, n_out, r, E, pattern)
     grad = randn((ids.numel(), n_out), gen, dtype)
     result = emu.weight_grads(grad, x, a, b, ids, scales, t=TILING, splits=splits, x_ld=n_in + ld_extra)
-    assert bool((result.writes_a == 1).all()) and bool((result.writes_b == 1).all()), "a gradient element written other than once"
+    assert bool((result.writes_a == 1).all()) and bool((result.writes_b == 1).all()), (
+        "a gradient element written other than once"
+    )
     # float64 reference gradients, and the kernels' own rounding of U = g B and V = x A^T.
     leaves = [t.double().requires_grad_(True) for t in (x, a, b)]
     (grouped_lora_ref(*leaves, ids, scales) * grad.double()).sum().backward()

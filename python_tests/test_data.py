@@ -240,13 +240,15 @@ def test_corpora_are_independent_of_hash_seed(rng):
     script = (
         "import sys; from moa_engine.data import CORPORA, CorpusUnavailable\n"
         "for name in sys.argv[1:]:\n"
-        "    try: print(name, [r.content_key() for r in CORPORA[name](%d, 7)])\n"
-        "    except CorpusUnavailable: print(name, 'unavailable')\n" % SMALL_CAP
+        f"    try: print(name, [r.content_key() for r in CORPORA[name]({SMALL_CAP}, 7)])\n"
+        "    except CorpusUnavailable: print(name, 'unavailable')\n"
     )
     outputs = []
     for hash_seed in rng.sample(range(1, 10_000), 2):
         env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
-        done = subprocess.run([sys.executable, "-c", script, *names], env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", script, *names], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout.splitlines())
     assert len(outputs[0]) == len(names)
@@ -305,7 +307,7 @@ def test_conversation_turns():
 def test_docbook_text():
     markup = (
         '<?xml version="1.0"?>\n<!DOCTYPE chapter PUBLIC "-//OASIS//DTD DocBook XML V4.1.2//EN" "x.dtd">\n'
-        '<chapter><title>Accounts &amp; money</title><para>The <emphasis>basic</emphasis>\n idea is '
+        "<chapter><title>Accounts &amp; money</title><para>The <emphasis>basic</emphasis>\n idea is "
         '<link linkend="x">double entry</link> &app;.</para><!-- skip me --><sect1><para>Second &#233;'
         "</para></sect1></chapter>"
     )
@@ -396,7 +398,9 @@ def test_build_corpora_without_cache_is_reproducible(tmp_path):
     if not domains:
         pytest.skip("no corpus is available")
     for i in (1, 2):
-        build_corpora(tmp_path / f"o{i}", domains=domains, max_per_domain=25, cache_dir=tmp_path / f"c{i}", progress=False)
+        build_corpora(
+            tmp_path / f"o{i}", domains=domains, max_per_domain=25, cache_dir=tmp_path / f"c{i}", progress=False
+        )
     for name in ("train.jsonl", "val.jsonl", "manifest.json"):
         assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()
 
@@ -423,8 +427,20 @@ def test_cli(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="moa")
     add_data_subcommand(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(
-        ["data", "build", "--out", str(tmp_path / "o"), "--domains", "code", "--max-per-domain", "7", "--seed", "4",
-         "--cache-dir", str(tmp_path / "c")]
+        [
+            "data",
+            "build",
+            "--out",
+            str(tmp_path / "o"),
+            "--domains",
+            "code",
+            "--max-per-domain",
+            "7",
+            "--seed",
+            "4",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
     )
     assert args.func(args) == 0
     table = capsys.readouterr().out

@@ -83,7 +83,7 @@ def blocks_of(text: str) -> list[Block]:
         i += 1
         while i < len(lines) and lines[i].strip() != "```":
             line = lines[i]
-            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
             i += 1
         if i >= len(lines):
             raise ValueError(f"line {start}: a ```{m['lang']} block is never closed")
@@ -115,7 +115,9 @@ def run_samples(page_name: str, text: str, workdir: Path) -> None:
             else:
                 script = 'set -euo pipefail\nmoa() { "$MOA_DOCS_PYTHON" -m moa_engine.cli "$@"; }\n' + block.code
                 env = {**_env(), "MOA_DOCS_PYTHON": sys.executable}
-                r = subprocess.run(["bash", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
+                r = subprocess.run(
+                    ["bash", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=1800
+                )
                 sys.stdout.write(r.stdout)
                 if r.returncode != 0:
                     raise AssertionError(
@@ -176,7 +178,9 @@ def test_readme_marked_commands_are_fenced_bash_blocks():
     for marker, must in (("<!-- main-command -->", "moa generate"), ("<!-- test-command -->", "pytest python_tests")):
         assert lines.count(marker) == 1, marker
         i = lines.index(marker)
-        assert lines[i + 1] == "```bash" and lines[i + 3] == "```", f"{marker} must be followed by a one-line bash block"
+        assert lines[i + 1] == "```bash" and lines[i + 3] == "```", (
+            f"{marker} must be followed by a one-line bash block"
+        )
         assert must in lines[i + 2]
 
 
@@ -245,5 +249,7 @@ def test_cpp_program_samples_compile(block, tmp_path):
     source = tmp_path / "sample.cpp"
     source.write_text(block.code)
     includes = [f"-I{p}" for p in [ROOT / "csrc" / "include", *include_paths()]]
-    r = subprocess.run([compiler, "-std=c++20", "-fsyntax-only", "-w", *includes, str(source)], capture_output=True, text=True)
+    r = subprocess.run(
+        [compiler, "-std=c++20", "-fsyntax-only", "-w", *includes, str(source)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]

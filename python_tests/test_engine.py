@@ -16,10 +16,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import VARIANTS, copy_model_dir, hf_models, tiny_dirs  # noqa: F401  (fixtures)
 
 import moa_engine
 from moa_engine import _C
-from tiny_models import VARIANTS, copy_model_dir, hf_models, tiny_dirs  # noqa: F401  (fixtures)
 
 ARCHS = list(VARIANTS)
 MAX_SEQ_LEN = 160
@@ -63,7 +63,7 @@ def hf_greedy(model, prompt, n):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    tokens = out[0, len(prompt):].tolist()
+    tokens = out[0, len(prompt) :].tolist()
     assert len(tokens) == n, f"HF stopped after {len(tokens)} of {n} tokens"
     return tokens
 
@@ -93,12 +93,20 @@ def test_config_and_weight_bytes_match_the_checkpoint(name, engines, hf_models):
     c, hc = engine.config, hf.config
     head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
     want = dict(
-        model_type=hc.model_type, vocab_size=hc.vocab_size, hidden_size=hc.hidden_size,
-        intermediate_size=hc.intermediate_size, num_layers=hc.num_hidden_layers,
-        num_heads=hc.num_attention_heads, num_kv_heads=hc.num_key_value_heads, head_dim=head_dim,
-        tie_word_embeddings=hc.tie_word_embeddings, attention_bias=hc.model_type == "qwen2",
-        sliding_window=getattr(hc, "sliding_window", None) or 0, eos_token_ids=[2], bos_token_id=1,
-    )  # fmt: skip
+        model_type=hc.model_type,
+        vocab_size=hc.vocab_size,
+        hidden_size=hc.hidden_size,
+        intermediate_size=hc.intermediate_size,
+        num_layers=hc.num_hidden_layers,
+        num_heads=hc.num_attention_heads,
+        num_kv_heads=hc.num_key_value_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=hc.tie_word_embeddings,
+        attention_bias=hc.model_type == "qwen2",
+        sliding_window=getattr(hc, "sliding_window", None) or 0,
+        eos_token_ids=[2],
+        bos_token_id=1,
+    )
     assert {k: c[k] for k in want} == want
     assert c["rms_norm_eps"] == pytest.approx(hc.rms_norm_eps, rel=1e-6)
     rope_theta = hc.rope_parameters["rope_theta"] if getattr(hc, "rope_parameters", None) else hc.rope_theta
@@ -186,9 +194,8 @@ def test_transformers4_style_config_reads_the_same(tiny_dirs, tmp_path, engines,
 def test_checkpoint_dtypes(saved, tiny_dirs, tmp_path, gen):
     """float16 checkpoints run in float32 on CPU ("auto"), bfloat16 ones in bfloat16; either
     can be loaded as float32, matching HF loading the same checkpoint in float32."""
-    from transformers import AutoModelForCausalLM
-
     from tiny_models import build_model, save_model
+    from transformers import AutoModelForCausalLM
 
     folder = save_model(build_model("qwen2_bias", seed=2).to(saved), tmp_path / "half")
     assert json.loads((folder / "config.json").read_text())["dtype"] == str(saved).removeprefix("torch.")
@@ -472,7 +479,7 @@ def test_eos_stops_generation_unless_ignored(engines, tiny_dirs, tmp_path, gen):
     prompt = random_ids(gen, 517, 9).tolist()
     ref = engine.generate([prompt], max_new_tokens=24, ignore_eos=True)[0].token_ids
     i = next(i for i in range(3, 24) if ref[i] not in ref[:i])  # first occurrence at i >= 3
-    j = next(j for j in range(i + 1, 24) if ref[j] not in ref[: j])
+    j = next(j for j in range(i + 1, 24) if ref[j] not in ref[:j])
     folder = copy_model_dir(tiny_dirs["llama_gqa"], tmp_path / "eos")
     # generation_config.json's eos ids take precedence over config.json's (as in HF).
     generation = json.loads((folder / "generation_config.json").read_text())
@@ -629,6 +636,7 @@ def test_calls_from_several_threads(engines, gen):
     a = random_prompts(gen, 517, [4, 19, 7])
     b = random_prompts(gen, 517, [12, 2, 9, 30])
     ids = random_ids(gen, 517, 2, 25)
+
     def tokens(prompts, **kwargs):
         return [c.token_ids for c in engine.generate(prompts, ignore_eos=True, **kwargs)]
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from tiny_models import copy_model_dir, edit_config, tiny_dirs  # noqa: F401  (fixture)
 
 import moa_engine
 from moa_engine import _C, models
-from tiny_models import copy_model_dir, edit_config, tiny_dirs  # noqa: F401  (fixture)
 
 NAME = "llama_gqa"  # vocab 517, hidden 96, 6 heads (head_dim 16), 2 kv heads, 3 layers, untied
 VOCAB = 517
@@ -81,7 +81,12 @@ BAD_REQUESTS = [
     ([[1.5, 2.0]], {}, ValueError, r"string or a list of token ids, got list"),
     ([3.5], {}, ValueError, r"string or a list of token ids, got float"),
     (["hello"], {}, ValueError, r"text prompts need a tokenizer"),
-    ([[1, 2, 3] * 8], dict(max_new_tokens=17), ValueError, r"prompt \(24 tokens\) \+ max_new_tokens \(17\) = 41 exceeds max_seq_len \(40\)"),
+    (
+        [[1, 2, 3] * 8],
+        dict(max_new_tokens=17),
+        ValueError,
+        r"prompt \(24 tokens\) \+ max_new_tokens \(17\) = 41 exceeds max_seq_len \(40\)",
+    ),
     ([[1]], dict(max_new_tokens=40), ValueError, r"= 41 exceeds max_seq_len \(40\)"),
     ([[1, 2]], dict(max_new_tokens=0), ValueError, r"max_new_tokens must be > 0, got 0"),
     ([[1, 2]], dict(max_new_tokens=-3), ValueError, r"max_new_tokens must be > 0, got -3"),
@@ -95,11 +100,16 @@ BAD_REQUESTS = [
     ([[1, 2]], dict(temperature=math.nan), ValueError, r"temperature must be >= 0, got nan"),
     ([[1, 2]], dict(temperature=1.0, top_k=-1), ValueError, r"top_k must be >= 0 \(0: no limit\), got -1"),
     ([[1, 2]], dict(temperature=1.0, seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),
-    ([[1, 2]], dict(temperature=1.0, seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\), got 18446744073709551616"),
+    (
+        [[1, 2]],
+        dict(temperature=1.0, seed=2**64),
+        ValueError,
+        r"seed must be in \[0, 2\*\*64\), got 18446744073709551616",
+    ),
     ([[1, 2]], dict(stop="x"), ValueError, r"stop strings need a tokenizer"),
     ([[1, 2]], dict(stop=["ok", ""]), ValueError, r"stop must be a non-empty string or a list of them"),
     ([[1, 2]], dict(chat=True), ValueError, r"chat=True needs text prompts or message lists, not token ids"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("prompts,kwargs,exc,pattern", BAD_REQUESTS, ids=[p for *_, p in BAD_REQUESTS])
@@ -247,13 +257,19 @@ BAD_CONFIGS = [
     (dict(vocab_size=0), r"expected 'vocab_size' > 0, got 0"),
     (dict(num_key_value_heads=4), r"num_attention_heads \(6\) must be a multiple of num_key_value_heads \(4\)"),
     (dict(head_dim=15), r"expected an even head_dim > 0, got 15"),
-    (dict(hidden_size=100, head_dim=None), r"hidden_size \(100\) is not a multiple of num_attention_heads \(6\) and head_dim is not given"),
+    (
+        dict(hidden_size=100, head_dim=None),
+        r"hidden_size \(100\) is not a multiple of num_attention_heads \(6\) and head_dim is not given",
+    ),
     (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported \(supported: silu\)"),
     (dict(mlp_bias=True), r"mlp_bias = true is not supported"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0}), r"rope_scaling type 'yarn' is not supported"),
+    (
+        dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0}),
+        r"rope_scaling type 'yarn' is not supported",
+    ),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), r"expected rope_theta > 0"),
     (dict(eos_token_id="two"), r"field 'eos_token_id' must be an integer or a list"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("changes,pattern", BAD_CONFIGS, ids=[p[:40] for _, p in BAD_CONFIGS])
@@ -285,7 +301,7 @@ def test_deeply_nested_config_value_is_an_error_not_a_crash(folder, field):
     recurses once per level and overflowed the stack). Run in a child process."""
     text = (folder / "config.json").read_text()
     depth = 100_000
-    text = text.replace(f'"{field}": ', f'"{field}": ' + "[" * depth + "1" + "]" * depth + ", \"_was\": ", 1)
+    text = text.replace(f'"{field}": ', f'"{field}": ' + "[" * depth + "1" + "]" * depth + ', "_was": ', 1)
     (folder / "config.json").write_text(text)
     code = (
         "import sys, moa_engine._C as C\n"
@@ -317,9 +333,15 @@ def rewrite_tensors(folder, edit):
 
 @pytest.mark.parametrize(
     "name",
-    ["model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.v_proj.weight", "lm_head.weight",
-     "model.norm.weight", "model.embed_tokens.weight", "model.layers.0.post_attention_layernorm.weight"],
-)  # fmt: skip
+    [
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.2.self_attn.v_proj.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.embed_tokens.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+    ],
+)
 def test_missing_tensor_is_named(folder, name):
     rewrite_tensors(folder, lambda t: t.pop(name))
     with pytest.raises(ValueError, match=rf"missing tensor '{name}' \(needed by llama with this config\.json\)"):
@@ -384,6 +406,7 @@ def test_integer_tensor_is_refused(folder):
 
 def test_mixed_float_dtypes_load_as_the_engine_dtype(folder, tiny_dirs, gen):
     """Tensors stored in other float types are converted on load (not an error)."""
+
     def edit(t):
         for key in list(t)[::3]:
             t[key] = t[key].to(torch.float64 if len(key) % 2 else torch.float16)
@@ -404,7 +427,9 @@ def test_truncated_file_raises(folder):
     path = folder / "model.safetensors"
     raw = path.read_bytes()
     path.write_bytes(raw[:-100])
-    pattern = r"model\.safetensors: corrupt entry for tensor '.*': data_offsets \[\d+, \d+\) fall outside the \d+ data bytes"
+    pattern = (
+        r"model\.safetensors: corrupt entry for tensor '.*': data_offsets \[\d+, \d+\) fall outside the \d+ data bytes"
+    )
     with pytest.raises(ValueError, match=pattern + r" \(truncated file\?\)"):
         load(folder)
     path.write_bytes(raw[:5])
@@ -440,20 +465,28 @@ def test_header_length_beyond_the_file_raises(folder, header_len):
 def shift_offsets(name, begin, end):
     def edit(header, data):
         header[name]["data_offsets"] = [begin(header[name]["data_offsets"]), end(header[name]["data_offsets"])]
+
     return edit
 
 
 def set_entry(name, **fields):
     def edit(header, data):
         header[name].update(fields)
+
     return edit
 
 
 NORM = "model.layers.1.input_layernorm.weight"
 BAD_HEADERS = [
-    (shift_offsets(NORM, lambda o: o[0], lambda o: 10**9), r"data_offsets \[\d+, 1000000000\) fall outside the \d+ data bytes"),
+    (
+        shift_offsets(NORM, lambda o: o[0], lambda o: 10**9),
+        r"data_offsets \[\d+, 1000000000\) fall outside the \d+ data bytes",
+    ),
     (shift_offsets(NORM, lambda o: o[1], lambda o: o[0]), r"data_offsets \[\d+, \d+\) fall outside"),
-    (shift_offsets(NORM, lambda o: o[0], lambda o: o[1] - 4), r"its shape and dtype need 384 bytes, data_offsets give 380"),
+    (
+        shift_offsets(NORM, lambda o: o[0], lambda o: o[1] - 4),
+        r"its shape and dtype need 384 bytes, data_offsets give 380",
+    ),
     (set_entry(NORM, data_offsets=[-4, 380]), r"data_offsets is not a pair of non-negative integers"),
     (set_entry(NORM, data_offsets=[0]), r"data_offsets is not a pair of non-negative integers"),
     (set_entry(NORM, dtype="F8_E4M3"), r"unsupported dtype F8_E4M3"),
@@ -463,7 +496,7 @@ BAD_HEADERS = [
     (set_entry(NORM, shape=[2**62, 2**62]), r"shape is too large"),
     (set_entry(NORM, shape=[97]), r"its shape and dtype need 388 bytes, data_offsets give 384"),
     (lambda h, d: h.__setitem__(NORM, [1, 2]), r"expected an object with dtype, shape and data_offsets"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("edit,pattern", BAD_HEADERS, ids=[p[:45] for _, p in BAD_HEADERS])
@@ -571,7 +604,7 @@ def test_text_errors_with_a_tokenizer(engine_with_tokenizer):
         e.generate(["Bonjour, tout le monde"], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"exceeds max_seq_len \(40\)"):
         e.generate(["a " * 60], max_new_tokens=2)
-    with pytest.raises(ValueError, match=rf"outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"outside the vocabulary"):
         next(e.stream("Bonjour, tout le monde", max_new_tokens=2))
     assert_engine_works(e)
 
@@ -642,9 +675,11 @@ def fuzz_result(tiny_dirs, tmp_path_factory):
     folder = copy_model_dir(tiny_dirs["mistral_window"], tmp_path_factory.mktemp("fuzz") / "model")
     proc = subprocess.run(
         [sys.executable, "-c", FUZZ_SCRIPT, str(folder), "20240611", "600"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, f"fuzz process died (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

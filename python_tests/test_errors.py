@@ -11,9 +11,9 @@ import re
 
 import pytest
 import torch
+from conftest import CUDA_AVAILABLE, make_inputs
 
 import moa_engine  # noqa: F401  (registers torch.ops.moa)
-from conftest import CUDA_AVAILABLE, make_inputs
 
 OPS = torch.ops.moa
 T, IN, OUT, R, E = 5, 576, 37, 16, 8
@@ -148,18 +148,14 @@ def apply_bad(args, changes):
 
 
 @pytest.mark.parametrize("op_name", OP_NAMES)
-@pytest.mark.parametrize(
-    "changes,exc,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
-)
+@pytest.mark.parametrize("changes,exc,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises(changes, exc, pattern, op_name, gen):
     args = apply_bad(base_args(gen), changes)
     with pytest.raises(exc, match=pattern):
         call(op_name, args)
 
 
-@pytest.mark.parametrize(
-    "changes,exc,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
-)
+@pytest.mark.parametrize("changes,exc,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_under_autograd(changes, exc, pattern, gen):
     args = apply_bad(base_args(gen), changes)
     for key in ["x", "lora_a", "lora_b"]:

@@ -133,14 +133,20 @@ def test_add_domain_table_has_a_row_per_old_domain_with_the_changes(gen):
     moved = {m: {d: p * (0.9 + 0.2 * float(torch.rand((), generator=gen))) for d, p in ppl[m].items()} for m in ppl}
     acc = {d: float(torch.rand((), generator=gen)) for d in old}
     before = {"label": _scored(ppl["label"]), "last": _scored(ppl["last"], acc)}
-    after = {"label": _scored({**moved["label"], "new": 3.0}), "last": _scored({**moved["last"], "new": 3.0}, {**acc, "new": 1.0})}
+    after = {
+        "label": _scored({**moved["label"], "new": 3.0}),
+        "last": _scored({**moved["last"], "new": 3.0}, {**acc, "new": 1.0}),
+    }
     change = {m: {d: perplexity_change(before[m], after[m], d) for d in old} for m in ("label", "last")}
     for m in change:
         for d in old:
             assert change[m][d] == pytest.approx(100.0 * (moved[m][d] / ppl[m][d] - 1.0), rel=1e-12)
     growth = {"old_domains": old, "new_domain": "new", "before": before, "after": after, "change_pct": change}
     lines = add_domain_table(growth).splitlines()
-    assert lines[0] == "| domain | label ppl before | after | change | last ppl before | after | change | router acc before | after |"
+    assert (
+        lines[0]
+        == "| domain | label ppl before | after | change | last ppl before | after | change | router acc before | after |"
+    )
     assert lines[1] == "|---|---|---|---|---|---|---|---|---|"
     assert len(lines) == 2 + len(old)
     for d, line in zip(old, lines[2:]):
@@ -150,4 +156,7 @@ def test_add_domain_table_has_a_row_per_old_domain_with_the_changes(gen):
         assert cells[4:7] == [f"{ppl['last'][d]:.3f}", f"{moved['last'][d]:.3f}", f"{change['last'][d]:+.2f}%"]
         assert cells[7:] == [f"{100 * acc[d]:.1f}%", f"{100 * acc[d]:.1f}%"]
     one = add_domain_table(growth, modes=("label",)).splitlines()
-    assert one[0] == "| domain | label ppl before | after | change | router acc before | after |" and len(one[2].split("|")) == 8
+    assert (
+        one[0] == "| domain | label ppl before | after | change | router acc before | after |"
+        and len(one[2].split("|")) == 8
+    )

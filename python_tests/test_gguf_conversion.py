@@ -32,7 +32,9 @@ def tokenizer_fields():
     types = fields["tokenizer.ggml.token_type"].contents()[:VOCAB]
     vocab = set(tokens)
     merges = [
-        m for m in fields["tokenizer.ggml.merges"].contents() if m.replace(" ", "") in vocab and all(p in vocab for p in m.split(" "))
+        m
+        for m in fields["tokenizer.ggml.merges"].contents()
+        if m.replace(" ", "") in vocab and all(p in vocab for p in m.split(" "))
     ]
     return dict(tokens=tokens, types=types, merges=merges, chat_template=fields["tokenizer.chat_template"].contents())
 
@@ -138,7 +140,9 @@ def test_converted_folder_equals_hf_gguf_loader(tmp_path, tokenizer_fields, rng,
 
 
 def test_missing_weight_is_named(tmp_path, tokenizer_fields, rng):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tokenizer_fields, rng, tied=False, drop={"blk.1.ffn_up.weight"})
+    path = write_tiny_gguf(
+        tmp_path / "tiny.gguf", "llama", tokenizer_fields, rng, tied=False, drop={"blk.1.ffn_up.weight"}
+    )
     with pytest.raises(ValueError, match=r"lacks 1 weights .*model\.layers\.1\.mlp\.up_proj\.weight"):
         models.convert_gguf(path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -154,7 +158,10 @@ def test_wrong_shape_is_named(tmp_path, tokenizer_fields, rng, monkeypatch):
         return shapes
 
     monkeypatch.setattr(models, "_hf_weight_shapes", one_shape_off)
-    with pytest.raises(ValueError, match=r"blk\.0\.ffn_down\.weight \(model\.layers\.0\.mlp\.down_proj\.weight\) has shape \[64, 96\], expected \[64, 95\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"blk\.0\.ffn_down\.weight \(model\.layers\.0\.mlp\.down_proj\.weight\) has shape \[64, 96\], expected \[64, 95\]",
+    ):
         models.convert_gguf(path, tmp_path / "out", progress=False)
 
 
@@ -178,10 +185,16 @@ def test_conversion_needs_only_the_install_requirements(tmp_path, tokenizer_fiel
     """The conversion runs where accelerate and peft (test extras) are missing, where HF's
     own GGUF model loader refuses to run."""
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tokenizer_fields, rng, tied=True)
-    convert = f"from moa_engine import models; models.convert_gguf({str(path)!r}, {str(tmp_path / 'out')!r}, progress=False)"
+    convert = (
+        f"from moa_engine import models; models.convert_gguf({str(path)!r}, {str(tmp_path / 'out')!r}, progress=False)"
+    )
     hf_load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, gguf_file='tiny.gguf')"
-    ours = subprocess.run([sys.executable, "-c", HIDE_TEST_EXTRAS + convert], capture_output=True, text=True, timeout=300)
+    ours = subprocess.run(
+        [sys.executable, "-c", HIDE_TEST_EXTRAS + convert], capture_output=True, text=True, timeout=300
+    )
     assert ours.returncode == 0, ours.stderr[-3000:]
     assert models.is_complete(tmp_path / "out")
-    theirs = subprocess.run([sys.executable, "-c", HIDE_TEST_EXTRAS + hf_load], capture_output=True, text=True, timeout=300)
+    theirs = subprocess.run(
+        [sys.executable, "-c", HIDE_TEST_EXTRAS + hf_load], capture_output=True, text=True, timeout=300
+    )
     assert theirs.returncode != 0 and "accelerate is required" in theirs.stderr, theirs.stderr[-3000:]

@@ -10,8 +10,6 @@ scattered tokens of one expert (zipf, all_paths) and fewer scattered tokens (dis
 
 import pytest
 import torch
-
-import moa_engine
 from conftest import (
     DEVICES,
     TOKENS,
@@ -23,6 +21,8 @@ from conftest import (
     randn,
 )
 from reference import grouped_lora_ref, grouped_lora_rounded, grouped_lora_torch
+
+import moa_engine
 
 OPS = torch.ops.moa
 SIZES = [1, 111, 576, 2049]
@@ -453,8 +453,9 @@ def test_training_ops_keep_v_and_equal_the_unfused_ops(pattern, dtype, gen):
     _grouped_lora_backward_ gives grad_x += the transposed update and the weight gradients of
     _grouped_lora_weight_grads, bit for bit (the same kernels on the same plan), and the
     float64 reference's within its bound."""
-    inputs = make_inputs(gen, in_features=111, out_features=203, rank=16, experts=7, pattern=pattern, dtype=dtype,
-                         x_layout="slice")  # fmt: skip
+    inputs = make_inputs(
+        gen, in_features=111, out_features=203, rank=16, experts=7, pattern=pattern, dtype=dtype, x_layout="slice"
+    )
     T = inputs.x.shape[0]
     y = poisoned_y(inputs, gen)
     y_ref = y.clone()
@@ -470,8 +471,12 @@ def test_training_ops_keep_v_and_equal_the_unfused_ops(pattern, dtype, gen):
     grad = randn((T, 203), gen, dtype)
     grad_x = randn((T, 111), gen, dtype)
     gx_ref = grad_x.clone()
-    ga, gb = OPS._grouped_lora_backward_(grad_x, grad, inputs.x, v, inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales)
-    OPS.grouped_lora_add_(gx_ref, grad, inputs.lora_b.transpose(1, 2), inputs.lora_a.transpose(1, 2), inputs.expert_ids, inputs.scales)
+    ga, gb = OPS._grouped_lora_backward_(
+        grad_x, grad, inputs.x, v, inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales
+    )
+    OPS.grouped_lora_add_(
+        gx_ref, grad, inputs.lora_b.transpose(1, 2), inputs.lora_a.transpose(1, 2), inputs.expert_ids, inputs.scales
+    )
     ra, rb = OPS._grouped_lora_weight_grads(grad, *inputs.args())
     assert torch.equal(grad_x, gx_ref) and torch.equal(ga, ra) and torch.equal(gb, rb)
     ref = grads_of(grouped_lora_ref, inputs, grad.double(), torch.float64)
@@ -491,7 +496,16 @@ def test_training_ops_reject_bad_v_and_grad_x(gen):
     with pytest.raises(ValueError, match="expected v contiguous"):
         OPS._grouped_lora_add_v_(y, torch.empty(4, T).t(), *inputs.args())
     with pytest.raises(ValueError, match="expected grad_x of x's shape"):
-        OPS._grouped_lora_backward_(torch.empty(T, 12), y, inputs.x, torch.empty(T, 4), inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales)
+        OPS._grouped_lora_backward_(
+            torch.empty(T, 12),
+            y,
+            inputs.x,
+            torch.empty(T, 4),
+            inputs.lora_a,
+            inputs.lora_b,
+            inputs.expert_ids,
+            inputs.scales,
+        )
 
 
 def test_add_is_inference_only(gen):
@@ -551,13 +565,13 @@ def test_opcheck_private_ops(shape, gen):
     v = randn((inputs.x.shape[0], inputs.lora_a.shape[1]), gen, torch.float32)
     torch.library.opcheck(OPS._grouped_lora_add_v_.default, (poisoned_y(inputs, gen), v, *inputs.args()))
     grad_x = randn(tuple(inputs.x.shape), gen, torch.float32)
-    torch.library.opcheck(OPS._grouped_lora_backward_.default,
-                          (grad_x, grad_out, inputs.x, v, inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales))  # fmt: skip
+    torch.library.opcheck(
+        OPS._grouped_lora_backward_.default,
+        (grad_x, grad_out, inputs.x, v, inputs.lora_a, inputs.lora_b, inputs.expert_ids, inputs.scales),
+    )
 
 
 def test_torch_compile_fullgraph(gen):
-    inputs = make_inputs(gen, in_features=111, out_features=37, rank=16, experts=7, pattern="all_paths")
-
     def lora_linear(x, lora_a, lora_b, expert_ids, scales):
         return torch.tanh(x[:, :37]) + moa_engine.ops.grouped_lora(x, lora_a, lora_b, expert_ids, scales)
 

@@ -14,8 +14,6 @@ test_cuda_emulation.py.
 
 import pytest
 import torch
-
-import moa_engine
 from conftest import PATTERNS, assert_matches_reference, assert_within_bound, case_id, make_inputs, pairwise, randn
 from reference import grouped_lora_ref, grouped_lora_rounded, grouped_lora_torch
 from test_grouped_lora import (
@@ -29,6 +27,8 @@ from test_grouped_lora import (
     opcheck_inputs,
     poisoned_y,
 )
+
+import moa_engine
 
 pytestmark = [
     pytest.mark.cuda,
@@ -150,9 +150,15 @@ def test_decode_and_prefill_shapes(in_features, out_features, rank, dtype, path,
     """Model-sized linears: decode (one token per expert, split-K over `in`) and prefill."""
     for pattern, tokens, experts in (("distinct", 32, 32), ("blocks", 600, 4), ("mixed_none", 100, 8)):
         inputs = cuda_inputs(
-            gen, in_features=in_features, out_features=out_features, rank=rank, experts=experts,
-            pattern=pattern, tokens=tokens, dtype=dtype,
-        )  # fmt: skip
+            gen,
+            in_features=in_features,
+            out_features=out_features,
+            rank=rank,
+            experts=experts,
+            pattern=pattern,
+            tokens=tokens,
+            dtype=dtype,
+        )
         assert_matches_reference(OPS.grouped_lora(*inputs.args()), inputs)
 
 
@@ -202,13 +208,17 @@ def test_empty_and_degenerate(dtype, path, gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("pattern", ["mixed_none", "zipf", "distinct"])
 def test_many_experts(pattern, dtype, path, gen):
-    inputs = cuda_inputs(gen, in_features=111, out_features=576, rank=16, experts=1024, pattern=pattern, tokens=300, dtype=dtype)
+    inputs = cuda_inputs(
+        gen, in_features=111, out_features=576, rank=16, experts=1024, pattern=pattern, tokens=300, dtype=dtype
+    )
     assert_matches_reference(OPS.grouped_lora(*inputs.args()), inputs)
 
 
 def test_matches_cpu_op(path, gen):
     """The CUDA kernels and the CPU kernels agree within the tolerance table."""
-    inputs = make_inputs(gen, in_features=576, out_features=333, rank=16, experts=7, pattern="all_paths", dtype=torch.bfloat16)
+    inputs = make_inputs(
+        gen, in_features=576, out_features=333, rank=16, experts=7, pattern="all_paths", dtype=torch.bfloat16
+    )
     cpu = OPS.grouped_lora(*inputs.args())
     cuda = OPS.grouped_lora(*inputs.to(DEVICE).args()).cpu()
     ref = grouped_lora_ref(*inputs.args())
@@ -256,7 +266,9 @@ def test_more_x_layouts(layout, dtype, path, gen):
 
 @pytest.mark.parametrize("layout", ["column_slice", "transpose", "row_step"])
 def test_add_into_non_contiguous_y(layout, path, gen):
-    inputs = cuda_inputs(gen, in_features=111, out_features=576, rank=16, experts=7, pattern="all_paths", dtype=torch.bfloat16)
+    inputs = cuda_inputs(
+        gen, in_features=111, out_features=576, rank=16, experts=7, pattern="all_paths", dtype=torch.bfloat16
+    )
     T, out_features = inputs.x.shape[0], inputs.out_features
     if layout == "column_slice":
         big = randn((T, out_features + 9), gen, torch.bfloat16).to(DEVICE)
@@ -302,7 +314,9 @@ def test_grads_match_reference(pattern, dtype, path, gen):
 def test_weight_grads_split_over_tokens(tokens, experts, dtype, gen):
     """Many tokens per expert: the weight gradients split each expert's tokens and reduce the
     partial sums in a second kernel (tiling.h kGradTokensPerSplit); deterministic."""
-    inputs = cuda_inputs(gen, in_features=333, out_features=129, rank=16, experts=experts, pattern="zipf", tokens=tokens, dtype=dtype)
+    inputs = cuda_inputs(
+        gen, in_features=333, out_features=129, rank=16, experts=experts, pattern="zipf", tokens=tokens, dtype=dtype
+    )
     grad_out = randn((tokens, 129), gen, dtype).to(DEVICE)
     grad_a, grad_b = OPS._grouped_lora_weight_grads(grad_out, *inputs.args())
     ref = grads_of(grouped_lora_ref, inputs, grad_out.double(), torch.float64)
@@ -316,11 +330,20 @@ def test_weight_grads_split_over_tokens(tokens, experts, dtype, gen):
 @pytest.mark.parametrize("in_features,out_features,rank,experts,pattern,tokens,x_layout", GRADCHECK_CASES)
 def test_gradcheck(in_features, out_features, rank, experts, pattern, tokens, x_layout, path, gen):
     inputs = cuda_inputs(
-        gen, in_features=in_features, out_features=out_features, rank=rank, experts=experts,
-        pattern=pattern, tokens=tokens, dtype=torch.float64, x_layout=x_layout,
-    )  # fmt: skip
+        gen,
+        in_features=in_features,
+        out_features=out_features,
+        rank=rank,
+        experts=experts,
+        pattern=pattern,
+        tokens=tokens,
+        dtype=torch.float64,
+        x_layout=x_layout,
+    )
     x, a, b = (t.requires_grad_(True) for t in (inputs.x, inputs.lora_a, inputs.lora_b))
-    assert torch.autograd.gradcheck(lambda x, a, b: OPS.grouped_lora(x, a, b, inputs.expert_ids, inputs.scales), (x, a, b))
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: OPS.grouped_lora(x, a, b, inputs.expert_ids, inputs.scales), (x, a, b)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,13 +370,21 @@ def test_opcheck(shape, dtype, path, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("tokens,experts,rank", [(32, 32, 16), (8, 3, 64), (512, 4, 16)], ids=["decode", "few", "prefill"])
+@pytest.mark.parametrize(
+    "tokens,experts,rank", [(32, 32, 16), (8, 3, 64), (512, 4, 16)], ids=["decode", "few", "prefill"]
+)
 def test_cuda_graph_capture_and_replay(tokens, experts, rank, dtype, path, gen):
     in_features, out_features = 1024, 333
     static = cuda_inputs(
-        gen, in_features=in_features, out_features=out_features, rank=rank, experts=experts,
-        pattern="mixed_none", tokens=tokens, dtype=dtype,
-    )  # fmt: skip
+        gen,
+        in_features=in_features,
+        out_features=out_features,
+        rank=rank,
+        experts=experts,
+        pattern="mixed_none",
+        tokens=tokens,
+        dtype=dtype,
+    )
     static_y = randn((tokens, out_features), gen, dtype).to(DEVICE)
     y_start = torch.empty_like(static_y)
 
@@ -373,16 +404,26 @@ def test_cuda_graph_capture_and_replay(tokens, experts, rank, dtype, path, gen):
 
     for replay in range(3):
         fresh = cuda_inputs(
-            gen, in_features=in_features, out_features=out_features, rank=rank, experts=experts,
-            pattern=["mixed_none", "zipf", "distinct"][replay], tokens=tokens, dtype=dtype,
-        )  # fmt: skip
+            gen,
+            in_features=in_features,
+            out_features=out_features,
+            rank=rank,
+            experts=experts,
+            pattern=["mixed_none", "zipf", "distinct"][replay],
+            tokens=tokens,
+            dtype=dtype,
+        )
         static.x.copy_(fresh.x)
         static.expert_ids.copy_(fresh.expert_ids)  # new routing, same graph
         y_start.copy_(randn((tokens, out_features), gen, dtype))
         graph.replay()
         torch.cuda.synchronize()
         expected_inputs = fresh
-        expected_inputs.lora_a, expected_inputs.lora_b, expected_inputs.scales = static.lora_a, static.lora_b, static.scales
+        expected_inputs.lora_a, expected_inputs.lora_b, expected_inputs.scales = (
+            static.lora_a,
+            static.lora_b,
+            static.scales,
+        )
         assert_matches_reference(static_out.clone(), expected_inputs)
         assert_matches_reference(static_y.clone(), expected_inputs, y_before=y_start.clone())
         assert torch.equal(static_out, OPS.grouped_lora(*static.args())), "replay and eager differ"
@@ -408,4 +449,3 @@ def test_cuda_graph_bad_ids_are_rows_without_expert(path, gen):
     expected = inputs
     expected.expert_ids = as_none
     assert_matches_reference(out.clone(), expected)
-

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_dirs  # noqa: F401  (fixture)
 
 import moa_engine
 from moa_engine import _C
 from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig, load_peft_adapter
 from moa_engine.testing import make_random_peft_adapter
-from tiny_models import tiny_dirs  # noqa: F401  (fixture)
 
 MAX_SEQ_LEN = 64
 
@@ -68,7 +68,9 @@ def make_moa_dir(folder: Path, out: Path, experts: dict, seed: int, router: bool
         gen = torch.Generator().manual_seed(seed)
         cfg = base.config
         # Logits spread by a few units on the pooled hidden states, so choices differ by prompt.
-        weights = [torch.randn(len(experts), cfg.hidden_size, generator=gen) * 3.0 for _ in range(cfg.num_hidden_layers)]
+        weights = [
+            torch.randn(len(experts), cfg.hidden_size, generator=gen) * 3.0 for _ in range(cfg.num_hidden_layers)
+        ]
     config = MoAConfig(base_model=str(folder), domains=list(experts), router=RouterConfig(strategy=strategy))
     return MoADir.save(out, config, experts=dirs, router=weights)
 
@@ -112,7 +114,12 @@ def first_key(path: Path, module="q_proj", half="A") -> str:
         return next(k for k in f.keys() if f".{module}.lora_{half}." in k)
 
 
-CFG, ADAPTER, WEIGHTS, ROUTER = "moa_config.json", "adapter_config.json", "adapter_model.safetensors", "router.safetensors"
+CFG, ADAPTER, WEIGHTS, ROUTER = (
+    "moa_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "router.safetensors",
+)
 E = "experts/plain"  # the expert the corruptions below break
 
 # name -> (file that the message must name, relative to the MoA dir, corruption of the dir).
@@ -127,38 +134,46 @@ CORRUPTIONS = {
     "config_bad_strategy": (CFG, lambda d: edit_json(d / CFG, lambda c: c["router"].update(strategy="top2"))),
     "config_newer_version": (CFG, lambda d: edit_json(d / CFG, lambda c: c.update(format_version=2))),
     "config_bool_eta": (CFG, lambda d: edit_json(d / CFG, lambda c: c.update(eta=True))),
-    "config_module_subset": (
-        "", lambda d: edit_json(d / CFG, lambda c: c.update(target_modules=["q_proj", "k_proj"]))
-    ),
+    "config_module_subset": ("", lambda d: edit_json(d / CFG, lambda c: c.update(target_modules=["q_proj", "k_proj"]))),
     "config_missing": (CFG, lambda d: (d / CFG).unlink()),
     "expert_missing": (f"{E}/{WEIGHTS}", lambda d: (d / E / WEIGHTS).unlink()),
     "adapter_dora": (f"{E}/{ADAPTER}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(use_dora=True))),
     "adapter_bias": (f"{E}/{ADAPTER}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(bias="all"))),
     "adapter_fan_in": (f"{E}/{ADAPTER}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(fan_in_fan_out=True))),
-    "adapter_save": (f"{E}/{ADAPTER}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(modules_to_save=["lm_head"]))),
+    "adapter_save": (
+        f"{E}/{ADAPTER}",
+        lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(modules_to_save=["lm_head"])),
+    ),
     "adapter_type": (f"{E}/{ADAPTER}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(peft_type="IA3"))),
     "adapter_r_string": (f"{E}/{ADAPTER}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(r="8"))),
     "adapter_rank_pattern": (
-        f"{E}/{WEIGHTS}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(rank_pattern={"v_proj": 2}))
+        f"{E}/{WEIGHTS}",
+        lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(rank_pattern={"v_proj": 2})),
     ),
     "adapter_untargeted": (
-        f"{E}/{WEIGHTS}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(target_modules=["q_proj"]))
+        f"{E}/{WEIGHTS}",
+        lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(target_modules=["q_proj"])),
     ),
     "adapter_unsupported_module": (
-        f"{E}/{ADAPTER}", lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(target_modules=["q_proj", "lm_head"]))
+        f"{E}/{ADAPTER}",
+        lambda d: edit_json(d / E / ADAPTER, lambda c: c.update(target_modules=["q_proj", "lm_head"])),
     ),
     "weights_truncated": (f"{E}/{WEIGHTS}", lambda d: truncate(d / E / WEIGHTS, 0.7)),
     "weights_header_garbled": (f"{E}/{WEIGHTS}", lambda d: garble_header(d / E / WEIGHTS)),
     "weights_empty": (f"{E}/{WEIGHTS}", lambda d: (d / E / WEIGHTS).write_bytes(b"")),
     "weights_half_missing": (
-        f"{E}/{WEIGHTS}", lambda d: rewrite_safetensors(d / E / WEIGHTS, lambda t: t.pop(first_key(d / E / WEIGHTS)))
+        f"{E}/{WEIGHTS}",
+        lambda d: rewrite_safetensors(d / E / WEIGHTS, lambda t: t.pop(first_key(d / E / WEIGHTS))),
     ),
     "weights_unknown_tensor": (
-        f"{E}/{WEIGHTS}", lambda d: rewrite_safetensors(d / E / WEIGHTS, lambda t: t.update({"lm_head.weight": torch.zeros(2, 2)}))
+        f"{E}/{WEIGHTS}",
+        lambda d: rewrite_safetensors(d / E / WEIGHTS, lambda t: t.update({"lm_head.weight": torch.zeros(2, 2)})),
     ),
     "weights_rank_mismatch": (
         f"{E}/{WEIGHTS}",
-        lambda d: rewrite_safetensors(d / E / WEIGHTS, lambda t: t.update({first_key(d / E / WEIGHTS): torch.zeros(5, 96)})),
+        lambda d: rewrite_safetensors(
+            d / E / WEIGHTS, lambda t: t.update({first_key(d / E / WEIGHTS): torch.zeros(5, 96)})
+        ),
     ),
     "weights_other_base": (
         E,
@@ -173,13 +188,24 @@ CORRUPTIONS = {
             d / E / WEIGHTS, lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if ".q_proj." in k})
         ),
     ),
-    "router_wrong_domains": (ROUTER, lambda d: rewrite_safetensors(d / ROUTER, lambda t: t.update({"layers.0.weight": torch.zeros(3, 96)}))),
+    "router_wrong_domains": (
+        ROUTER,
+        lambda d: rewrite_safetensors(d / ROUTER, lambda t: t.update({"layers.0.weight": torch.zeros(3, 96)})),
+    ),
     "router_missing_layer": (ROUTER, lambda d: rewrite_safetensors(d / ROUTER, lambda t: t.pop("layers.1.weight"))),
     "router_extra_tensor": (ROUTER, lambda d: rewrite_safetensors(d / ROUTER, lambda t: t.update(bias=torch.zeros(2)))),
-    "router_integer": (ROUTER, lambda d: rewrite_safetensors(d / ROUTER, lambda t: t.update({k: v.int() for k, v in t.items()}))),
-    "router_other_hidden": ("", lambda d: rewrite_safetensors(d / ROUTER, lambda t: t.update({k: v[:, :80].contiguous() for k, v in t.items()}))),
+    "router_integer": (
+        ROUTER,
+        lambda d: rewrite_safetensors(d / ROUTER, lambda t: t.update({k: v.int() for k, v in t.items()})),
+    ),
+    "router_other_hidden": (
+        "",
+        lambda d: rewrite_safetensors(
+            d / ROUTER, lambda t: t.update({k: v[:, :80].contiguous() for k, v in t.items()})
+        ),
+    ),
     "router_truncated": (ROUTER, lambda d: truncate(d / ROUTER, 0.5)),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -266,13 +292,13 @@ def test_every_unsupported_option_is_refused(small_moa, tmp_path):
     cpp = _C.Engine(str(folder), max_seq_len=MAX_SEQ_LEN)
     for key, what in UNSUPPORTED.items():
         bad = shutil.copytree(good / "experts" / "plain", tmp_path / key)
-        edit_json(bad / ADAPTER, lambda c: c.update({key: "all" if key == "bias" else True}))
+        edit_json(bad / ADAPTER, lambda c, key=key: c.update({key: "all" if key == "bias" else True}))
         message = re.escape(f"{bad / ADAPTER}: {what} is not supported ({key}=")
         with pytest.raises(ValueError, match=message):
             load_peft_adapter(bad)
         with pytest.raises(ValueError, match=message):
             cpp.load_expert(key, str(bad))
         # unset (false, null, empty) is fine
-        edit_json(bad / ADAPTER, lambda c: c.update({key: "none" if key == "bias" else None}))
+        edit_json(bad / ADAPTER, lambda c, key=key: c.update({key: "none" if key == "bias" else None}))
         load_peft_adapter(bad)
     assert cpp.experts == []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import VARIANTS, tiny_dirs  # noqa: F401  (fixture)
 
 import moa_engine
 from moa_engine import _C
@@ -34,7 +35,6 @@ from moa_engine.moa_format import (
     load_router,
 )
 from moa_engine.testing import make_random_peft_adapter
-from tiny_models import VARIANTS, tiny_dirs  # noqa: F401  (fixture)
 
 ARCHS = list(VARIANTS)
 FLOAT32_REL_TOL = 1e-4  # max |engine - reference| / max |reference|
@@ -49,10 +49,14 @@ ADAPTERS = {
     "r16_rslora": dict(r=16, alpha=6, use_rslora=True),
     "attn_r8": dict(r=8, alpha=32, target_modules=["q_proj", "v_proj", "o_proj"]),
     "mlp_patterns": dict(
-        r=6, alpha=12, target_modules=["k_proj", "gate_proj", "up_proj", "down_proj"],
-        rank_pattern={"k_proj": 2, "down_proj": 12}, alpha_pattern={"gate_proj": 3}, layers_to_transform=[1],
+        r=6,
+        alpha=12,
+        target_modules=["k_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"k_proj": 2, "down_proj": 12},
+        alpha_pattern={"gate_proj": 3},
+        layers_to_transform=[1],
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,9 +87,13 @@ def greedy(model, prompt, n):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     tokens = out[0, len(prompt) :].tolist()
     assert len(tokens) == n, f"HF stopped after {len(tokens)} of {n} tokens"
     return tokens
@@ -250,13 +258,17 @@ def adapter_dirs(tiny_dirs, tmp_path_factory):
             base = hf_model(tiny_dirs[arch])
             cache[arch] = {
                 key: make_random_peft_adapter(
-                    base, root / arch / key, r=spec["r"], alpha=spec["alpha"],
+                    base,
+                    root / arch / key,
+                    r=spec["r"],
+                    alpha=spec["alpha"],
                     target_modules=spec.get("target_modules", TARGET_MODULES),
-                    seed=100 + k, init_scale=0.5,
+                    seed=100 + k,
+                    init_scale=0.5,
                     **{o: v for o, v in spec.items() if o not in ("r", "alpha", "target_modules")},
                 )
                 for k, (key, spec) in enumerate(ADAPTERS.items())
-            }  # fmt: skip
+            }
         return cache[arch]
 
     return get
@@ -344,8 +356,10 @@ def test_mixed_batch_equals_each_sequence_alone(max_batch, llama, gen):
         [alone] = engine.generate([prompts[i]], max_new_tokens=NEW_TOKENS, ignore_eos=True, domain=d)
         assert c.token_ids == alone.token_ids, f"prompt {i} ({d}): batched tokens differ from alone"
     # The experts do change the output: the same prompt under each domain.
-    outs = {d: engine.generate([prompts[0]], max_new_tokens=NEW_TOKENS, ignore_eos=True, domain=d)[0].token_ids
-            for d in ("A", "B", "C", "base")}  # fmt: skip
+    outs = {
+        d: engine.generate([prompts[0]], max_new_tokens=NEW_TOKENS, ignore_eos=True, domain=d)[0].token_ids
+        for d in ("A", "B", "C", "base")
+    }
     assert len({tuple(t) for t in outs.values()}) == 4, f"experts give identical tokens: {outs}"
     if max_batch == 8:  # PEFT's greedy generation for one sequence of each expert and the base
         for i in (0, 1, 2, 3):
@@ -510,7 +524,9 @@ def test_route_alone_chooses_as_the_reference(strategy, routing):
     max_prefill_tokens splits the prompts into several routing passes without changing them."""
     ref, prompts = routing["ref"], routing["prompts"]
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    extra = [torch.randint(0, 517, (int(n),), generator=gen).tolist() for n in torch.randint(1, 20, (5,), generator=gen)]
+    extra = [
+        torch.randint(0, 517, (int(n),), generator=gen).tolist() for n in torch.randint(1, 20, (5,), generator=gen)
+    ]
     for max_prefill in (4096, 13):
         engine = moa_engine.Engine(experts=routing["moa_dir"], max_seq_len=MAX_SEQ_LEN, max_prefill_tokens=max_prefill)
         infos = engine.route(prompts + extra, routing=strategy)
@@ -521,7 +537,9 @@ def test_route_alone_chooses_as_the_reference(strategy, routing):
                 assert layer_domains == EXPECTED[strategy][i]
             assert_probs_close(info.router_probs, probs, f"prompt {i} ({strategy})")
             if i < len(prompts):  # designed to route clearly (random ones may be near a tie)
-                assert list(info.layer_domains) == layer_domains and info.domain == summary(layer_domains), f"prompt {i}"
+                assert list(info.layer_domains) == layer_domains and info.domain == summary(layer_domains), (
+                    f"prompt {i}"
+                )
     served = engine.generate(prompts, max_new_tokens=1, ignore_eos=True, routing=strategy)
     assert [c.layer_domains for c in served] == [list(r.layer_domains) for r in infos[: len(prompts)]]
     # evaluation.routing_accuracy reads every strategy off one per_layer pass: the same choice
@@ -529,7 +547,11 @@ def test_route_alone_chooses_as_the_reference(strategy, routing):
 
     per_layer = engine.route(prompts + extra, routing="per_layer")
     for i, (a, b) in enumerate(zip(per_layer, infos)):
-        want = list(a.layer_domains) if strategy == "per_layer" else [_collapse(list(a.layer_domains), strategy)] * len(a.layer_domains)
+        want = (
+            list(a.layer_domains)
+            if strategy == "per_layer"
+            else [_collapse(list(a.layer_domains), strategy)] * len(a.layer_domains)
+        )
         assert list(b.layer_domains) == want, f"prompt {i} ({strategy})"
 
 
@@ -620,8 +642,18 @@ def test_generate_mixes_routed_named_and_base_requests(max_batch, routing):
     engine = moa_engine.Engine(experts=routing["moa_dir"], max_batch=max_batch, max_seq_len=MAX_SEQ_LEN)
     ref, prompts = routing["ref"], routing["prompts"]
     # (designed prompt, domain, routing); prompt 0 routes to code in every layer.
-    plan = [(1, "", "per_layer"), (0, W, ""), (2, "base", ""), (0, "", "last"), (4, M, ""),
-            (5, "", "vote"), (0, C, ""), (3, "", "per_layer"), (1, "", "vote"), (2, "", "last")]  # fmt: skip
+    plan = [
+        (1, "", "per_layer"),
+        (0, W, ""),
+        (2, "base", ""),
+        (0, "", "last"),
+        (4, M, ""),
+        (5, "", "vote"),
+        (0, C, ""),
+        (3, "", "per_layer"),
+        (1, "", "vote"),
+        (2, "", "last"),
+    ]
 
     def requests(entries):
         out = []
@@ -650,8 +682,13 @@ def test_generate_mixes_routed_named_and_base_requests(max_batch, routing):
     assert batch[3].token_ids == batch[6].token_ids
 
     # The Python face: domain None / a name / "base" in one call; Completion fields.
-    out = engine.generate([prompts[1], prompts[4], prompts[2]], max_new_tokens=10, ignore_eos=True,
-                          domain=[None, M, "base"], routing="per_layer")  # fmt: skip
+    out = engine.generate(
+        [prompts[1], prompts[4], prompts[2]],
+        max_new_tokens=10,
+        ignore_eos=True,
+        domain=[None, M, "base"],
+        routing="per_layer",
+    )
     assert [c.token_ids for c in out] == [batch[0].token_ids, batch[4].token_ids, batch[2].token_ids]
     assert [c.domain for c in out] == ["mixed", M, "base"]
     assert out[0].layer_domains == EXPECTED["per_layer"][1] and len(out[0].router_probs) == 3
@@ -776,12 +813,15 @@ class Collector:
 def test_add_and_remove_experts_while_generating(llama, adapter_dirs, gen):
     folder, experts = llama
     dirs = adapter_dirs("llama_gqa")
-    engine = moa_engine.Engine(folder, experts={"A": experts["A"], "B": experts["B"]}, max_batch=2,
-                               max_seq_len=MAX_SEQ_LEN)  # fmt: skip
+    engine = moa_engine.Engine(
+        folder, experts={"A": experts["A"], "B": experts["B"]}, max_batch=2, max_seq_len=MAX_SEQ_LEN
+    )
     prompts = random_prompts(gen, 517, [8, 13, 5, 10, 9])
     plan = [(prompts[0], "A"), (prompts[1], "A"), (prompts[2], "A"), (prompts[3], "B")]
-    undisturbed = [c.token_ids for c in engine.generate(
-        [p for p, _ in plan], max_new_tokens=12, ignore_eos=True, domain=[d for _, d in plan])]  # fmt: skip
+    undisturbed = [
+        c.token_ids
+        for c in engine.generate([p for p, _ in plan], max_new_tokens=12, ignore_eos=True, domain=[d for _, d in plan])
+    ]
 
     core = engine._core
     run = Collector(core)

@@ -15,11 +15,11 @@ import shutil
 
 import pytest
 import torch
+from tiny_models import build_model, seed_of, tiny_dirs  # noqa: F401  (fixture)
 
 import moa_engine
 from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig, save_router
 from moa_engine.testing import make_random_peft_adapter
-from tiny_models import build_model, seed_of, tiny_dirs  # noqa: F401  (fixture)
 
 HIDDEN, LAYERS, VOCAB = 96, 3, 517  # llama_gqa
 
@@ -43,13 +43,18 @@ def adapters(tiny_dirs, tmp_path_factory):
     return {
         "A": make_random_peft_adapter(tiny_dirs["llama_gqa"], root / "A", r=4, alpha=8, seed=1, init_scale=0.5),
         "B": make_random_peft_adapter(
-            tiny_dirs["llama_gqa"], root / "B", r=8, alpha=16, seed=2, init_scale=0.5,
+            tiny_dirs["llama_gqa"],
+            root / "B",
+            r=8,
+            alpha=16,
+            seed=2,
+            init_scale=0.5,
             target_modules=["q_proj", "v_proj"],
         ),
         "mistral": make_random_peft_adapter(tiny_dirs["mistral_window"], root / "mistral", r=4, seed=3),
         "qwen": make_random_peft_adapter(tiny_dirs["qwen2_bias"], root / "qwen", r=4, seed=4),
         "deep": make_random_peft_adapter(deep, root / "deep", r=4, seed=5),
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture
@@ -153,8 +158,11 @@ def test_adapter_made_for_another_base(which, how, engine, tiny_dirs, adapters, 
 def test_low_level_expert_with_wrong_shapes(engine, gen):
     """_C.Engine.add_expert checks shapes itself (callers other than the Python face)."""
     pieces = [(0, "q_proj", torch.randn(4, 80), torch.randn(96, 4), 1.0)]
-    with pytest.raises(ValueError, match=r"layer 0 q_proj expects lora_A \[r, 96\] and lora_B \[96, r\], got \[4, 80\]"
-                       r" and \[96, 4\] \(an adapter made for another base model\?\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"layer 0 q_proj expects lora_A \[r, 96\] and lora_B \[96, r\], got \[4, 80\]"
+        r" and \[96, 4\] \(an adapter made for another base model\?\)",
+    ):
         engine._core.add_expert("X", pieces)
     with pytest.raises(ValueError, match=r"layer 3 is out of range \(the model has 3 layers\)"):
         engine._core.add_expert("X", [(3, "q_proj", torch.randn(4, 96), torch.randn(96, 4), 1.0)])
@@ -173,13 +181,16 @@ def test_low_level_expert_with_wrong_shapes(engine, gen):
     [
         ((3, HIDDEN, LAYERS), r"router has 3 outputs but the MoA dir has 2 domains"),
         ((1, HIDDEN, LAYERS), r"router has 1 outputs but the MoA dir has 2 domains"),
-        ((2, HIDDEN + 1, LAYERS), r"experts and router disagree on the hidden size: "
-                                  r"\{'A': 96, 'B': 96, 'router': 97\}"),
+        (
+            (2, HIDDEN + 1, LAYERS),
+            r"experts and router disagree on the hidden size: "
+            r"\{'A': 96, 'B': 96, 'router': 97\}",
+        ),
         ((2, HIDDEN, LAYERS + 1), r"router.safetensors: router has 4 layers but the model has 3"),
         ((2, HIDDEN, LAYERS - 1), r"router.safetensors: router has 2 layers but the model has 3"),
     ],
     ids=["one_domain_too_many", "one_domain_too_few", "wrong_hidden", "one_layer_too_many", "one_layer_too_few"],
-)  # fmt: skip
+)
 def test_router_that_does_not_fit_the_moa_dir(shape, message, moa_dir, gen):
     n_domains, hidden, layers = shape
     save_router(moa_dir / "router.safetensors", random_router(gen, n_domains, hidden, layers))
@@ -278,28 +289,37 @@ def _truncate(folder):
 
 
 CORRUPTIONS = {  # name: (damage(folder), exception, message)
-    "truncated_weights": (_truncate, ValueError, r"adapter_model\.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)"),
+    "truncated_weights": (
+        _truncate,
+        ValueError,
+        r"adapter_model\.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)",
+    ),
     "empty_weights": (
         lambda f: (f / "adapter_model.safetensors").write_bytes(b""),
-        ValueError, r"adapter_model\.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)",
+        ValueError,
+        r"adapter_model\.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)",
     ),
     "missing_config": (
         lambda f: (f / "adapter_config.json").unlink(),
-        FileNotFoundError, r"adapter_config\.json: (no such file|missing)",
+        FileNotFoundError,
+        r"adapter_config\.json: (no such file|missing)",
     ),
     "garbage_config": (
         lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4,'),
-        ValueError, r"adapter_config\.json: not valid JSON",
+        ValueError,
+        r"adapter_config\.json: not valid JSON",
     ),
     "config_not_an_object": (
         lambda f: (f / "adapter_config.json").write_text("[1, 2]"),
-        ValueError, r"adapter_config\.json: expected a JSON object",
+        ValueError,
+        r"adapter_config\.json: expected a JSON object",
     ),
     "missing_weights": (
         lambda f: (f / "adapter_model.safetensors").unlink(),
-        FileNotFoundError, r"adapter_model\.safetensors: (no such file|missing)",
+        FileNotFoundError,
+        r"adapter_model\.safetensors: (no such file|missing)",
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("how", ["add_expert", "constructor", "moa_dir"])

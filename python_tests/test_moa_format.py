@@ -9,11 +9,10 @@ import json
 import re
 import shutil
 
-import pytest
-import torch
-
 import peft  # noqa: F401  (a test dependency: the reference for every adapter check)
+import pytest
 import safetensors.torch  # noqa: E402
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -43,9 +42,14 @@ _LAYER_MODULE = re.compile(r"model\.layers\.(\d+)\.\w+\.(\w+)$")
 def base_dir(tmp_path_factory):
     """The tiny Llama saved as an HF folder (config.json + model.safetensors)."""
     config = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-    )  # fmt: skip
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(1234)
     folder = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -182,13 +186,18 @@ ADAPTERS = {
     # Patterns: a full-name regex, a suffix, an alpha pattern for one layer's module only, and
     # "proj", which PEFT matches only as a whole name component, so never here.
     "patterns": dict(
-        r=8, alpha=16, rank_pattern={"^model.layers.0.mlp.down_proj": 2, "k_proj": 4},
+        r=8,
+        alpha=16,
+        rank_pattern={"^model.layers.0.mlp.down_proj": 2, "k_proj": 4},
         alpha_pattern={"v_proj": 3, "layers.1.self_attn.o_proj": 40, "proj": 99},
-    ),  # fmt: skip
+    ),
     "rslora": dict(
-        r=16, alpha=8, use_rslora=True, rank_pattern={"up_proj": 4},
+        r=16,
+        alpha=8,
+        use_rslora=True,
+        rank_pattern={"up_proj": 4},
         target_modules=["gate_proj", "up_proj", "down_proj"],
-    ),  # fmt: skip
+    ),
     "layers_to_transform": dict(r=6, alpha=6, target_modules=["q_proj", "k_proj"], layers_to_transform=[1]),
     "regex_exclude": dict(
         r=4, alpha=8, target_modules=r".*\.(q_proj|down_proj)", exclude_modules=["model.layers.0.mlp.down_proj"]
@@ -197,10 +206,13 @@ ADAPTERS = {
     # Two rank_pattern keys match layer 0's q_proj: the first in the file (sorted by PEFT) wins;
     # rslora scales irrational.
     "first_key_rslora": dict(
-        r=6, alpha=12, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        r=6,
+        alpha=12,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
         rank_pattern={"down_proj": 2, "layers.0.self_attn.q_proj": 3, "q_proj": 5},
         alpha_pattern={r"v_pro.": 5, "o_proj": 20},
-    ),  # fmt: skip
+    ),
     "layers_pattern_exclude": dict(
         r=3, alpha=9, layers_to_transform=[1], layers_pattern="layers", exclude_modules=["o_proj", "gate_proj"]
     ),
@@ -290,7 +302,8 @@ ADAPTER_ERRORS = {
     "bias": (dict(config=_set(bias="all")), r"adapter_config.json: bias is not supported \(bias=\"all\"\)"),
     "modules_to_save": (dict(config=_set(modules_to_save=["lm_head"])), r"modules_to_save is not supported"),
     "fan_in_fan_out": (
-        dict(config=_set(fan_in_fan_out=True)), r"fan_in_fan_out is not supported \(fan_in_fan_out=true\)"
+        dict(config=_set(fan_in_fan_out=True)),
+        r"fan_in_fan_out is not supported \(fan_in_fan_out=true\)",
     ),
     "lora_bias": (dict(config=_set(lora_bias=True)), r"lora_bias is not supported"),
     "targets_outside_config": (
@@ -379,7 +392,10 @@ def test_adapter_file_errors(adapter_dir, tmp_path):
     payload = weights.read_bytes()
     for corrupt in (payload[: len(payload) // 2], b"\x00" * 7, b"\xff" * 64 + payload[64:]):
         weights.write_bytes(corrupt)
-        with pytest.raises(ValueError, match=r"b/adapter_model.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)"):
+        with pytest.raises(
+            ValueError,
+            match=r"b/adapter_model.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)",
+        ):
             load_peft_adapter(folder)
     weights.unlink()
     (folder / "adapter_model.bin").write_bytes(b"pickle")
@@ -466,7 +482,10 @@ def test_router_errors(tmp_path, gen):
     with pytest.raises(ValueError, match=r"unexpected tensor 'layers.0.bias'"):
         load_router(path)
     path.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match=r"router.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)"):
+    with pytest.raises(
+        ValueError,
+        match=r"router.safetensors: (not a safetensors file|corrupt safetensors header|corrupt entry for tensor)",
+    ):
         load_router(path)
     with pytest.raises(FileNotFoundError, match=r"none.safetensors: no such router file"):
         load_router(tmp_path / "none.safetensors")
@@ -500,10 +519,15 @@ def test_moa_dir_round_trip(experts, base_model, base_config, tmp_path, gen):
     out = MoADir.save(tmp_path / "moa", config, experts, router)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         "experts",
-        "experts/code", "experts/code/adapter_config.json", "experts/code/adapter_model.safetensors",
-        "experts/math", "experts/math/adapter_config.json", "experts/math/adapter_model.safetensors",
-        "moa_config.json", "router.safetensors",
-    ]  # fmt: skip
+        "experts/code",
+        "experts/code/adapter_config.json",
+        "experts/code/adapter_model.safetensors",
+        "experts/math",
+        "experts/math/adapter_config.json",
+        "experts/math/adapter_model.safetensors",
+        "moa_config.json",
+        "router.safetensors",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moa", "src"], "temporary folders left behind"
 
     moa = MoADir.load(out)

@@ -78,10 +78,18 @@ def fake_gguf(tmp_path, monkeypatch, gguf_tokenizer):
         calls.append(gguf_path)
         time.sleep(0.2)  # long enough for a concurrent caller to reach the lock
         config = LlamaConfig(
-            vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )  # fmt: skip
+            vocab_size=49152,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
         config.architectures = ["LlamaForCausalLM"]
         torch.manual_seed(len(calls))
         tensors = dict(LlamaForCausalLM(config).state_dict())
@@ -95,7 +103,9 @@ def fake_gguf(tmp_path, monkeypatch, gguf_tokenizer):
 def leftovers(out_dir):
     """Temporary folders beside out_dir (the lock file is meant to stay)."""
     prefix = f".{out_dir.name}."
-    return sorted(p.name for p in out_dir.parent.iterdir() if p.name.startswith(prefix) and not p.name.endswith(".lock"))
+    return sorted(
+        p.name for p in out_dir.parent.iterdir() if p.name.startswith(prefix) and not p.name.endswith(".lock")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +127,15 @@ def test_default_folder_layout(converted, cache):
     assert config["tie_word_embeddings"] is True
     assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == 100000.0
     want = dict(
-        num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-    )  # fmt: skip
+        num_hidden_layers=30,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+    )
     assert {k: config[k] for k in want} == want
 
     generation = json.loads((converted / "generation_config.json").read_text())

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import seeded_generator
+from safetensors.torch import load_file
 
 from moa_engine.data.records import Record
 from moa_engine.moa_format import MoADir, load_peft_adapter
@@ -39,8 +38,8 @@ from moa_engine.training import (
     train_experts,
     train_router,
 )
-from moa_engine.training.modules import enable_checkpointing
 from moa_engine.training.dataset import Example, collate, domain_samples
+from moa_engine.training.modules import enable_checkpointing
 from moa_engine.training.stages import stage1_loss
 from moa_engine.training.trainer import Group, Plan, lr_at, train
 
@@ -58,10 +57,19 @@ def _tiny_llama(vocab: int, seed: int, dtype=torch.float32, hidden=48, layers=2)
 
     weights = torch.Generator().manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=72, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
-        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=72,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        rms_norm_eps=1e-5,
+    )
     model = LlamaForCausalLM(config).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -92,9 +100,13 @@ def _records(n: int, gen: torch.Generator, domains=("math", "prose", "chat")):
         if "math" in domains:
             out.append(Record("math", prompt=f"What is {a} plus {b}?", response=str(a + b)))
         if "prose" in domains:
-            out.append(Record("prose", text=f"The river {i} runs past the old mill, where {a} herons wait for {b} fish."))
+            out.append(
+                Record("prose", text=f"The river {i} runs past the old mill, where {a} herons wait for {b} fish.")
+            )
         if "chat" in domains:
-            out.append(Record("chat", prompt=f"Hello there, friend number {a}!", response="Hi! How can I help you today?"))
+            out.append(
+                Record("chat", prompt=f"Hello there, friend number {a}!", response="Hi! How can I help you today?")
+            )
         if "code" in domains:
             out.append(Record("code", prompt=f"def f{a}(x):", response=f"    return x * {b}"))
     return out
@@ -142,9 +154,14 @@ def test_moa_model_matches_plain_torch_forward_and_grads(gen):
     params = {}
     for (l, module), lin in moa.linears.items():
         # the op takes float32 scales (the contract), so the reference rounds them the same way
-        params[(l, module)] = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_(),
-                                float(torch.tensor(s, dtype=torch.float32)))
-                               for a, b, s in zip(lin.lora_A, lin.lora_B, lin.scales)]  # fmt: skip
+        params[(l, module)] = [
+            (
+                a.detach().clone().requires_grad_(),
+                b.detach().clone().requires_grad_(),
+                float(torch.tensor(s, dtype=torch.float32)),
+            )
+            for a, b, s in zip(lin.lora_A, lin.lora_B, lin.scales)
+        ]
         parent = getattr(ref.model.layers[l], "self_attn" if module != "down_proj" else "mlp")
         base = getattr(parent, module)
 
@@ -265,8 +282,16 @@ def test_concurrent_step_equals_separate_steps(optimizer, gen):
     model_seed, expert_seeds = _seed(gen), [_seed(gen) for _ in range(3)]
     domains = ["a", "b", "c"]
     examples = _random_examples(domains, 5, 89, gen)
-    cfg = TrainConfig(batch=3, steps=2, lr=0.05, optimizer=optimizer, dtype="float64", micro_batch=4,
-                      max_grad_norm=0.5, progress=False)  # fmt: skip
+    cfg = TrainConfig(
+        batch=3,
+        steps=2,
+        lr=0.05,
+        optimizer=optimizer,
+        dtype="float64",
+        micro_batch=4,
+        max_grad_norm=0.5,
+        progress=False,
+    )
 
     def build():
         hf = _tiny_llama(89, seed=model_seed, dtype=torch.float64)
@@ -280,7 +305,7 @@ def test_concurrent_step_equals_separate_steps(optimizer, gen):
     groups = [Group(d, together.expert_parameters(d), 2, cfg.lr) for d in domains]
     train(together, groups, plan, stage1_loss([0, 1, 2]), cfg)
 
-    for k, d in enumerate(domains):
+    for d in domains:
         alone = build()
         plan = Plan({d: examples[d]}, {d: 2}, {x: i for i, x in enumerate(domains)})
         train(alone, [Group(d, alone.expert_parameters(d), 2, cfg.lr)], plan, stage1_loss([0, 1, 2]), cfg)
@@ -371,7 +396,9 @@ def test_encoding_masks_the_prompt_and_matches_the_engine_chat_prompt(tiny_dir):
     records = [Record("m", prompt="What is 2 plus 2?", response="4"), Record("t", text="plain words here")]
     examples, report = encode_records(records, tok, max_len=512)
     chat, text = examples
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}], add_generation_prompt=True, tokenize=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 2?"}], add_generation_prompt=True, tokenize=True
+    )
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     assert chat.input_ids[: len(prompt)] == prompt and chat.route_len == len(prompt)
     scored = [t for t, m in zip(chat.input_ids, chat.loss_mask) if m]
@@ -422,8 +449,14 @@ def trained(tiny_dir, tmp_path_factory, request):
     work = tmp_path_factory.mktemp("moa")
     data = _write_jsonl(work / "data.jsonl", _records(24, seeded_generator(request.node.nodeid + "::trained")))
     moa = work / "moa"
-    s1 = train_experts(data, moa, model=tiny_dir, cfg=_cfg(), expert=ExpertOptions(rank=4, alpha=8),
-                       data_opts=DataOptions(max_len=64, val_fraction=0.15))  # fmt: skip
+    s1 = train_experts(
+        data,
+        moa,
+        model=tiny_dir,
+        cfg=_cfg(),
+        expert=ExpertOptions(rank=4, alpha=8),
+        data_opts=DataOptions(max_len=64, val_fraction=0.15),
+    )
     stage1 = {d: _expert_tensors(moa, d) for d in s1["domains"]}
     s2 = train_router(moa, data, cfg=_cfg(steps=25, lr=3e-2), data_opts=DataOptions(max_len=64, val_fraction=0.15))
     return {"moa": moa, "data": data, "work": work, "stage1": stage1, "s1": s1, "s2": s2}
@@ -469,7 +502,7 @@ def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_d
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
     model = MoAModel(_tiny_llama(49152, seed=_seed(gen)), ["q_proj", "down_proj"])
-    for k, d in enumerate(("math", "prose", "chat")):
+    for d in ("math", "prose", "chat"):
         model.add_expert(d, rank=3, alpha=5, seed=_seed(gen))
         for p in model.expert_parameters(d)[1::2]:
             torch.nn.init.normal_(p, std=0.3, generator=gen)  # B != 0: each expert moves the features
@@ -485,7 +518,9 @@ def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_d
             ref = torch.stack([model._batch.pooled[l][0] for l in range(2)])
             torch.testing.assert_close(feats[i], ref, rtol=1e-5, atol=1e-5)
     # the features depend on the expert that ran the prompt (teacher forcing by the label)
-    other = [Example(e.input_ids, e.loss_mask, e.route_len, "chat" if e.domain == "math" else e.domain) for e in examples]
+    other = [
+        Example(e.input_ids, e.loss_mask, e.route_len, "chat" if e.domain == "math" else e.domain) for e in examples
+    ]
     moved, _ = router_features(model, other, index, "cpu")
     assert not torch.allclose(moved[labels == 0][:, 1], feats[labels == 0][:, 1])
     # experts=: each prompt through the given expert, still labelled with its own domain
@@ -495,7 +530,9 @@ def test_router_features_are_the_pooled_inputs_of_a_full_labelled_forward(tiny_d
     for i, e in enumerate(examples):
         b = collate([e], index, 0)
         model(b.input_ids, b.attention_mask, [ran[i]], b.route_mask)
-        torch.testing.assert_close(given[i], torch.stack([model._batch.pooled[l][0] for l in range(2)]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            given[i], torch.stack([model._batch.pooled[l][0] for l in range(2)]), rtol=1e-5, atol=1e-5
+        )
     with pytest.raises(ValueError, match="one index in"):
         router_features(model, examples, index, "cpu", experts=[0])
 
@@ -513,7 +550,7 @@ def test_routers_fitted_through_random_experts_tell_the_domain_whatever_expert_r
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
     names = ["math", "prose", "chat"]
     model = MoAModel(_tiny_llama(49152, seed=_seed(gen), layers=3), ["q_proj", "v_proj", "down_proj"])
-    for k, d in enumerate(names):
+    for d in names:
         model.add_expert(d, rank=4, alpha=8, seed=_seed(gen))
         for p in model.expert_parameters(d)[1::2]:
             torch.nn.init.normal_(p, std=1.0, generator=gen)
@@ -521,7 +558,9 @@ def test_routers_fitted_through_random_experts_tell_the_domain_whatever_expert_r
     index = {d: k for k, d in enumerate(names)}
     train_ex, _ = encode_records(_records(30, gen), tok, max_len=40)
     held, _ = encode_records(_records(12, gen), tok, max_len=40)
-    assert sorted(serving_experts(model, names, 600, 0)) != [0] * 600 and set(serving_experts(model, names, 600, 0)) == {0, 1, 2}
+    assert sorted(serving_experts(model, names, 600, 0)) != [0] * 600 and set(
+        serving_experts(model, names, 600, 0)
+    ) == {0, 1, 2}
     assert serving_experts(model, names, 50, 3) == serving_experts(model, names, 50, 3)
 
     def fit(experts):
@@ -559,7 +598,9 @@ def test_fit_routers_separates_domains_and_weighs_them_equally(gen):
     for l in range(L):  # the reference: one layer at a time, loss written out
         w = init[l].clone().requires_grad_(True)
         opt = torch.optim.AdamW([w], lr=5e-2, weight_decay=0.01, betas=(0.9, 0.99))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, s / 60))).item()))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, s / 60))).item())
+        )
         counts = torch.bincount(labels, minlength=D).float()
         for _ in range(60):
             logp = torch.log_softmax(feats[:, l] @ w.t(), -1)[torch.arange(n), labels]
@@ -604,7 +645,9 @@ def test_fit_routers_with_fixed_rows_fits_only_the_others(gen):
         assert torch.equal(routers[l][fixed], init[l][fixed]), f"layer {l}: a fixed row moved"
         w = init[l][free].clone().requires_grad_(True)
         opt = torch.optim.AdamW([w], lr=5e-2, weight_decay=0.01, betas=(0.9, 0.99))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, s / 40))).item()))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, s / 40))).item())
+        )
         for _ in range(40):
             full = torch.zeros(D, H)
             full[fixed] = init[l][fixed]
@@ -625,8 +668,14 @@ def test_fit_routers_with_fixed_rows_fits_only_the_others(gen):
 def test_joint_router_training_tunes_the_experts(trained, tiny_dir, tmp_path):
     moa = tmp_path / "joint"
     shutil.copytree(trained["moa"], moa)
-    train_router(moa, trained["data"], cfg=_cfg(steps=3, lr=1e-2), joint=True, expert_lr=1e-2, data_opts=DataOptions(max_len=64))
-    changed = [d for d in trained["stage1"] if not all(torch.equal(trained["stage1"][d][k], _expert_tensors(moa, d)[k]) for k in trained["stage1"][d])]
+    train_router(
+        moa, trained["data"], cfg=_cfg(steps=3, lr=1e-2), joint=True, expert_lr=1e-2, data_opts=DataOptions(max_len=64)
+    )
+    changed = [
+        d
+        for d in trained["stage1"]
+        if not all(torch.equal(trained["stage1"][d][k], _expert_tensors(moa, d)[k]) for k in trained["stage1"][d])
+    ]
     assert changed == ["math", "prose", "chat"]
     assert MoADir.load(moa).router is not None
 
@@ -662,8 +711,15 @@ def test_joint_keep_best_ends_each_expert_at_its_lowest_held_out_loss(trained, t
     moa = tmp_path / "joint"
     shutil.copytree(trained["moa"], moa)
     opts = DataOptions(max_len=64, val_fraction=0.3)
-    out = train_router(moa, trained["data"], cfg=_cfg(steps=6, lr=1e-2, seed=1), joint=True, expert_lr=1e-2,
-                       data_opts=opts, keep_best=2)  # fmt: skip
+    out = train_router(
+        moa,
+        trained["data"],
+        cfg=_cfg(steps=6, lr=1e-2, seed=1),
+        joint=True,
+        expert_lr=1e-2,
+        data_opts=opts,
+        keep_best=2,
+    )
     log = [json.loads(l) for l in Path(out["log"]).read_text().splitlines()]
     measured = {r["step"]: r["val_loss"] for r in log if "val_loss" in r and "step" in r}
     assert sorted(measured) == [2, 4, 6]
@@ -689,7 +745,9 @@ def test_keep_best_restores_weights_that_were_made_worse(trained, gen):
     cfg = TrainConfig(progress=False)
     moa = MoADir.load(trained["moa"])
     module, tok = _load_moa_model(moa, cfg)
-    _, val, _ = prepare(as_records(trained["data"]), tok, DataOptions(max_len=64, val_fraction=0.3), 0, moa.config.domains)
+    _, val, _ = prepare(
+        as_records(trained["data"]), tok, DataOptions(max_len=64, val_fraction=0.3), 0, moa.config.domains
+    )
     keeper = KeepBest(module, val, moa.config.domains, cfg, every=2, total=4, path=None)
     before = [p.detach().clone() for p in module.expert_parameters("math")]
     with torch.no_grad():
@@ -721,7 +779,7 @@ def test_keep_best_survives_an_interrupted_run(trained, tmp_path, monkeypatch):
         if name == "cut":
             real = keep_best.KeepBest.__call__
 
-            def cut(self, steps_done, record):
+            def cut(self, steps_done, record, real=real):
                 real(self, steps_done, record)
                 if steps_done == 4:
                     raise KeyboardInterrupt
@@ -761,8 +819,16 @@ def test_keep_best_margin_moves_an_expert_only_by_more_than_its_standard_error(t
     margin = 1.0 + float(torch.rand((), generator=gen))
     moa = tmp_path / "m"
     shutil.copytree(trained["moa"], moa)
-    out = train_router(moa, trained["data"], cfg=_cfg(steps=6, lr=1e-2, seed=2), joint=True, expert_lr=2e-2,
-                       data_opts=opts, keep_best=2, keep_best_margin=margin)  # fmt: skip
+    out = train_router(
+        moa,
+        trained["data"],
+        cfg=_cfg(steps=6, lr=1e-2, seed=2),
+        joint=True,
+        expert_lr=2e-2,
+        data_opts=opts,
+        keep_best=2,
+        keep_best_margin=margin,
+    )
     assert len(calls) == 4  # steps 0, 2, 4, 6
     for d in ("math", "prose", "chat"):
         counts = calls[0][d][1]
@@ -779,26 +845,45 @@ def test_keep_best_margin_moves_an_expert_only_by_more_than_its_standard_error(t
         assert same == (kept_step == 0)
     moa = tmp_path / "m2"
     shutil.copytree(trained["moa"], moa)
-    out = train_router(moa, trained["data"], cfg=_cfg(steps=4, lr=1e-2, seed=2), joint=True, expert_lr=2e-2,
-                       data_opts=opts, keep_best=2, keep_best_margin=1e9)  # fmt: skip
+    out = train_router(
+        moa,
+        trained["data"],
+        cfg=_cfg(steps=4, lr=1e-2, seed=2),
+        joint=True,
+        expert_lr=2e-2,
+        data_opts=opts,
+        keep_best=2,
+        keep_best_margin=1e9,
+    )
     assert {d: k["step"] for d, k in out["kept"].items()} == {"math": 0, "prose": 0, "chat": 0}
     for d in ("math", "prose", "chat"):
         assert all(torch.equal(trained["stage1"][d][n], _expert_tensors(moa, d)[n]) for n in trained["stage1"][d])
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="keep-best margin must be a finite number >= 0"):
-            train_router(moa, trained["data"], cfg=_cfg(steps=2), joint=True, data_opts=opts, keep_best=2, keep_best_margin=bad)
+            train_router(
+                moa, trained["data"], cfg=_cfg(steps=2), joint=True, data_opts=opts, keep_best=2, keep_best_margin=bad
+            )
 
 
 def test_keep_best_in_stage1_and_its_errors(tiny_dir, tmp_path, trained, gen):
     data = _write_jsonl(tmp_path / "d.jsonl", _records(24, gen))
     opts = DataOptions(max_len=64, val_fraction=0.25)
-    out = train_experts(data, tmp_path / "s1", model=tiny_dir, cfg=_cfg(steps=4), expert=ExpertOptions(rank=4, alpha=8),
-                        data_opts=opts, keep_best=2)  # fmt: skip
+    out = train_experts(
+        data,
+        tmp_path / "s1",
+        model=tiny_dir,
+        cfg=_cfg(steps=4),
+        expert=ExpertOptions(rank=4, alpha=8),
+        data_opts=opts,
+        keep_best=2,
+    )
     fresh = _held_out_losses(tmp_path / "s1", data, opts)
     for d, k in out["kept"].items():
         assert k["step"] in (0, 2, 4) and fresh[d] == pytest.approx(k["val_loss"], rel=1e-4, abs=1e-5)
     with pytest.raises(ValueError, match=r"keep-best needs held-out examples .*--val-fraction"):
-        train_experts(data, tmp_path / "s2", model=tiny_dir, cfg=_cfg(steps=2), data_opts=DataOptions(max_len=64), keep_best=1)
+        train_experts(
+            data, tmp_path / "s2", model=tiny_dir, cfg=_cfg(steps=2), data_opts=DataOptions(max_len=64), keep_best=1
+        )
     with pytest.raises(ValueError, match="keep-best applies to --joint"):
         train_router(trained["moa"], trained["data"], cfg=_cfg(), data_opts=opts, keep_best=2, out=tmp_path / "r")
     with pytest.raises(ValueError, match="evaluation interval must be > 0"):
@@ -813,8 +898,13 @@ def test_explicit_val_data_equals_the_same_split_and_its_errors(tiny_dir, tmp_pa
     assert val_part and train_part
     kw = dict(model=tiny_dir, cfg=_cfg(steps=5, seed=7), expert=ExpertOptions(rank=4, alpha=8), keep_best=2)
     split = train_experts(records, tmp_path / "split", data_opts=DataOptions(max_len=64, val_fraction=0.3), **kw)
-    given = train_experts(_write_jsonl(tmp_path / "train.jsonl", train_part), tmp_path / "given",
-                          data_opts=DataOptions(max_len=64), val_data=_write_jsonl(tmp_path / "val.jsonl", val_part), **kw)  # fmt: skip
+    given = train_experts(
+        _write_jsonl(tmp_path / "train.jsonl", train_part),
+        tmp_path / "given",
+        data_opts=DataOptions(max_len=64),
+        val_data=_write_jsonl(tmp_path / "val.jsonl", val_part),
+        **kw,
+    )
     assert given["kept"] == split["kept"] and given["val_loss"] == split["val_loss"]
     assert set(given["val_loss"]) == {"math", "prose", "chat"}
     for d in split["domains"]:
@@ -824,7 +914,9 @@ def test_explicit_val_data_equals_the_same_split_and_its_errors(tiny_dir, tmp_pa
     with pytest.raises(ValueError, match="not both"):
         train_experts(train_part, tmp_path / "e1", data_opts=replace(opts, val_fraction=0.2), val_data=val_part, **kw)
     with pytest.raises(ValueError, match=r"val_data: domain\(s\) \['legal'\] are not among the trained domains"):
-        train_experts(train_part, tmp_path / "e2", data_opts=opts, val_data=val_part + [Record("legal", text="a clause")], **kw)
+        train_experts(
+            train_part, tmp_path / "e2", data_opts=opts, val_data=val_part + [Record("legal", text="a clause")], **kw
+        )
     with pytest.raises(ValueError, match="val_data: no records"):
         train_experts(train_part, tmp_path / "e3", data_opts=opts, val_data=[], **kw)
     no_chat = [r for r in val_part if r.domain != "chat"]
@@ -841,8 +933,16 @@ def test_add_domain_leaves_old_experts_bit_identical(trained, tiny_dir, tmp_path
     before = {p.relative_to(moa): _sha(p) for p in (moa / "experts").rglob("*") if p.is_file()}
     old_router = MoADir.load(moa).router
     new = _write_jsonl(tmp_path / "code.jsonl", _records(16, gen, domains=("code",)))
-    add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=4), router_cfg=_cfg(steps=20, lr=3e-2),
-               data_opts=DataOptions(max_len=64), router_rows="all")  # fmt: skip
+    add_domain(
+        moa,
+        "code",
+        new,
+        router_data=trained["data"],
+        cfg=_cfg(steps=4),
+        router_cfg=_cfg(steps=20, lr=3e-2),
+        data_opts=DataOptions(max_len=64),
+        router_rows="all",
+    )
     after = {p.relative_to(moa): _sha(p) for p in (moa / "experts").rglob("*") if p.is_file()}
     assert {k: after[k] for k in before} == before
     assert len(after) == len(before) + 2
@@ -872,8 +972,15 @@ def test_add_domain_can_keep_the_old_router_rows(trained, tiny_dir, tmp_path, ge
     shutil.copytree(trained["moa"], moa)
     old_router = MoADir.load(moa).router
     new = _write_jsonl(tmp_path / "code.jsonl", _records(16, gen, domains=("code",)))
-    add_domain(moa, "code", new, router_data=trained["data"], cfg=_cfg(steps=4), router_cfg=_cfg(steps=20, lr=3e-2),
-               data_opts=DataOptions(max_len=64))  # fmt: skip
+    add_domain(
+        moa,
+        "code",
+        new,
+        router_data=trained["data"],
+        cfg=_cfg(steps=4),
+        router_cfg=_cfg(steps=20, lr=3e-2),
+        data_opts=DataOptions(max_len=64),
+    )
     loaded = MoADir.load(moa)
     assert loaded.config.domains == ["math", "prose", "chat", "code"]
     for l, (w, w0) in enumerate(zip(loaded.router, old_router)):
@@ -886,10 +993,24 @@ def test_add_domain_can_keep_the_old_router_rows(trained, tiny_dir, tmp_path, ge
     with pytest.raises(ValueError, match="router_rows must be 'all' or 'new', got 'old'"):
         add_domain(moa, "more", new, router_data=trained["data"], cfg=_cfg(steps=1), router_rows="old")
     with pytest.raises(ValueError, match=r"fixed_domains \['law'\] are not domains"):
-        train_router(moa, trained["data"], cfg=_cfg(steps=2), init_from_existing=True, fixed_domains=["law"], data_opts=DataOptions(max_len=64))
+        train_router(
+            moa,
+            trained["data"],
+            cfg=_cfg(steps=2),
+            init_from_existing=True,
+            fixed_domains=["law"],
+            data_opts=DataOptions(max_len=64),
+        )
     with pytest.raises(ValueError, match="fixed_domains applies to the routers' fit"):
-        train_router(moa, trained["data"], cfg=_cfg(steps=2), joint=True, init_from_existing=True, fixed_domains=["math"],
-                     data_opts=DataOptions(max_len=64))  # fmt: skip
+        train_router(
+            moa,
+            trained["data"],
+            cfg=_cfg(steps=2),
+            joint=True,
+            init_from_existing=True,
+            fixed_domains=["math"],
+            data_opts=DataOptions(max_len=64),
+        )
     with pytest.raises(ValueError, match="fixed_domains needs routers to keep"):
         train_router(moa, trained["data"], cfg=_cfg(steps=2), fixed_domains=["math"], data_opts=DataOptions(max_len=64))
 
@@ -903,10 +1024,22 @@ def test_add_domain_experiment_scores_the_old_domains_before_and_after(trained, 
     records, val = _records(12, gen), _records(2, gen)
     out = tmp_path / "grow"
     growth = add_domain_experiment(
-        trained["moa"], ["math", "prose"], "chat", records, val, out, router_cfg=_cfg(steps=20, lr=3e-2),
-        expert_cfg=_cfg(steps=2), new_router_cfg=_cfg(steps=20, lr=3e-2), expert=ExpertOptions(rank=4, alpha=8),
-        data_opts=DataOptions(max_len=64), eta=0.25, router_sample=5, max_len=64, exact_match_domains=(),
-    )  # fmt: skip
+        trained["moa"],
+        ["math", "prose"],
+        "chat",
+        records,
+        val,
+        out,
+        router_cfg=_cfg(steps=20, lr=3e-2),
+        expert_cfg=_cfg(steps=2),
+        new_router_cfg=_cfg(steps=20, lr=3e-2),
+        expert=ExpertOptions(rank=4, alpha=8),
+        data_opts=DataOptions(max_len=64),
+        eta=0.25,
+        router_sample=5,
+        max_len=64,
+        exact_match_domains=(),
+    )
     assert growth["old_domains"] == ["math", "prose"] and growth["new_domain"] == "chat"
     for mode in ("label", "last"):
         assert set(growth["before"][mode]["domains"]) == {"math", "prose"}
@@ -917,7 +1050,9 @@ def test_add_domain_experiment_scores_the_old_domains_before_and_after(trained, 
     # label-routed perplexity of an old domain: the same expert files, so the same figure (up to
     # the batching, which the new domain's records change)
     for d in ("math", "prose"):
-        assert growth["after"]["label"]["domains"][d]["ppl"] == pytest.approx(growth["before"]["label"]["domains"][d]["ppl"], rel=1e-4)
+        assert growth["after"]["label"]["domains"][d]["ppl"] == pytest.approx(
+            growth["before"]["label"]["domains"][d]["ppl"], rel=1e-4
+        )
         a, b = _expert_tensors(out, d), trained["stage1"][d]
         assert all(torch.equal(a[k], b[k]) for k in a)
     grown = MoADir.load(out)
@@ -934,7 +1069,13 @@ def test_mixed_lora_is_stage_1_on_the_records_relabelled(tiny_dir, tmp_path, gen
     relabelled = mixed_records(records, "all")
     assert [r.domain for r in relabelled] == ["all"] * len(records)
     assert [(r.prompt, r.response, r.text) for r in relabelled] == [(r.prompt, r.response, r.text) for r in records]
-    kw = dict(model=tiny_dir, cfg=_cfg(steps=2), expert=ExpertOptions(rank=2, alpha=4), data_opts=DataOptions(max_len=48), keep_best=1)
+    kw = dict(
+        model=tiny_dir,
+        cfg=_cfg(steps=2),
+        expert=ExpertOptions(rank=2, alpha=4),
+        data_opts=DataOptions(max_len=48),
+        keep_best=1,
+    )
     mixed = train_mixed_lora(records, tmp_path / "mixed", val_data=held_out, **kw)
     plain = train_experts(mixed_records(records), tmp_path / "plain", val_data=mixed_records(held_out), **kw)
     assert mixed["domains"] == ["mixed"] and set(mixed["kept"]) == {"mixed"} and mixed["kept"] == plain["kept"]
@@ -950,7 +1091,12 @@ def test_summary_from_log_reads_the_last_step_and_the_kept_steps(tmp_path, gen):
     steps = [{"step": k + 1, "loss": x} for k, x in enumerate(losses)]
     kept = {"a": {"step": 2, "val_loss": losses[1]}}
     log = tmp_path / "log.jsonl"
-    lines = steps[:2] + [{"stage": "router-fit", "steps": 3}] + steps[2:] + [{"stage": "keep-best", "kept": kept, "history": []}]
+    lines = (
+        steps[:2]
+        + [{"stage": "router-fit", "steps": 3}]
+        + steps[2:]
+        + [{"stage": "keep-best", "kept": kept, "history": []}]
+    )
     log.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert summary_from_log(log) == {"final": steps[-1], "kept": kept, "reused": True}
     log.write_text("".join(json.dumps(r) + "\n" for r in steps[:3]))
@@ -988,9 +1134,13 @@ def test_bad_inputs_name_the_problem(tiny_dir, tmp_path, trained, gen):
     with pytest.raises(ValueError, match="fitted by full-batch AdamW: --optimizer sgd and --warmup apply to --joint"):
         train_router(trained["moa"], trained["data"], cfg=_cfg(optimizer="sgd"), out=tmp_path / "r")
     with pytest.raises(ValueError, match=r"refit: steps and weight_decay must be >= 0"):
-        train_router(trained["moa"], trained["data"], cfg=_cfg(), joint=True, refit=RouterFit(steps=-1), out=tmp_path / "r")
+        train_router(
+            trained["moa"], trained["data"], cfg=_cfg(), joint=True, refit=RouterFit(steps=-1), out=tmp_path / "r"
+        )
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint at"):
-        train_experts(data, tmp_path / "c", model=tiny_dir, cfg=_cfg(resume=True, checkpoint_dir=str(tmp_path / "none")))
+        train_experts(
+            data, tmp_path / "c", model=tiny_dir, cfg=_cfg(resume=True, checkpoint_dir=str(tmp_path / "none"))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,8 +1160,29 @@ def _env():
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path, gen):
     data = _write_jsonl(tmp_path / "d.jsonl", _records(24, gen))
-    common = ["train", "experts", "--model", tiny_dir, "--data", data, "--steps", 30, "--batch", 6, "--rank", 4,
-              "--lr", 3e-3, "--max-len", 64, "--checkpoint-every", 5, "--no-progress", "--seed", 3]  # fmt: skip
+    common = [
+        "train",
+        "experts",
+        "--model",
+        tiny_dir,
+        "--data",
+        data,
+        "--steps",
+        30,
+        "--batch",
+        6,
+        "--rank",
+        4,
+        "--lr",
+        3e-3,
+        "--max-len",
+        64,
+        "--checkpoint-every",
+        5,
+        "--no-progress",
+        "--seed",
+        3,
+    ]
     ref = subprocess.run(_cli(*common, "--out", tmp_path / "ref"), env=_env(), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
 
@@ -1040,12 +1211,43 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path, gen):
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path, gen):
     data = _write_jsonl(tmp_path / "d.jsonl", _records(12, gen))
-    common = ["train", "experts", "--model", tiny_dir, "--data", data, "--steps", 3, "--batch", 3, "--rank", 4,
-              "--lr", 1e-2, "--max-len", 64, "--dtype", "float64", "--no-progress", "--checkpoint-every", 0]  # fmt: skip
+    common = [
+        "train",
+        "experts",
+        "--model",
+        tiny_dir,
+        "--data",
+        data,
+        "--steps",
+        3,
+        "--batch",
+        3,
+        "--rank",
+        4,
+        "--lr",
+        1e-2,
+        "--max-len",
+        64,
+        "--dtype",
+        "float64",
+        "--no-progress",
+        "--checkpoint-every",
+        0,
+    ]
     one = subprocess.run(_cli(*common, "--out", tmp_path / "one"), env=_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                "-m", "moa_engine.cli", *map(str, common), "--out", str(tmp_path / "two")]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "moa_engine.cli",
+        *map(str, common),
+        "--out",
+        str(tmp_path / "two"),
+    ]
     two = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     for d in ("math", "prose", "chat"):
@@ -1057,12 +1259,37 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path, 
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
         assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
     # stage 2 (routers only, experts frozen) under DDP as well
-    router = ["train", "router", "--data", data, "--steps", 3, "--batch", 3, "--max-len", 64, "--dtype", "float64",
-              "--no-progress", "--checkpoint-every", 0]  # fmt: skip
+    router = [
+        "train",
+        "router",
+        "--data",
+        data,
+        "--steps",
+        3,
+        "--batch",
+        3,
+        "--max-len",
+        64,
+        "--dtype",
+        "float64",
+        "--no-progress",
+        "--checkpoint-every",
+        0,
+    ]
     one = subprocess.run(_cli(*router, "--moa", tmp_path / "one"), env=_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "moa_engine.cli",
-                *map(str, router), "--moa", str(tmp_path / "two")]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "moa_engine.cli",
+        *map(str, router),
+        "--moa",
+        str(tmp_path / "two"),
+    ]
     two = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = MoADir.load(tmp_path / "one").router, MoADir.load(tmp_path / "two").router
@@ -1076,8 +1303,15 @@ def test_sequential_training_gives_the_same_experts(tiny_dir, tmp_path, gen):
     outs = []
     for sequential in (False, True):
         out = tmp_path / f"seq{sequential}"
-        train_experts(data, out, model=tiny_dir, cfg=_cfg(steps=3, batch=2, dtype="float64", checkpoint_every=1),
-                      expert=ExpertOptions(rank=3, alpha=6), data_opts=DataOptions(max_len=48), sequential=sequential)  # fmt: skip
+        train_experts(
+            data,
+            out,
+            model=tiny_dir,
+            cfg=_cfg(steps=3, batch=2, dtype="float64", checkpoint_every=1),
+            expert=ExpertOptions(rank=3, alpha=6),
+            data_opts=DataOptions(max_len=48),
+            sequential=sequential,
+        )
         outs.append(out)
         assert not list(Path(f"{out}.train").rglob("checkpoint.pt"))  # removed once the output is written
     for d in ("math", "chat"):
@@ -1089,57 +1323,227 @@ def test_sequential_training_gives_the_same_experts(tiny_dir, tmp_path, gen):
 @pytest.mark.slow
 def test_cli_train_experts_and_router(tiny_dir, tmp_path, gen):
     data = _write_jsonl(tmp_path / "d.jsonl", _records(8, gen, domains=("math", "chat")))
-    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "m", "--steps", 2,
-                            "--batch", 2, "--rank", 2, "--targets", "q_proj,v_proj", "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "train",
+            "experts",
+            "--model",
+            tiny_dir,
+            "--data",
+            data,
+            "--out",
+            tmp_path / "m",
+            "--steps",
+            2,
+            "--batch",
+            2,
+            "--rank",
+            2,
+            "--targets",
+            "q_proj,v_proj",
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["domains"] == ["math", "chat"]
     assert MoADir.load(tmp_path / "m").config.target_modules == ["q_proj", "v_proj"]
-    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--steps", 2, "--batch", 2, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--steps", 2, "--batch", 2, "--no-progress"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     # add-domain: --warmup is the new expert's; the routers' fit takes none
     routers_before = MoADir.load(tmp_path / "m").router
     new = _write_jsonl(tmp_path / "code.jsonl", _records(4, gen, domains=("code",)))
-    r = subprocess.run(_cli("add-domain", "--moa", tmp_path / "m", "--domain", "code", "--data", new, "--router-data", data,
-                            "--steps", 2, "--batch", 2, "--warmup", 1, "--router-steps", 5, "--router-rows", "new", "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "add-domain",
+            "--moa",
+            tmp_path / "m",
+            "--domain",
+            "code",
+            "--data",
+            new,
+            "--router-data",
+            data,
+            "--steps",
+            2,
+            "--batch",
+            2,
+            "--warmup",
+            1,
+            "--router-steps",
+            5,
+            "--router-rows",
+            "new",
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     grown = MoADir.load(tmp_path / "m")
     assert grown.config.domains == ["math", "chat", "code"]
-    assert all(torch.equal(w[:2], w0) for w, w0 in zip(grown.router, routers_before)), "--router-rows new moved an old row"
-    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--warmup", 2, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert all(torch.equal(w[:2], w0) for w, w0 in zip(grown.router, routers_before)), (
+        "--router-rows new moved an old row"
+    )
+    r = subprocess.run(
+        _cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--warmup", 2, "--no-progress"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "apply to --joint" in r.stderr and "Traceback" not in r.stderr
     # --keep-best: joint with a held-out split; refused without --joint or without the split
-    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--joint", "--steps", 2, "--batch", 2,
-                            "--keep-best", 1, "--keep-best-margin", 0.5, "--val-fraction", 0.25, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "train",
+            "router",
+            "--moa",
+            tmp_path / "m",
+            "--data",
+            data,
+            "--joint",
+            "--steps",
+            2,
+            "--batch",
+            2,
+            "--keep-best",
+            1,
+            "--keep-best-margin",
+            0.5,
+            "--val-fraction",
+            0.25,
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["kept"]) == {"math", "chat"}
-    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--keep-best", 2, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--keep-best", 2, "--no-progress"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "keep-best applies to --joint" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(_cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--joint", "--steps", 2,
-                            "--keep-best-margin", 1, "--val-fraction", 0.25, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 1 and "--keep-best-margin applies with --keep-best" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k", "--steps", 2,
-                            "--keep-best", 1, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "train",
+            "router",
+            "--moa",
+            tmp_path / "m",
+            "--data",
+            data,
+            "--joint",
+            "--steps",
+            2,
+            "--keep-best-margin",
+            1,
+            "--val-fraction",
+            0.25,
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 1 and "--keep-best-margin applies with --keep-best" in r.stderr and "Traceback" not in r.stderr
+    )
+    r = subprocess.run(
+        _cli(
+            "train",
+            "experts",
+            "--model",
+            tiny_dir,
+            "--data",
+            data,
+            "--out",
+            tmp_path / "k",
+            "--steps",
+            2,
+            "--keep-best",
+            1,
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "--val-fraction" in r.stderr and "Traceback" not in r.stderr
     val = _write_jsonl(tmp_path / "v.jsonl", _records(4, gen, domains=("math", "chat")))
-    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k", "--steps", 2,
-                            "--keep-best", 1, "--val-data", val, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "train",
+            "experts",
+            "--model",
+            tiny_dir,
+            "--data",
+            data,
+            "--out",
+            tmp_path / "k",
+            "--steps",
+            2,
+            "--keep-best",
+            1,
+            "--val-data",
+            val,
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["kept"]) == {"math", "chat"}
-    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", data, "--out", tmp_path / "k2", "--steps", 2,
-                            "--val-data", val, "--val-fraction", 0.2, "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "train",
+            "experts",
+            "--model",
+            tiny_dir,
+            "--data",
+            data,
+            "--out",
+            tmp_path / "k2",
+            "--steps",
+            2,
+            "--val-data",
+            val,
+            "--val-fraction",
+            0.2,
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "not both" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(_cli("train", "experts", "--model", tiny_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x", "--no-progress"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "train",
+            "experts",
+            "--model",
+            tiny_dir,
+            "--data",
+            tmp_path / "missing.jsonl",
+            "--out",
+            tmp_path / "x",
+            "--no-progress",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -1162,7 +1566,9 @@ def test_forward_route_len_routes_over_the_prompt_only(trained, tiny_dir, gen):
             _, prompt_routing = engine.forward(full[:, : e.route_len], return_routing=True)
             logits, routing = engine.forward(full, return_routing=True, route_len=e.route_len)
             assert routing[0].layer_domains == prompt_routing[0].layer_domains
-            torch.testing.assert_close(torch.tensor(routing[0].router_probs), torch.tensor(prompt_routing[0].router_probs))
+            torch.testing.assert_close(
+                torch.tensor(routing[0].router_probs), torch.tensor(prompt_routing[0].router_probs)
+            )
             if strategy == "last":  # the whole row is then served by the chosen expert
                 chosen = engine.forward(full, domain=routing[0].domain)
                 torch.testing.assert_close(logits, chosen)
@@ -1173,10 +1579,11 @@ def test_forward_route_len_routes_over_the_prompt_only(trained, tiny_dir, gen):
 def test_evaluate_label_perplexity_matches_the_training_model(trained, tiny_dir, gen):
     """The engine-served perplexity equals the one the PyTorch training model (HF + MoALinear)
     computes for the same records and experts."""
+    from transformers import AutoTokenizer
+
     from moa_engine import Engine
     from moa_engine.evaluation import evaluate, markdown_table
     from moa_engine.training.stages import _load_moa_model, lm_loss
-    from transformers import AutoTokenizer
 
     val = _records(3, gen)
     engine = Engine(tiny_dir, experts=trained["moa"])
@@ -1275,42 +1682,142 @@ def test_wilson_interval_inverts_the_score_test(gen):
 @pytest.mark.slow
 def test_cli_eval(trained, tiny_dir, tmp_path, gen):
     val = _write_jsonl(tmp_path / "val.jsonl", _records(2, gen))
-    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--json", tmp_path / "r.json", "--max-len", 64),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "eval",
+            "--moa",
+            trained["moa"],
+            "--model",
+            tiny_dir,
+            "--data",
+            val,
+            "--json",
+            tmp_path / "r.json",
+            "--max-len",
+            64,
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "| label |" in r.stdout and "| vote |" in r.stdout
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"base", "label", "per_layer", "last", "vote"}
-    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "nope"),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "nope"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "'nope' is not base, label" in r.stderr
-    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "base,label,last",
-                            "--compare", "last:label,label:base", "--bootstrap", 300, "--json", tmp_path / "c.json", "--max-len", 64),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "eval",
+            "--moa",
+            trained["moa"],
+            "--model",
+            tiny_dir,
+            "--data",
+            val,
+            "--modes",
+            "base,label,last",
+            "--compare",
+            "last:label,label:base",
+            "--bootstrap",
+            300,
+            "--json",
+            tmp_path / "c.json",
+            "--max-len",
+            64,
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "| last vs label |" in r.stdout and "| label vs base |" in r.stdout
     saved = json.loads((tmp_path / "c.json").read_text())
     c = saved["comparisons"]["label vs base"]
-    assert c["n_boot"] == 300 and c["change_pct"] == pytest.approx(100 * (saved["label"]["average_ppl"] / saved["base"]["average_ppl"] - 1))
+    assert c["n_boot"] == 300 and c["change_pct"] == pytest.approx(
+        100 * (saved["label"]["average_ppl"] / saved["base"]["average_ppl"] - 1)
+    )
     for spec, msg in (("last:vote", "'vote' is not one of the evaluated modes"), ("last", "'last' is not A:B")):
-        r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "label,last", "--compare", spec),
-                           env=_env(), capture_output=True, text=True)  # fmt: skip
+        r = subprocess.run(
+            _cli(
+                "eval",
+                "--moa",
+                trained["moa"],
+                "--model",
+                tiny_dir,
+                "--data",
+                val,
+                "--modes",
+                "label,last",
+                "--compare",
+                spec,
+            ),
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 1 and msg in r.stderr, r.stderr
     # --routing-only: the routers alone, every strategy, the same accuracy as the scored run
-    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--routing-only", "--limit", 1,
-                            "--json", tmp_path / "route.json", "--max-len", 64),
-                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "eval",
+            "--moa",
+            trained["moa"],
+            "--model",
+            tiny_dir,
+            "--data",
+            val,
+            "--routing-only",
+            "--limit",
+            1,
+            "--json",
+            tmp_path / "route.json",
+            "--max-len",
+            64,
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "| per_layer |" in r.stdout and "| vote |" in r.stdout and "confusion (" in r.stdout
     routed = json.loads((tmp_path / "route.json").read_text())["routing"]
     assert {d: v["n"] for d, v in routed["last"]["domains"].items()} == {"math": 1, "prose": 1, "chat": 1}
     full = json.loads((tmp_path / "r.json").read_text())
-    r = subprocess.run(_cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--routing-only", "--max-len", 64,
-                            "--json", tmp_path / "route2.json"), env=_env(), capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli(
+            "eval",
+            "--moa",
+            trained["moa"],
+            "--model",
+            tiny_dir,
+            "--data",
+            val,
+            "--routing-only",
+            "--max-len",
+            64,
+            "--json",
+            tmp_path / "route2.json",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     routed = json.loads((tmp_path / "route2.json").read_text())["routing"]
     for s in ("per_layer", "last", "vote"):
-        assert {d: v["accuracy"] for d, v in routed[s]["domains"].items()} == pytest.approx(full[s]["router_accuracy"]), s
+        assert {d: v["accuracy"] for d, v in routed[s]["domains"].items()} == pytest.approx(
+            full[s]["router_accuracy"]
+        ), s
     for extra, msg in ((["--modes", "last"], "takes no --modes"), ([], "needs --moa")):
-        args = ["eval", "--data", val, "--routing-only", "--model", tiny_dir] + extra + ([] if msg == "needs --moa" else ["--moa", trained["moa"]])
+        args = (
+            ["eval", "--data", val, "--routing-only", "--model", tiny_dir]
+            + extra
+            + ([] if msg == "needs --moa" else ["--moa", trained["moa"]])
+        )
         r = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -32,41 +32,73 @@ VARIANTS = {
     "llama_gqa": (
         "llama",
         dict(
-            vocab_size=517, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
-            num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
-            rope_theta=500.0, rms_norm_eps=1e-5,
+            vocab_size=517,
+            hidden_size=96,
+            intermediate_size=200,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_theta=500.0,
+            rms_norm_eps=1e-5,
         ),
-    ),  # fmt: skip
+    ),
     # MHA, explicit head_dim 24 != 80 / 4, tied embeddings, llama3 rope scaling whose
     # original context (32) puts the head's frequencies in all three llama3 bands.
     "llama3_tied": (
         "llama",
         dict(
-            vocab_size=389, hidden_size=80, intermediate_size=136, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, head_dim=24, tie_word_embeddings=True,
-            rope_theta=10000.0, rms_norm_eps=1e-6,
-            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                              original_max_position_embeddings=32),
+            vocab_size=389,
+            hidden_size=80,
+            intermediate_size=136,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=24,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
         ),
-    ),  # fmt: skip
+    ),
     # q/k/v biases, GQA 4:2, head_dim 24 derived (96 / 4), untied.
     "qwen2_bias": (
         "qwen2",
         dict(
-            vocab_size=613, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-            rope_theta=1000.0, rms_norm_eps=1e-6,
+            vocab_size=613,
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_theta=1000.0,
+            rms_norm_eps=1e-6,
         ),
-    ),  # fmt: skip
+    ),
     # MQA 5:1, head_dim 16, sliding window 8.
     "mistral_window": (
         "mistral",
         dict(
-            vocab_size=300, hidden_size=80, intermediate_size=144, num_hidden_layers=2,
-            num_attention_heads=5, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-            rope_theta=1000.0, rms_norm_eps=1e-5, sliding_window=8,
+            vocab_size=300,
+            hidden_size=80,
+            intermediate_size=144,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=False,
+            rope_theta=1000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=8,
         ),
-    ),  # fmt: skip
+    ),
 }
 
 COMMON = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=256)

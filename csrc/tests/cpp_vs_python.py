@@ -35,11 +35,14 @@ def write(data: Path) -> None:
     try:
         import moa_engine
     except ImportError as exc:
-        sys.exit(f"cpp_vs_python.py: {sys.executable} cannot import moa_engine ({exc}); install the package first "
-                 "(pip install --no-build-isolation -e .), or configure CMake with -DPython3_EXECUTABLE=<its python>")
+        sys.exit(
+            f"cpp_vs_python.py: {sys.executable} cannot import moa_engine ({exc}); install the package first "
+            "(pip install --no-build-isolation -e .), or configure CMake with -DPython3_EXECUTABLE=<its python>"
+        )
+    from tiny_models import build_model, save_model
+
     from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig
     from moa_engine.testing import make_random_peft_adapter
-    from tiny_models import build_model, save_model
 
     data.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -49,10 +52,17 @@ def write(data: Path) -> None:
     experts = {
         "code": make_random_peft_adapter(base, data / "peft" / "code", r=4, alpha=8, seed=1, init_scale=0.5),
         "math": make_random_peft_adapter(
-            base, data / "peft" / "math", r=6, alpha=12, seed=2, init_scale=0.5, use_rslora=True,
-            target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 3},
+            base,
+            data / "peft" / "math",
+            r=6,
+            alpha=12,
+            seed=2,
+            init_scale=0.5,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"down_proj": 3},
         ),
-    }  # fmt: skip
+    }
     gen = torch.Generator().manual_seed(SEED)
     cfg = base.config
     router = [torch.randn(2, cfg.hidden_size, generator=gen) * 3.0 for _ in range(cfg.num_hidden_layers)]
@@ -81,31 +91,66 @@ def write(data: Path) -> None:
         ("routed, the directory's strategy", moa, ids(routed[None])),
         ("routed, vote", [*moa, "--routing", "vote"], ids(routed["vote"])),
         ("routed, per_layer", [*moa, "--routing", "per_layer"], ids(routed["per_layer"])),
-        ("seeded sampling, expert code",
-         [*moa, "--domain", "code", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "1234"],
-         ids(routed[None], domain="code", **sampling)),
+        (
+            "seeded sampling, expert code",
+            [*moa, "--domain", "code", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "1234"],
+            ids(routed[None], domain="code", **sampling),
+        ),
         ("comma-separated ids, blank lines", [*common[:-1], "{data}/prompts_commas.txt"], ids(plain)),
-    ]  # fmt: skip
+    ]
     quick = {"expert code", "routed, vote"}  # with the stream and status cases: check --quick
     out = [{"name": n, "args": a, "expect": "ids", "ids": e, "quick": n in quick} for n, a, e in cases]
     [stream] = ids(routed[None], domain="math")[1:2]
-    out.append({
-        "name": "stream one prompt", "expect": "stream", "ids": stream, "quick": True,
-        "args": ["--model", "{model}", "--moa", "{moa}", "--domain", "math", "--max-new-tokens", str(MAX_NEW),
-                 "--ids", " ".join(map(str, prompts[1])), "--stream"],
-    })  # fmt: skip
-    out.append({
-        "name": "token outside the vocabulary", "expect": "status", "status": 1, "quick": True,
-        "stderr": "outside the vocabulary", "args": ["--model", "{model}", "--ids", f"1 {cfg.vocab_size} 2"],
-    })  # fmt: skip
-    out.append({
-        "name": "unknown domain", "expect": "status", "status": 1, "stderr": "unknown domain 'law'",
-        "args": [*moa, "--domain", "law"],
-    })  # fmt: skip
-    out.append({
-        "name": "bad command line", "expect": "status", "status": 2, "stderr": "usage:", "args": ["--ids", "1"],
-        "quick": True,
-    })  # fmt: skip
+    out.append(
+        {
+            "name": "stream one prompt",
+            "expect": "stream",
+            "ids": stream,
+            "quick": True,
+            "args": [
+                "--model",
+                "{model}",
+                "--moa",
+                "{moa}",
+                "--domain",
+                "math",
+                "--max-new-tokens",
+                str(MAX_NEW),
+                "--ids",
+                " ".join(map(str, prompts[1])),
+                "--stream",
+            ],
+        }
+    )
+    out.append(
+        {
+            "name": "token outside the vocabulary",
+            "expect": "status",
+            "status": 1,
+            "quick": True,
+            "stderr": "outside the vocabulary",
+            "args": ["--model", "{model}", "--ids", f"1 {cfg.vocab_size} 2"],
+        }
+    )
+    out.append(
+        {
+            "name": "unknown domain",
+            "expect": "status",
+            "status": 1,
+            "stderr": "unknown domain 'law'",
+            "args": [*moa, "--domain", "law"],
+        }
+    )
+    out.append(
+        {
+            "name": "bad command line",
+            "expect": "status",
+            "status": 2,
+            "stderr": "usage:",
+            "args": ["--ids", "1"],
+            "quick": True,
+        }
+    )
     (data / "cases.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {len(out)} cases to {data / 'cases.json'}")
 

@@ -43,7 +43,9 @@ def add_data_subcommand(subparsers) -> None:
         default=None,
         help=f"comma-separated domains (default: all installed); known: {','.join(CORPORA)}",
     )
-    build.add_argument("--max-per-domain", type=_positive_int, default=2000, metavar="N", help="cap per domain (default 2000)")
+    build.add_argument(
+        "--max-per-domain", type=_positive_int, default=2000, metavar="N", help="cap per domain (default 2000)"
+    )
     build.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
     build.add_argument("--cache-dir", default=None, metavar="DIR", help="cache folder (default: see above)")
     build.set_defaults(func=run_data_build)

@@ -31,9 +31,9 @@ import sys
 import sysconfig
 import textwrap
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import Callable, Iterable, Iterator
 
 from .records import Record
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from moa_engine._io import atomic_write_text
 
@@ -69,7 +69,7 @@ class Record:
         return {name: getattr(self, name) for name in ALL_FIELDS if getattr(self, name) is not None}
 
     @classmethod
-    def from_dict(cls, obj: dict) -> "Record":
+    def from_dict(cls, obj: dict) -> Record:
         problem = record_problem(obj)
         if problem is not None:
             raise ValueError(f"invalid record: {problem}")

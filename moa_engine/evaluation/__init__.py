@@ -28,14 +28,33 @@ experiment) and cli.py (`moa eval`).
 
 from .comparison import compare
 from .experiments import add_domain_experiment, perplexity_change
-from .routing import routing_accuracy, wilson_interval
-from .scoring import STRATEGIES, evaluate, exact_match, first_per_domain, perplexity
-from .tables import add_domain_table, comparison_table, markdown_table, routing_table
 
 # The private names that moa_engine/evaluation.py had, for the callers (and tests) that use them.
-from .routing import _collapse  # noqa: F401, E402
-from .scoring import _check_mode, _domain_arg, _Item, _items, _nll, _normalise  # noqa: F401, E402
-from .tables import _domains_of  # noqa: F401, E402
+from .routing import (
+    _collapse,  # noqa: F401, E402
+    routing_accuracy,
+    wilson_interval,
+)
+from .scoring import (  # noqa: F401, E402
+    STRATEGIES,
+    _check_mode,
+    _domain_arg,
+    _Item,
+    _items,
+    _nll,
+    _normalise,
+    evaluate,
+    exact_match,
+    first_per_domain,
+    perplexity,
+)
+from .tables import (
+    _domains_of,  # noqa: F401, E402
+    add_domain_table,
+    comparison_table,
+    markdown_table,
+    routing_table,
+)
 
 __all__ = [
     "STRATEGIES",

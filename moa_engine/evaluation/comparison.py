@@ -36,8 +36,10 @@ def compare(a: dict, b: dict, n_boot: int = 2000, confidence: float = 0.95, seed
     per_domain = {}
     for d in ra:
         if ra[d]["tokens"] != rb[d]["tokens"]:
-            raise ValueError(f"domain {d!r}: the two systems' records differ (scored-token counts do not match); "
-                             "compare needs both scored on the same records with the same tokenizer")  # fmt: skip
+            raise ValueError(
+                f"domain {d!r}: the two systems' records differ (scored-token counts do not match); "
+                "compare needs both scored on the same records with the same tokenizer"
+            )
         tokens = torch.tensor(ra[d]["tokens"], dtype=torch.float64)
         nll_a = torch.tensor(ra[d]["nll"], dtype=torch.float64)
         nll_b = torch.tensor(rb[d]["nll"], dtype=torch.float64)
@@ -57,6 +59,11 @@ def compare(a: dict, b: dict, n_boot: int = 2000, confidence: float = 0.95, seed
         return {"change_pct": float(change[0]), "interval_pct": [lo, hi]}
 
     out = summary(100.0 * (avg_a / avg_b - 1.0))
-    out.update(p_lower=float((avg_a[1:] < avg_b[1:]).double().mean()), n_boot=n_boot, confidence=confidence,
-               records={d: len(ra[d]["tokens"]) for d in ra}, domains={d: summary(c) for d, c in per_domain.items()})  # fmt: skip
+    out.update(
+        p_lower=float((avg_a[1:] < avg_b[1:]).double().mean()),
+        n_boot=n_boot,
+        confidence=confidence,
+        records={d: len(ra[d]["tokens"]) for d in ra},
+        domains={d: summary(c) for d, c in per_domain.items()},
+    )
     return out

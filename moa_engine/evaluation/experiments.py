@@ -5,9 +5,24 @@ from __future__ import annotations
 from .scoring import evaluate
 
 
-def add_domain_experiment(stage1, old_domains: list[str], new_domain: str, train_records: list, val_records: list, out, *,
-                          router_cfg, expert_cfg, new_router_cfg, expert=None, data_opts=None, eta: float | None = None,
-                          router_sample: int = 64, modes=("label", "last"), **eval_options) -> dict:  # fmt: skip
+def add_domain_experiment(
+    stage1,
+    old_domains: list[str],
+    new_domain: str,
+    train_records: list,
+    val_records: list,
+    out,
+    *,
+    router_cfg,
+    expert_cfg,
+    new_router_cfg,
+    expert=None,
+    data_opts=None,
+    eta: float | None = None,
+    router_sample: int = 64,
+    modes=("label", "last"),
+    **eval_options,
+) -> dict:
     """Does adding a domain leave the old domains as they were?
 
     A MoA of `old_domains`' experts taken from `stage1` (a MoA directory with those experts and
@@ -35,8 +50,16 @@ def add_domain_experiment(stage1, old_domains: list[str], new_domain: str, train
     before = evaluate(Engine(experts=out), old_val, list(modes), **eval_options)
     new_records = [r for r in train_records if r.domain == new_domain]
     sample = [r for d in old for r in [x for x in old_train if x.domain == d][:router_sample]]
-    add_domain(out, new_domain, new_records, router_data=sample, cfg=expert_cfg, router_cfg=new_router_cfg, expert=expert,
-               data_opts=data_opts)  # fmt: skip
+    add_domain(
+        out,
+        new_domain,
+        new_records,
+        router_data=sample,
+        cfg=expert_cfg,
+        router_cfg=new_router_cfg,
+        expert=expert,
+        data_opts=data_opts,
+    )
     after = evaluate(Engine(experts=out), val_records, list(modes), **eval_options)
     growth = {"old_domains": old, "new_domain": new_domain, "before": before, "after": after, "change_pct": {}}
     for mode in modes:

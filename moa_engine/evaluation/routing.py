@@ -39,8 +39,9 @@ def _collapse(layers: list[str], strategy: str) -> str:
     return choice
 
 
-def routing_accuracy(engine, records: list[Record], strategies=("last",), max_len: int = 512, batch: int = 64,
-                     confidence: float = 0.95) -> dict:
+def routing_accuracy(
+    engine, records: list[Record], strategies=("last",), max_len: int = 512, batch: int = 64, confidence: float = 0.95
+) -> dict:
     """How often the routers pick each record's own domain, routing only: each record's routing
     prompt (what a request is routed over at prefill: a chat record's prompt, a text record's
     text, cut at max_len tokens) goes through one routing pass (Engine.route), and each strategy's
@@ -60,7 +61,9 @@ def routing_accuracy(engine, records: list[Record], strategies=("last",), max_le
     # last / vote collapse them (the engine's rule, checked against it in the tests).
     layer_choices = []
     for start in range(0, len(prompts), batch):
-        layer_choices += [list(r.layer_domains) for r in engine.route(prompts[start : start + batch], routing="per_layer")]
+        layer_choices += [
+            list(r.layer_domains) for r in engine.route(prompts[start : start + batch], routing="per_layer")
+        ]
     return {s: _strategy_accuracy(records, layer_choices, s, engine.router_domains, confidence) for s in strategies}
 
 
@@ -98,8 +101,9 @@ def _routing_prompts(engine, records: list[Record], max_len: int) -> list[list[i
     return prompts
 
 
-def _strategy_accuracy(records: list[Record], layer_choices: list[list[str]], strategy: str, router_domains: list[str],
-                       confidence: float) -> dict:  # fmt: skip
+def _strategy_accuracy(
+    records: list[Record], layer_choices: list[list[str]], strategy: str, router_domains: list[str], confidence: float
+) -> dict:
     """One strategy's entry of routing_accuracy's result, from every record's per-layer choices."""
     confusion: dict[str, dict[str, int]] = {}
     for rec, layers in zip(records, layer_choices):
@@ -111,7 +115,9 @@ def _strategy_accuracy(records: list[Record], layer_choices: list[list[str]], st
         interval = wilson_interval(hits, n, confidence) if strategy != "per_layer" else None
         return {"hits": hits, "n": n, "accuracy": hits / n, "interval": interval}
 
-    domains = {d: summary(confusion[d].get(d, 0), sum(confusion[d].values()))
-               for d in sorted(confusion, key=router_domains.index)}  # fmt: skip
+    domains = {
+        d: summary(confusion[d].get(d, 0), sum(confusion[d].values()))
+        for d in sorted(confusion, key=router_domains.index)
+    }
     overall = summary(sum(v["hits"] for v in domains.values()), sum(v["n"] for v in domains.values()))
     return {"domains": domains, "overall": overall, "confusion": confusion, "confidence": confidence}

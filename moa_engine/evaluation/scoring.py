@@ -73,8 +73,9 @@ def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
         for b, it in enumerate(chunk):
             ids[b, : len(it.ids)] = torch.tensor(it.ids)
         if routed:
-            logits, routing = engine.forward(ids, domain=None, return_routing=True, route_len=[it.route_len for it in chunk],
-                                             routing=mode)  # fmt: skip
+            logits, routing = engine.forward(
+                ids, domain=None, return_routing=True, route_len=[it.route_len for it in chunk], routing=mode
+            )
         else:
             logits = engine.forward(ids, domain=[_domain_arg(mode, it) for it in chunk])
         for b, (i, it) in enumerate(zip(order[start : start + batch], chunk)):
@@ -92,7 +93,9 @@ def perplexity(engine, items: list[_Item], mode: str, batch: int = 8) -> dict:
                 else:
                     h[0] += int(routing[b].domain == it.domain)
                     h[1] += 1
-    out = {d: {"nll": s[0] / max(1, s[1]), "tokens": s[1], "ppl": math.exp(s[0] / max(1, s[1]))} for d, s in sums.items()}
+    out = {
+        d: {"nll": s[0] / max(1, s[1]), "tokens": s[1], "ppl": math.exp(s[0] / max(1, s[1]))} for d, s in sums.items()
+    }
     records: dict[str, dict] = {}
     for it, (nll, n) in zip(items, per_item):
         r = records.setdefault(it.domain, {"nll": [], "tokens": []})
@@ -117,7 +120,9 @@ def exact_match(engine, items: list[_Item], mode: str, max_new_tokens: int = 24)
     if mode in STRATEGIES:
         outs = engine.generate(prompts, max_new_tokens=max_new_tokens, chat=True, routing=mode)
     else:
-        outs = engine.generate(prompts, max_new_tokens=max_new_tokens, chat=True, domain=[_domain_arg(mode, it) for it in chat])
+        outs = engine.generate(
+            prompts, max_new_tokens=max_new_tokens, chat=True, domain=[_domain_arg(mode, it) for it in chat]
+        )
     hits: dict[str, list] = {}
     for it, c in zip(chat, outs):
         h = hits.setdefault(it.domain, [0, 0])
@@ -172,4 +177,6 @@ def _check_mode(engine, mode: str) -> None:
             raise ValueError(f"mode {mode!r} needs routers; the MoA directory has none (run `moa train router`)")
         return
     if mode not in engine.experts:
-        raise ValueError(f"mode {mode!r} is not base, label, a strategy {list(STRATEGIES)} or an expert {engine.experts}")
+        raise ValueError(
+            f"mode {mode!r} is not base, label, a strategy {list(STRATEGIES)} or an expert {engine.experts}"
+        )

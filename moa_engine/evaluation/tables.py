@@ -40,7 +40,9 @@ def routing_table(result: dict) -> str:
         return text
 
     for strategy, r in result.items():
-        lines.append(f"| {strategy} | " + " | ".join(cell(r["domains"].get(d)) for d in domains) + f" | {cell(r['overall'])} |")
+        lines.append(
+            f"| {strategy} | " + " | ".join(cell(r["domains"].get(d)) for d in domains) + f" | {cell(r['overall'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -49,7 +51,9 @@ def comparison_table(pairs: dict) -> str:
     share of draws where the first system is lower, and each domain's change."""
     domains = _domains_of(pairs.values())
     conf = next(iter(pairs.values()))["confidence"] if pairs else 0.95
-    head = ["comparison", "avg ppl change", f"{100 * conf:.0f}% interval", "P(lower)"] + [f"{d} change" for d in domains]
+    head = ["comparison", "avg ppl change", f"{100 * conf:.0f}% interval", "P(lower)"] + [
+        f"{d} change" for d in domains
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for title, c in pairs.items():
         lo, hi = c["interval_pct"]
@@ -69,8 +73,12 @@ def add_domain_table(growth: dict, modes=("label", "last"), routed: str = "last"
     before and after the new domain was added and the change, for each of `modes`, and the
     router accuracy of strategy `routed` before and after."""
     before, after = growth["before"], growth["after"]
-    lines = ["| domain | " + " | ".join(f"{m} ppl before | after | change" for m in modes) + " | router acc before | after |",
-             "|---|" + "---|---|---|" * len(modes) + "---|---|"]  # fmt: skip
+    lines = [
+        "| domain | "
+        + " | ".join(f"{m} ppl before | after | change" for m in modes)
+        + " | router acc before | after |",
+        "|---|" + "---|---|---|" * len(modes) + "---|---|",
+    ]
     for d in growth["old_domains"]:
         cells = []
         for mode in modes:

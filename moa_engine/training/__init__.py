@@ -6,7 +6,17 @@ from .dataset import Example, encode_records
 from .experts import mixed_records, train_mixed_lora
 from .logs import summary_from_log
 from .modules import MoALinear, MoAModel
-from .stages import DataOptions, ExpertOptions, RouterFit, add_domain, fit_routers, router_features, serving_experts, train_experts, train_router
+from .stages import (
+    DataOptions,
+    ExpertOptions,
+    RouterFit,
+    add_domain,
+    fit_routers,
+    router_features,
+    serving_experts,
+    train_experts,
+    train_router,
+)
 from .trainer import TrainConfig, TrainingDiverged
 
 __all__ = [

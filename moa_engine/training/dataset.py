@@ -71,9 +71,7 @@ def encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
         prompt_ids = _ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
-        full = _ids(
-            tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True)
-        )
+        full = _ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True))
         if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
             return full, len(prompt_ids)
         response_ids = tokenizer.encode(response, add_special_tokens=False)
@@ -176,7 +174,6 @@ def steps_for(n: int, batch: int, steps: int | None, epochs: float | None) -> in
     if steps is not None:
         return steps
     return max(1, math.ceil(epochs * n / batch))
-
 
 
 # ---------------------------------------------------------------------------------------------

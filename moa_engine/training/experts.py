@@ -17,13 +17,32 @@ import torch
 from moa_engine.data.records import Record
 from moa_engine.moa_format import TARGET_MODULES, MoAConfig, MoADir
 
-from .common import DataOptions, as_records, check_margin, checkpoint_cfg, finish_checkpoints, load_base, prepare, wrap_ddp
+from .common import (
+    DataOptions,
+    as_records,
+    check_margin,
+    checkpoint_cfg,
+    finish_checkpoints,
+    load_base,
+    prepare,
+    wrap_ddp,
+)
 from .dataset import EncodeReport, Example, examples_digest, steps_for
 from .keep_best import evaluate_lm, make_keeper
 from .logs import append_log
 from .losses import stage1_loss
 from .modules import MoAModel
-from .trainer import Group, Plan, TrainConfig, _barrier, config_fingerprint, init_distributed, set_trainable, train, world
+from .trainer import (
+    Group,
+    Plan,
+    TrainConfig,
+    _barrier,
+    config_fingerprint,
+    init_distributed,
+    set_trainable,
+    train,
+    world,
+)
 
 MIXED = "mixed"  # the mixed-LoRA baseline's one domain
 
@@ -80,8 +99,16 @@ def train_experts(
     _barrier()
     for sub in trained.cfgs:
         finish_checkpoints(sub)
-    return {"out": str(out), "domains": run.names, "steps": run.steps, "data": run.report.summary(), "val_loss": val_loss,
-            "kept": trained.kept or None, "log": cfg.log_path, "final": trained.log[-1] if trained.log else None}  # fmt: skip
+    return {
+        "out": str(out),
+        "domains": run.names,
+        "steps": run.steps,
+        "data": run.report.summary(),
+        "val_loss": val_loss,
+        "kept": trained.kept or None,
+        "log": cfg.log_path,
+        "final": trained.log[-1] if trained.log else None,
+    }
 
 
 @dataclass
@@ -110,8 +137,18 @@ class _Trained:
     cfgs: list[TrainConfig] = field(default_factory=list)  # the configs run (their checkpoint folders)
 
 
-def _start(data, model, cfg: TrainConfig, expert: ExpertOptions, data_opts: DataOptions, domains, val_data, sequential: bool,
-           keep_best: int, keep_best_margin: float) -> _Run:  # fmt: skip
+def _start(
+    data,
+    model,
+    cfg: TrainConfig,
+    expert: ExpertOptions,
+    data_opts: DataOptions,
+    domains,
+    val_data,
+    sequential: bool,
+    keep_best: int,
+    keep_best_margin: float,
+) -> _Run:
     """Load the base model and the data, and add an expert per domain."""
     torch.manual_seed(cfg.seed)
     hf, tokenizer, folder, base_name = load_base(model, cfg)
@@ -125,21 +162,36 @@ def _start(data, model, cfg: TrainConfig, expert: ExpertOptions, data_opts: Data
     module.to(cfg.device)
     steps = {d: steps_for(len(train_ex[d]), cfg.batch, cfg.steps, cfg.epochs) for d in names}
     fingerprint = config_fingerprint(
-        cfg, stage="experts", data=examples_digest([e for d in names for e in train_ex[d]]),
-        rank=expert.rank, alpha=expert.alpha, targets=list(expert.targets), sequential=sequential, keep_best=keep_best,
+        cfg,
+        stage="experts",
+        data=examples_digest([e for d in names for e in train_ex[d]]),
+        rank=expert.rank,
+        alpha=expert.alpha,
+        targets=list(expert.targets),
+        sequential=sequential,
+        keep_best=keep_best,
         **({"keep_best_margin": keep_best_margin} if keep_best_margin else {}),
         **({"val_data": examples_digest([e for d in names for e in val_ex[d]])} if held_out is not None else {}),
-    )  # fmt: skip
+    )
     groups = [Group(d, module.expert_parameters(d), steps[d], cfg.lr) for d in names]
-    return _Run(cfg, module, base_name, train_ex, val_ex, report, names, steps, groups, fingerprint, keep_best, keep_best_margin)
+    return _Run(
+        cfg, module, base_name, train_ex, val_ex, report, names, steps, groups, fingerprint, keep_best, keep_best_margin
+    )
 
 
 def _train_groups(run: _Run, groups: list[Group], plan: Plan, val: dict[str, list[Example]], cfg: TrainConfig):
     """Train `groups` on `plan` (keep-best on `val` when asked); (the step log, the KeepBest or None)."""
     set_trainable(run.module, groups)
     keeper = make_keeper(run.module, val, run.names, cfg, run.keep_best, plan.total_steps, run.keep_best_margin)
-    log = train(wrap_ddp(run.module, cfg), groups, plan, stage1_loss(list(range(len(run.names)))), cfg, run.module,
-                after_step=keeper)  # fmt: skip
+    log = train(
+        wrap_ddp(run.module, cfg),
+        groups,
+        plan,
+        stage1_loss(list(range(len(run.names)))),
+        cfg,
+        run.module,
+        after_step=keeper,
+    )
     return log, keeper
 
 
@@ -159,9 +211,18 @@ def _train_one_at_a_time(run: _Run) -> _Trained:
     for i, d in enumerate(run.names):
         folder = Path(run.cfg.checkpoint_dir) / d
         # resuming: a finished domain reloads its final checkpoint; one not begun starts fresh
-        sub = replace(run.cfg, checkpoint_dir=str(folder), log_path=str(folder / "log.jsonl"),
-                      resume=run.cfg.resume and (folder / "checkpoint.pt").exists())  # fmt: skip
-        plan = Plan({d: run.train[d]}, {d: run.steps[d]}, {x: k for k, x in enumerate(run.names)}, {**run.fingerprint, "domain": d})
+        sub = replace(
+            run.cfg,
+            checkpoint_dir=str(folder),
+            log_path=str(folder / "log.jsonl"),
+            resume=run.cfg.resume and (folder / "checkpoint.pt").exists(),
+        )
+        plan = Plan(
+            {d: run.train[d]},
+            {d: run.steps[d]},
+            {x: k for k, x in enumerate(run.names)},
+            {**run.fingerprint, "domain": d},
+        )
         log, keeper = _train_groups(run, [run.groups[i]], plan, {d: run.val[d]}, sub)
         trained.log += log
         if keeper is not None:

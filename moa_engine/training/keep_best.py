@@ -14,8 +14,9 @@ from .trainer import TrainConfig, atomic_torch_save, world
 
 
 @torch.no_grad()
-def example_losses(module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig,
-                   batch: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+def example_losses(
+    module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig, batch: int = 8
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{domain: (each held-out example's summed token loss, its token count)}, float64, in the
     examples' order, each example through its own domain's expert."""
     from .dataset import collate
@@ -28,7 +29,9 @@ def example_losses(module: MoAModel, val: dict[str, list[Example]], names: list[
         sums, counts = [], []
         for i in range(0, len(examples), batch):
             b = collate(examples[i : i + batch], index, 0)
-            hidden, _ = module(b.input_ids.to(cfg.device), b.attention_mask.to(cfg.device), [module.expert_index(d)] * len(b.domains))
+            hidden, _ = module(
+                b.input_ids.to(cfg.device), b.attention_mask.to(cfg.device), [module.expert_index(d)] * len(b.domains)
+            )
             sel = b.labels.to(cfg.device) != -100
             per_row = sel.sum(1)
             losses = module.token_losses(hidden[sel], b.labels.to(cfg.device)[sel]).double().cpu()
@@ -42,7 +45,9 @@ def _mean_loss(sums: torch.Tensor, counts: torch.Tensor) -> float:
     return float(sums.sum() / counts.sum().clamp_min(1.0))
 
 
-def evaluate_lm(module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
+def evaluate_lm(
+    module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig, batch: int = 8
+) -> dict:
     """Mean token loss per domain on held-out examples, each through its own domain's expert."""
     return {d: _mean_loss(s, c) for d, (s, c) in example_losses(module, val, names, cfg, batch).items()}
 
@@ -79,15 +84,26 @@ class KeepBest:
     A few held-out examples then cannot move an expert off its start by noise; margin 0 keeps the
     plain minimum."""
 
-    def __init__(self, module: MoAModel, val: dict[str, list[Example]], names: list[str], cfg: TrainConfig,
-                 every: int, total: int, path: Path | None, margin: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        module: MoAModel,
+        val: dict[str, list[Example]],
+        names: list[str],
+        cfg: TrainConfig,
+        every: int,
+        total: int,
+        path: Path | None,
+        margin: float = 0.0,
+    ):
         if every <= 0:
             raise ValueError(f"keep-best: the evaluation interval must be > 0 steps, got {every}")
         check_margin(margin)
         missing = [d for d in val if not val[d]]
         if missing or not val:
-            raise ValueError(f"keep-best needs held-out examples of every trained domain (--val-fraction > 0 or --val-data); "
-                             f"none for {missing or list(val)}")  # fmt: skip
+            raise ValueError(
+                f"keep-best needs held-out examples of every trained domain (--val-fraction > 0 or --val-data); "
+                f"none for {missing or list(val)}"
+            )
         self.module, self.val, self.names, self.cfg = module, val, names, cfg
         self.every, self.total, self.path, self.margin = every, total, path, float(margin)
         self.best: dict[str, dict] = {}  # domain -> {"step", "loss", "sums", "state": [tensors]}

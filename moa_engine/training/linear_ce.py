@@ -50,14 +50,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, None, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-                         chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
     """Per-token CE [N] of logits h @ weight^T (+ bias) against labels [N] (each in [0, vocab)),
     float32 (float64 for float64 h). weight [vocab, H] and bias get no gradient (a frozen head):
     use F.cross_entropy when they must train. Under autocast the head runs in its dtype, as an
     autocast nn.Linear would, and the softmax in float32."""
     if h.ndim != 2 or labels.shape != h.shape[:1] or weight.ndim != 2 or weight.shape[1] != h.shape[1]:
-        raise ValueError(f"linear_cross_entropy: h {list(h.shape)}, weight {list(weight.shape)}, labels {list(labels.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: h {list(h.shape)}, weight {list(weight.shape)}, labels {list(labels.shape)}"
+        )
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("linear_cross_entropy: the head must be frozen (weight / bias with requires_grad=False)")
     if chunk < 1:
@@ -67,4 +74,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), labels, chunk)
+        return _LinearCrossEntropy.apply(
+            h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), labels, chunk
+        )

@@ -54,8 +54,13 @@ class MoALinear(nn.Module):
         self.scales: list[float] = []
         self._batch = batch
 
-    def add_expert(self, rank: int, scale: float, generator: torch.Generator | None = None,
-                   weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def add_expert(
+        self,
+        rank: int,
+        scale: float,
+        generator: torch.Generator | None = None,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Append an expert: PEFT's initialisation (A Kaiming-uniform, B zero) or given weights."""
         if weights is None:
             A = torch.empty(rank, self.in_features)
@@ -88,7 +93,9 @@ class MoALinear(nn.Module):
         # the compute dtype: autocast's (as the base linear would run under it), else x's
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rank = max(a.shape[0] for a in self.lora_A)
-        A = torch.stack([a if a.shape[0] == rank else F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in self.lora_A]).to(dtype)
+        A = torch.stack([a if a.shape[0] == rank else F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in self.lora_A]).to(
+            dtype
+        )
         B = torch.stack([b if b.shape[1] == rank else F.pad(b, (0, rank - b.shape[1])) for b in self.lora_B]).to(dtype)
         scales = torch.tensor(self.scales, dtype=torch.float32, device=x.device)
         x2 = x.reshape(-1, self.in_features).to(dtype)
@@ -97,7 +104,9 @@ class MoALinear(nn.Module):
             y = self.base(x)
             return y + grouped_lora(x2, A, B, ids, scales).view(y.shape)
         with torch.autocast(device, enabled=False):
-            y = _FrozenLinearWithExperts.apply(x2, weight.to(dtype), None if bias is None else bias.to(dtype), A, B, ids, scales)
+            y = _FrozenLinearWithExperts.apply(
+                x2, weight.to(dtype), None if bias is None else bias.to(dtype), A, B, ids, scales
+            )
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -145,8 +154,7 @@ def decoder_layers(model) -> nn.ModuleList:
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(
-            f"{type(model).__name__}: expected a Llama-family causal LM with model.model.layers "
-            "(llama, mistral, qwen2)"
+            f"{type(model).__name__}: expected a Llama-family causal LM with model.model.layers (llama, mistral, qwen2)"
         )
     return layers
 
@@ -180,7 +188,9 @@ class MoAModel(nn.Module):
                 parent = getattr(layer, MODULE_PARENT[module])
                 base = getattr(parent, module)
                 if not isinstance(base, nn.Linear):
-                    raise ValueError(f"layer {l}: {MODULE_PARENT[module]}.{module} is {type(base).__name__}, not nn.Linear")
+                    raise ValueError(
+                        f"layer {l}: {MODULE_PARENT[module]}.{module} is {type(base).__name__}, not nn.Linear"
+                    )
                 wrapped = MoALinear(base, self._batch)
                 setattr(parent, module, wrapped)
                 self.linears[(l, module)] = wrapped
@@ -210,10 +220,14 @@ class MoAModel(nn.Module):
                 A, B, scale = expert.targets[key]
                 linear.add_expert(A.shape[0], scale, weights=(A, B))
             else:
-                linear.add_expert(1, 0.0, weights=(torch.zeros(1, linear.in_features), torch.zeros(linear.out_features, 1)))
+                linear.add_expert(
+                    1, 0.0, weights=(torch.zeros(1, linear.in_features), torch.zeros(linear.out_features, 1))
+                )
         extra = sorted(k for k in expert.targets if k not in self.linears)
         if extra:
-            raise ValueError(f"expert {expert.name!r} adapts {extra[:3]}..., outside this model's target modules {self.target_modules}")
+            raise ValueError(
+                f"expert {expert.name!r} adapts {extra[:3]}..., outside this model's target modules {self.target_modules}"
+            )
         self.experts.append(expert.name)
         self.expert_meta[expert.name] = {"path": str(expert.path) if expert.path else None}
 
@@ -238,7 +252,9 @@ class MoAModel(nn.Module):
     def expert_weights(self, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """One expert's weights: {(layer, module): (A [r, in], B [out, r])}, detached."""
         e = self.expert_index(name)
-        return {key: (linear.lora_A[e].detach(), linear.lora_B[e].detach()) for key, linear in sorted(self.linears.items())}
+        return {
+            key: (linear.lora_A[e].detach(), linear.lora_B[e].detach()) for key, linear in sorted(self.linears.items())
+        }
 
     def save_expert(self, name: str, folder, base_model: str, adapter_config: dict | None = None) -> Path:
         """Write one expert as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors),
@@ -248,7 +264,9 @@ class MoAModel(nn.Module):
         if adapter_config is None:
             if "rank" not in meta:
                 raise ValueError(f"expert {name!r} was loaded from a folder: pass its adapter_config")
-            adapter_config = lora_adapter_config(base_model, meta["rank"], meta["alpha"], self.target_modules, meta["use_rslora"])
+            adapter_config = lora_adapter_config(
+                base_model, meta["rank"], meta["alpha"], self.target_modules, meta["use_rslora"]
+            )
         return save_peft_adapter(folder, adapter_config, self.expert_weights(name))
 
     # -- routers ---------------------------------------------------------------------
@@ -316,7 +334,11 @@ class MoAModel(nn.Module):
         """Per-token CE [N] (float32) of the LM head on hidden [N, H] against labels [N]: the
         frozen head through linear_ce (no [N, vocab] logits), a trainable one the plain way."""
         head = self.hf.lm_head
-        if isinstance(head, nn.Linear) and not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad):
+        if (
+            isinstance(head, nn.Linear)
+            and not head.weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad)
+        ):
             return linear_cross_entropy(hidden, head.weight, labels, head.bias)
         return F.cross_entropy(self.lm_logits(hidden).float(), labels, reduction="none")
 

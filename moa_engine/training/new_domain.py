@@ -55,11 +55,19 @@ def add_domain(
             if world()[0] == 0:
                 MoADir.save(moa.path, config, experts, overwrite=True)
             return {"out": str(moa.path), "expert": summary, "router": None}
-        router_cfg = router_cfg or TrainConfig(steps=RouterFit.steps, lr=RouterFit.lr, batch=cfg.batch, seed=cfg.seed,
-                                               dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)  # fmt: skip
+        router_cfg = router_cfg or TrainConfig(
+            steps=RouterFit.steps,
+            lr=RouterFit.lr,
+            batch=cfg.batch,
+            seed=cfg.seed,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
         fixed = list(moa.config.domains) if router_rows == "new" else ()
-        result = _retrain_widened_routers(moa, config, experts, list(old_records) + list(records), work, scratch,
-                                          router_cfg, data_opts, fixed)  # fmt: skip
+        result = _retrain_widened_routers(
+            moa, config, experts, list(old_records) + list(records), work, scratch, router_cfg, data_opts, fixed
+        )
     finally:
         if world()[0] == 0:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -96,14 +104,27 @@ def _remove_old_scratch(scratch: Path) -> None:
     _barrier()
 
 
-def _train_new_expert(moa: MoADir, domain: str, records, work: Path, scratch: Path, cfg: TrainConfig, expert: ExpertOptions,
-                      data_opts: DataOptions) -> tuple[dict, Path]:  # fmt: skip
+def _train_new_expert(
+    moa: MoADir,
+    domain: str,
+    records,
+    work: Path,
+    scratch: Path,
+    cfg: TrainConfig,
+    expert: ExpertOptions,
+    data_opts: DataOptions,
+) -> tuple[dict, Path]:
     """Stage 1 for the new domain alone, into a scratch MoA dir; (its summary, the expert's folder)."""
     staged = scratch / "new"
     summary = train_experts(
-        records, staged, model=base_of_moa(moa), cfg=replace(cfg, checkpoint_dir=str(work / "expert"), log_path=None),
-        expert=expert, data_opts=data_opts, domains=[domain],
-    )  # fmt: skip
+        records,
+        staged,
+        model=base_of_moa(moa),
+        cfg=replace(cfg, checkpoint_dir=str(work / "expert"), log_path=None),
+        expert=expert,
+        data_opts=data_opts,
+        domains=[domain],
+    )
     new_folder = scratch / "expert"
     if world()[0] == 0:
         shutil.copytree(staged / "experts" / domain, new_folder)
@@ -114,13 +135,25 @@ def _train_new_expert(moa: MoADir, domain: str, records, work: Path, scratch: Pa
 def _grown_config(moa: MoADir, domain: str) -> MoAConfig:
     """The directory's config with `domain` added as the last domain."""
     return MoAConfig(
-        base_model=moa.config.base_model, domains=list(moa.config.domains) + [domain],
-        target_modules=list(moa.config.target_modules), router=moa.config.router, eta=moa.config.eta,
-    )  # fmt: skip
+        base_model=moa.config.base_model,
+        domains=list(moa.config.domains) + [domain],
+        target_modules=list(moa.config.target_modules),
+        router=moa.config.router,
+        eta=moa.config.eta,
+    )
 
 
-def _retrain_widened_routers(moa: MoADir, config: MoAConfig, experts: dict, records, work: Path, scratch: Path,
-                             router_cfg: TrainConfig, data_opts: DataOptions, fixed_domains) -> dict:  # fmt: skip
+def _retrain_widened_routers(
+    moa: MoADir,
+    config: MoAConfig,
+    experts: dict,
+    records,
+    work: Path,
+    scratch: Path,
+    router_cfg: TrainConfig,
+    data_opts: DataOptions,
+    fixed_domains,
+) -> dict:
     """The routers widened by one zero row, retrained on old + new records (experts frozen), then
     the grown directory written over the old one (its old experts' files copied)."""
     widened = scratch / "widened"
@@ -128,8 +161,15 @@ def _retrain_widened_routers(moa: MoADir, config: MoAConfig, experts: dict, reco
     if world()[0] == 0:
         MoADir.save(widened, config, experts, router=widened_router)
     _barrier()
-    result = train_router(widened, records, cfg=replace(router_cfg, checkpoint_dir=str(work / "router"), log_path=None),
-                          data_opts=data_opts, out=widened, init_from_existing=True, fixed_domains=fixed_domains)  # fmt: skip
+    result = train_router(
+        widened,
+        records,
+        cfg=replace(router_cfg, checkpoint_dir=str(work / "router"), log_path=None),
+        data_opts=data_opts,
+        out=widened,
+        init_from_existing=True,
+        fixed_domains=fixed_domains,
+    )
     if world()[0] == 0:
         final = MoADir.load(widened)
         grown = {d: (moa.expert_paths[d] if d in moa.expert_paths else final.expert_paths[d]) for d in config.domains}
@@ -143,8 +183,12 @@ def subset_moa(source, out, domains: list[str], eta: float | None = None) -> Pat
     no routers (e.g. the starting point of an add-a-domain experiment). eta: the routers' loss
     weight it records (default: source's). Returns `out`."""
     moa = MoADir.load(source)
-    config = MoAConfig(base_model=moa.config.base_model, domains=list(domains), target_modules=moa.config.target_modules,
-                       eta=moa.config.eta if eta is None else eta)  # fmt: skip
+    config = MoAConfig(
+        base_model=moa.config.base_model,
+        domains=list(domains),
+        target_modules=moa.config.target_modules,
+        eta=moa.config.eta if eta is None else eta,
+    )
     MoADir.save(out, config, {d: moa.expert_paths[d] for d in domains})
     return Path(out)
 
@@ -154,6 +198,8 @@ def _expert_options_like(moa: MoADir) -> ExpertOptions:
     first = moa.config.domains[0]
     config = json.loads((moa.expert_paths[first] / ADAPTER_CONFIG).read_text())
     return ExpertOptions(
-        rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=tuple(moa.config.target_modules),
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        targets=tuple(moa.config.target_modules),
         use_rslora=bool(config.get("use_rslora", False)),
-    )  # fmt: skip
+    )

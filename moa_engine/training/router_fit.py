@@ -35,8 +35,15 @@ from .trainer import TrainConfig, TrainingDiverged, atomic_torch_save, world
 
 
 @torch.no_grad()
-def router_features(module: MoAModel, examples: list[Example], domain_index: dict[str, int], device: str,
-                    batch: int = 16, progress: bool = False, experts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def router_features(
+    module: MoAModel,
+    examples: list[Example],
+    domain_index: dict[str, int],
+    device: str,
+    batch: int = 16,
+    progress: bool = False,
+    experts: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, L, H] float32 on the CPU, labels [N] int64): each example's pooled input of
     every router, in the order of `examples`, its prompt run through experts[i] (an expert index
     of `module`; default: its own domain's expert, teacher forcing); the label is always its
@@ -48,7 +55,9 @@ def router_features(module: MoAModel, examples: list[Example], domain_index: dic
         raise ValueError("router_features: the model has no routers (set_routers first)")
     N = len(examples)
     if experts is not None and (len(experts) != N or any(not 0 <= e < len(module.experts) for e in experts)):
-        raise ValueError(f"router_features: experts must give one index in [0, {len(module.experts)}) per example ({N})")
+        raise ValueError(
+            f"router_features: experts must give one index in [0, {len(module.experts)}) per example ({N})"
+        )
     feats = torch.empty(N, module.num_layers, module.hidden_size, dtype=torch.float32)
     labels = torch.tensor([domain_index[e.domain] for e in examples], dtype=torch.int64)
     order = sorted(range(N), key=lambda i: examples[i].route_len)  # little padding per batch
@@ -57,8 +66,14 @@ def router_features(module: MoAModel, examples: list[Example], domain_index: dic
 
     bar = tqdm(total=len(chunks), desc="router features", unit="batch", disable=not progress, dynamic_ncols=True)
     for chunk in chunks:
-        prompts = [replace(examples[i], input_ids=examples[i].input_ids[: examples[i].route_len],
-                           loss_mask=examples[i].loss_mask[: examples[i].route_len]) for i in chunk]  # fmt: skip
+        prompts = [
+            replace(
+                examples[i],
+                input_ids=examples[i].input_ids[: examples[i].route_len],
+                loss_mask=examples[i].loss_mask[: examples[i].route_len],
+            )
+            for i in chunk
+        ]
         b = collate(prompts, domain_index, 0)
         ran = [module.expert_index(examples[i].domain) if experts is None else experts[i] for i in chunk]
         module(b.input_ids.to(device), b.attention_mask.to(device), ran, b.route_mask.to(device))
@@ -76,22 +91,36 @@ class FitResult:
     accuracy: list[float]  # per layer, on the fitted features (balanced over domains)
 
 
-def fit_routers(routers: list[torch.Tensor], feats: torch.Tensor, labels: torch.Tensor, n_domains: int, steps: int,
-                lr: float, weight_decay: float = 0.0, fixed_rows=()) -> FitResult:
+def fit_routers(
+    routers: list[torch.Tensor],
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    n_domains: int,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    fixed_rows=(),
+) -> FitResult:
     """Fit every layer's router [D, H] in place to the cached features: `steps` full-batch AdamW
     steps on the domain-balanced CE (each domain weighs the same, whatever its count), cosine
     decay to lr / 10. Layers are independent; they are fitted together. Deterministic.
     fixed_rows: domain indices whose rows keep their values (the loss still sees their logits):
     only the other rows are fitted."""
     if feats.ndim != 3 or feats.shape[0] != labels.shape[0] or feats.shape[1] != len(routers):
-        raise ValueError(f"fit_routers: features {list(feats.shape)} do not match {len(routers)} routers and {labels.shape[0]} labels")
+        raise ValueError(
+            f"fit_routers: features {list(feats.shape)} do not match {len(routers)} routers and {labels.shape[0]} labels"
+        )
     if any(tuple(r.shape) != (n_domains, feats.shape[2]) for r in routers):
-        raise ValueError(f"fit_routers: routers must be [{n_domains}, {feats.shape[2]}], got {[list(r.shape) for r in routers][:2]}...")
+        raise ValueError(
+            f"fit_routers: routers must be [{n_domains}, {feats.shape[2]}], got {[list(r.shape) for r in routers][:2]}..."
+        )
     if not bool(torch.isfinite(feats).all()):
         raise TrainingDiverged("router features are not finite (NaN or inf in the model's hidden states)")
     fixed = sorted(set(int(k) for k in fixed_rows))
     if any(not 0 <= k < n_domains for k in fixed) or len(fixed) == n_domains:
-        raise ValueError(f"fit_routers: fixed_rows must be some of the {n_domains} rows and leave one to fit, got {list(fixed_rows)}")
+        raise ValueError(
+            f"fit_routers: fixed_rows must be some of the {n_domains} rows and leave one to fit, got {list(fixed_rows)}"
+        )
     counts = torch.bincount(labels, minlength=n_domains).to(torch.float32)
     present = int((counts > 0).sum())
     sample_w = 1.0 / (counts[labels] * present)  # sums to 1: each present domain 1 / present
@@ -99,7 +128,9 @@ def fit_routers(routers: list[torch.Tensor], feats: torch.Tensor, labels: torch.
     kept = W.detach()[:, fixed].clone()
     X = feats.transpose(0, 1).contiguous()  # [L, N, H]
     opt = torch.optim.AdamW([W], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
     L = len(routers)
     y = labels.expand(L, -1)
     loss = torch.zeros(())
@@ -133,7 +164,9 @@ def serving_experts(module: MoAModel, domains: list[str], n: int, seed: int) -> 
     return [pool[k] for k in torch.randint(0, len(pool), (n,), generator=g).tolist()]
 
 
-def shared_router_features(module: MoAModel, examples: list[Example], index: dict[str, int], cfg: TrainConfig, fingerprint: dict):
+def shared_router_features(
+    module: MoAModel, examples: list[Example], index: dict[str, int], cfg: TrainConfig, fingerprint: dict
+):
     """router_features of `examples`, each prompt through an expert drawn by serving_experts,
     each process encoding its share (examples[rank::world]),
     all of them gathered on every process. With checkpointing on, the features are kept in the
@@ -147,8 +180,15 @@ def shared_router_features(module: MoAModel, examples: list[Example], index: dic
     ran = serving_experts(module, list(index), len(examples), cfg.seed)
     mine = list(range(rank, len(examples), world_size))
     batch = cfg.micro_batch or cfg.batch * len(index)
-    feats, labels = router_features(module, [examples[i] for i in mine], index, cfg.device, batch,
-                                    progress=cfg.progress and rank == 0, experts=[ran[i] for i in mine])  # fmt: skip
+    feats, labels = router_features(
+        module,
+        [examples[i] for i in mine],
+        index,
+        cfg.device,
+        batch,
+        progress=cfg.progress and rank == 0,
+        experts=[ran[i] for i in mine],
+    )
     if world_size > 1:
         import torch.distributed as dist
 
@@ -159,12 +199,16 @@ def shared_router_features(module: MoAModel, examples: list[Example], index: dic
         for idx, f, y in parts:
             feats[idx], labels[idx] = f, y
     if rank == 0 and path is not None and cfg.checkpoint_every:
-        atomic_torch_save({"fingerprint": json.dumps(fingerprint, sort_keys=True), "features": feats, "labels": labels}, path)
+        atomic_torch_save(
+            {"fingerprint": json.dumps(fingerprint, sort_keys=True), "features": feats, "labels": labels}, path
+        )
     return feats, labels
 
 
 @torch.no_grad()
-def router_accuracy(module: MoAModel, val: dict[str, list[Example]], domains: list[str], cfg: TrainConfig, batch: int = 8) -> dict:
+def router_accuracy(
+    module: MoAModel, val: dict[str, list[Example]], domains: list[str], cfg: TrainConfig, batch: int = 8
+) -> dict:
     """Share of held-out examples whose last layer's router picks their own domain, each prompt
     run through an expert drawn as for training (serving_experts): the router must tell the
     prompt's domain whatever expert ran the layers below it."""

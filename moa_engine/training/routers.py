@@ -16,14 +16,33 @@ import torch
 from moa_engine.data.records import Record
 from moa_engine.moa_format import ADAPTER_CONFIG, MoAConfig, MoADir, RouterConfig
 
-from .common import DataOptions, as_records, check_margin, checkpoint_cfg, finish_checkpoints, load_moa_model, prepare, wrap_ddp
+from .common import (
+    DataOptions,
+    as_records,
+    check_margin,
+    checkpoint_cfg,
+    finish_checkpoints,
+    load_moa_model,
+    prepare,
+    wrap_ddp,
+)
 from .dataset import EncodeReport, Example, examples_digest, steps_for
 from .keep_best import make_keeper
 from .logs import append_log
 from .losses import stage2_loss
 from .modules import MoAModel
 from .router_fit import fit_routers, router_accuracy, shared_router_features
-from .trainer import Group, Plan, TrainConfig, _barrier, config_fingerprint, init_distributed, set_trainable, train, world
+from .trainer import (
+    Group,
+    Plan,
+    TrainConfig,
+    _barrier,
+    config_fingerprint,
+    init_distributed,
+    set_trainable,
+    train,
+    world,
+)
 
 
 @dataclass
@@ -83,9 +102,17 @@ def train_router(
     fixed_domains (with the experts frozen, and init_from_existing): these domains' router rows
     keep their values and only the others are fitted, so a domain added to a MoA cannot change
     how the old domains' rows score a prompt (add_domain's router_rows="new")."""
-    opts = RouterOptions(eta=eta, joint=joint, expert_lr=expert_lr, strategy=strategy, init_from_existing=init_from_existing,
-                         refit=refit or RouterFit(), keep_best=keep_best, keep_best_margin=keep_best_margin,
-                         fixed_domains=list(fixed_domains))  # fmt: skip
+    opts = RouterOptions(
+        eta=eta,
+        joint=joint,
+        expert_lr=expert_lr,
+        strategy=strategy,
+        init_from_existing=init_from_existing,
+        refit=refit or RouterFit(),
+        keep_best=keep_best,
+        keep_best_margin=keep_best_margin,
+        fixed_domains=list(fixed_domains),
+    )
     run = _start(moa_dir, data, cfg, opts, data_opts or DataOptions(), out)
     log, kept = _train_jointly(run) if opts.joint else ([], None)
     fit_steps, fit_lr, fit_wd = _fit_settings(run)
@@ -94,9 +121,18 @@ def train_router(
     _write_moa_dir(run)
     _barrier()
     finish_checkpoints(run.cfg)
-    return {"out": str(run.out), "domains": run.domains, "steps": max(len(log), fit_steps), "joint_steps": len(log), "fit": fit,
-            "kept": kept, "data": run.report.summary(), "val_router_accuracy": accuracy, "log": run.cfg.log_path,
-            "final": log[-1] if log else fit}  # fmt: skip
+    return {
+        "out": str(run.out),
+        "domains": run.domains,
+        "steps": max(len(log), fit_steps),
+        "joint_steps": len(log),
+        "fit": fit,
+        "kept": kept,
+        "data": run.report.summary(),
+        "val_router_accuracy": accuracy,
+        "log": run.cfg.log_path,
+        "final": log[-1] if log else fit,
+    }
 
 
 @dataclass
@@ -138,11 +174,18 @@ def _start(moa_dir, data, cfg: TrainConfig | None, opts: RouterOptions, data_opt
     else:
         module.set_routers(domains)
     fingerprint = config_fingerprint(
-        cfg, stage="router", data=examples_digest([e for d in present for e in train_ex[d]]), eta=eta,
-        joint=opts.joint, expert_lr=opts.expert_lr, domains=domains, keep_best=opts.keep_best, router_inputs="random-expert",
+        cfg,
+        stage="router",
+        data=examples_digest([e for d in present for e in train_ex[d]]),
+        eta=eta,
+        joint=opts.joint,
+        expert_lr=opts.expert_lr,
+        domains=domains,
+        keep_best=opts.keep_best,
+        router_inputs="random-expert",
         **({"keep_best_margin": opts.keep_best_margin} if opts.keep_best_margin else {}),
         **({"fixed_domains": sorted(opts.fixed_domains)} if opts.fixed_domains else {}),
-    )  # fmt: skip
+    )
     index = {d: k for k, d in enumerate(domains)}
     return _Run(moa, out, cfg, opts, eta, module, domains, present, index, train_ex, val_ex, report, fingerprint)
 
@@ -165,9 +208,13 @@ def _check_args(moa: MoADir, records: list[Record], cfg: TrainConfig, opts: Rout
     fixed = opts.fixed_domains
     if fixed:
         if opts.joint:
-            raise ValueError("fixed_domains applies to the routers' fit with the experts frozen, not to --joint training")
+            raise ValueError(
+                "fixed_domains applies to the routers' fit with the experts frozen, not to --joint training"
+            )
         if not (opts.init_from_existing and moa.router is not None):
-            raise ValueError("fixed_domains needs routers to keep: init_from_existing=True and a MoA directory with routers")
+            raise ValueError(
+                "fixed_domains needs routers to keep: init_from_existing=True and a MoA directory with routers"
+            )
         missing = sorted(set(fixed) - set(domains))
         if missing:
             raise ValueError(f"fixed_domains {missing} are not domains of {moa.path} ({domains})")
@@ -177,8 +224,10 @@ def _check_args(moa: MoADir, records: list[Record], cfg: TrainConfig, opts: Rout
         if opts.keep_best:
             raise ValueError("keep-best applies to --joint training (with the experts frozen nothing changes them)")
         if cfg.optimizer != "adamw" or cfg.warmup:
-            raise ValueError("with the experts frozen the routers are fitted by full-batch AdamW: --optimizer sgd and "
-                             "--warmup apply to --joint training only")  # fmt: skip
+            raise ValueError(
+                "with the experts frozen the routers are fitted by full-batch AdamW: --optimizer sgd and "
+                "--warmup apply to --joint training only"
+            )
     return present
 
 
@@ -218,10 +267,24 @@ def _fit(run: _Run, steps: int, lr: float, weight_decay: float) -> dict:
     """Fit the routers on the features of every training prompt (each through a random expert)."""
     examples = [e for d in run.present for e in run.train[d]]
     feats, labels = shared_router_features(run.module, examples, run.index, run.cfg, run.fingerprint)
-    result = fit_routers(list(run.module.routers), feats, labels, len(run.domains), steps, lr, weight_decay,
-                         fixed_rows=[run.index[d] for d in run.opts.fixed_domains])  # fmt: skip
-    fit = {"steps": steps, "lr": lr, "loss": result.loss, "train_accuracy_last": result.accuracy[-1],
-           "train_accuracy_min": min(result.accuracy), "records": len(examples)}  # fmt: skip
+    result = fit_routers(
+        list(run.module.routers),
+        feats,
+        labels,
+        len(run.domains),
+        steps,
+        lr,
+        weight_decay,
+        fixed_rows=[run.index[d] for d in run.opts.fixed_domains],
+    )
+    fit = {
+        "steps": steps,
+        "lr": lr,
+        "loss": result.loss,
+        "train_accuracy_last": result.accuracy[-1],
+        "train_accuracy_min": min(result.accuracy),
+        "records": len(examples),
+    }
     append_log(run.cfg, {"stage": "router-fit", **fit})
     return fit
 
@@ -232,9 +295,12 @@ def _write_moa_dir(run: _Run) -> None:
         return
     moa = run.moa
     config = MoAConfig(
-        base_model=moa.config.base_model, domains=run.domains, target_modules=list(moa.config.target_modules),
-        router=RouterConfig(moa.config.router.pooling, run.opts.strategy or moa.config.router.strategy), eta=float(run.eta),
-    )  # fmt: skip
+        base_model=moa.config.base_model,
+        domains=run.domains,
+        target_modules=list(moa.config.target_modules),
+        router=RouterConfig(moa.config.router.pooling, run.opts.strategy or moa.config.router.strategy),
+        eta=float(run.eta),
+    )
     with tempfile.TemporaryDirectory() as scratch:
         experts = dict(moa.expert_paths)
         if run.opts.joint:

@@ -18,10 +18,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -167,8 +167,15 @@ def _barrier() -> None:
 LossFn = Callable
 
 
-def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainConfig, module=None,
-          after_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+def train(
+    model,
+    groups: list[Group],
+    plan: Plan,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    module=None,
+    after_step: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
     """Run the plan; returns the per-step log records. `model` is what loss_fn is called with
     (a DDP wrapper when distributed); `module` the bare MoAModel (defaults to model).
     after_step(steps_done, record), when given, runs after every optimizer step, before that
@@ -193,7 +200,11 @@ def train(model, groups: list[Group], plan: Plan, loss_fn: LossFn, cfg: TrainCon
                 log_file.flush()
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if run.ckpt_path is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
+            if (
+                run.ckpt_path is not None
+                and cfg.checkpoint_every
+                and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total)
+            ):
                 # the last one marks the run finished (a resume then has nothing left to do);
                 # the stage removes it once its output is written
                 _save_checkpoint(run.ckpt_path, step + 1, run.module, run.opt, plan, run.names, run.trainable)
@@ -238,7 +249,9 @@ class TrainRun:
         opt = _optimizer(groups, cfg)
         names = {id(p): n for n, p in module.named_parameters()}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
-        return cls(model, module, groups, plan, loss_fn, cfg, opt, trainable, names, device, pad_id, autocast, rank, world_size)
+        return cls(
+            model, module, groups, plan, loss_fn, cfg, opt, trainable, names, device, pad_id, autocast, rank, world_size
+        )
 
     def resume(self) -> int:
         """The step to start from: 0, or with cfg.resume the step of the last checkpoint (loaded)."""
@@ -384,7 +397,9 @@ def _optimizer(groups: list[Group], cfg: TrainConfig):
     # the fused kernel: one pass over all of a step's tensors (E experts hold E times PEFT's
     # parameters; the per-tensor loop of the default AdamW costs more than the update itself)
     params = [p for g in groups for p in g.params]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params
+    )
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -499,7 +514,8 @@ def _load_checkpoint(path: Path, module, opt, plan: Plan, names, trainable) -> i
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if state.get("fingerprint") != plan.fingerprint:
         diff = sorted(
-            k for k in set(plan.fingerprint) | set(state.get("fingerprint", {}))
+            k
+            for k in set(plan.fingerprint) | set(state.get("fingerprint", {}))
             if plan.fingerprint.get(k) != state.get("fingerprint", {}).get(k)
         )
         raise ValueError(
@@ -521,8 +537,19 @@ def _load_checkpoint(path: Path, module, opt, plan: Plan, names, trainable) -> i
 
 def config_fingerprint(cfg: TrainConfig, **extra) -> dict:
     """The options a resumed run must share with the run it continues."""
-    keep = ("batch", "steps", "epochs", "lr", "warmup", "min_lr_ratio", "weight_decay", "max_grad_norm",
-            "optimizer", "seed", "dtype")  # fmt: skip
+    keep = (
+        "batch",
+        "steps",
+        "epochs",
+        "lr",
+        "warmup",
+        "min_lr_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "optimizer",
+        "seed",
+        "dtype",
+    )
     out = {k: v for k, v in asdict(cfg).items() if k in keep}
     out.update(extra)
     return out
