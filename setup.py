@@ -177,6 +177,10 @@ if __name__ == "__main__":  # pip runs setup.py as __main__; tests import its he
                 # needs accelerate) for the conversion.
                 PEFT,
                 "accelerate>=1.0",
+                # CI lints and checks the format with it; pinned so a new release's rules do
+                # not fail CI on unchanged code (pyproject's [tool.ruff] is the configuration).
+                "ruff==0.17.6",
+                "clang-format==23.1.5",  # the C++ format check (.clang-format), pinned as ruff is
                 *DATA_EXTRAS,
             ],
         },

@@ -66,9 +66,9 @@ void AdapterTable::check_expert(const std::string& name, const LoraPieces& piece
     const at::Tensor& a = piece.a;
     const at::Tensor& b = piece.b;
     if (a.dim() != 2 || b.dim() != 2 || a.size(1) != in || b.size(0) != out || b.size(1) != a.size(0)) {
-      throw_error<InvalidArgument>("expert '", name, "': layer ", layer, " ", target_name(t),
-                                   " expects lora_A [r, ", in, "] and lora_B [", out, ", r], got ", a.sizes(),
-                                   " and ", b.sizes(), " (an adapter made for another base model?)");
+      throw_error<InvalidArgument>("expert '", name, "': layer ", layer, " ", target_name(t), " expects lora_A [r, ",
+                                   in, "] and lora_B [", out, ", r], got ", a.sizes(), " and ", b.sizes(),
+                                   " (an adapter made for another base model?)");
     }
   }
 }

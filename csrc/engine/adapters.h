@@ -55,7 +55,7 @@ class AdapterTable {
   // A new table without the expert in `slot` (its weights zeroed, the slot free).
   std::shared_ptr<AdapterTable> without_slot(int64_t slot) const;
 
-  int64_t slot_of(const std::string& name) const;  // -1 if absent
+  int64_t slot_of(const std::string& name) const;                   // -1 if absent
   const std::vector<std::string>& names() const { return names_; }  // by slot; "" = free
   bool empty() const;
   const Stack& stack(int64_t layer, Target t) const { return stacks_[layer][static_cast<int>(t)]; }

@@ -41,8 +41,7 @@ T field(const json& j, const char* name, const std::string& source, T fallback) 
 
 template <typename T>
 T required(const json& j, const char* name, const std::string& source) {
-  if (!j.contains(name) || j[name].is_null())
-    throw_error<FormatError>(source, ": missing required field '", name, "'");
+  if (!j.contains(name) || j[name].is_null()) throw_error<FormatError>(source, ": missing required field '", name, "'");
   return field<T>(j, name, source, T{});
 }
 
@@ -77,13 +76,11 @@ void read_rope_scaling(const json& j, const std::string& source, ModelConfig& c)
   if (type.empty()) type = field<std::string>(*it, "type", source, "default");
   if (type == "default") return;
   if (type != "llama3")
-    throw_error<FormatError>(source, ": rope_scaling type '", type,
-                             "' is not supported (supported: default, llama3)");
+    throw_error<FormatError>(source, ": rope_scaling type '", type, "' is not supported (supported: default, llama3)");
   c.rope_llama3_factor = required<double>(*it, "factor", source);
   c.rope_llama3_low_freq_factor = field<double>(*it, "low_freq_factor", source, 1.0);
   c.rope_llama3_high_freq_factor = field<double>(*it, "high_freq_factor", source, 4.0);
-  c.rope_llama3_original_max_position =
-      field<int64_t>(*it, "original_max_position_embeddings", source, 8192);
+  c.rope_llama3_original_max_position = field<int64_t>(*it, "original_max_position_embeddings", source, 8192);
   if (c.rope_llama3_factor <= 0 || c.rope_llama3_high_freq_factor <= c.rope_llama3_low_freq_factor)
     throw_error<FormatError>(source, ": invalid llama3 rope_scaling ", describe_json(*it));
 }
@@ -124,9 +121,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.head_dim = field<int64_t>(j, "head_dim", source, 0);
   if (c.head_dim == 0) {
     if (c.hidden_size % c.num_heads != 0) {
-      throw_error<FormatError>(source, ": hidden_size (", c.hidden_size,
-                               ") is not a multiple of num_attention_heads (", c.num_heads,
-                               ") and head_dim is not given");
+      throw_error<FormatError>(source, ": hidden_size (", c.hidden_size, ") is not a multiple of num_attention_heads (",
+                               c.num_heads, ") and head_dim is not given");
     }
     c.head_dim = c.hidden_size / c.num_heads;
   }
@@ -138,10 +134,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.tie_word_embeddings = field<bool>(j, "tie_word_embeddings", source, false);
   c.attention_bias = field<bool>(j, "attention_bias", source, c.model_type == "qwen2");
   const std::string act = field<std::string>(j, "hidden_act", source, "silu");
-  if (act != "silu")
-    throw_error<FormatError>(source, ": hidden_act '", act, "' is not supported (supported: silu)");
-  if (field<bool>(j, "mlp_bias", source, false))
-    throw_error<FormatError>(source, ": mlp_bias = true is not supported");
+  if (act != "silu") throw_error<FormatError>(source, ": hidden_act '", act, "' is not supported (supported: silu)");
+  if (field<bool>(j, "mlp_bias", source, false)) throw_error<FormatError>(source, ": mlp_bias = true is not supported");
   // Sliding-window attention: mistral applies sliding_window when set; qwen2 only with
   // use_sliding_window (and then per layer, which is not supported).
   const int64_t window = field<int64_t>(j, "sliding_window", source, 0);
@@ -164,8 +158,7 @@ ModelConfig read_model_config(const std::string& model_dir) {
   const fs::path dir(model_dir);
   if (!fs::is_directory(dir)) throw_error<FileNotFound>(model_dir, ": no such model folder");
   const fs::path path = dir / "config.json";
-  if (!fs::exists(path))
-    throw_error<FileNotFound>(path.string(), ": missing (a model folder needs config.json)");
+  if (!fs::exists(path)) throw_error<FileNotFound>(path.string(), ": missing (a model folder needs config.json)");
   ModelConfig c = parse_model_config(read_text_file(path), path.string());
   // generation_config.json's eos ids take precedence, as in transformers' generate().
   const fs::path gen = dir / "generation_config.json";

@@ -34,8 +34,7 @@ void check_options(const EngineOptions& options) {
     throw_error<InvalidArgument>("max_prefill_tokens must be > 0, got ", options.max_prefill_tokens);
 }
 
-at::ScalarType resolve_dtype(const std::string& name, const ModelConfig& c,
-                             const std::string& device) {
+at::ScalarType resolve_dtype(const std::string& name, const ModelConfig& c, const std::string& device) {
   if (name == "float32") return at::kFloat;
   if (name == "bfloat16") return at::kBFloat16;
   if (name == "float16") {
@@ -55,13 +54,14 @@ at::ScalarType resolve_dtype(const std::string& name, const ModelConfig& c,
 // One LoraWeights::module name -> its target linear.
 engine::Target target_of(const std::string& expert, const std::string& module) {
   static const std::map<std::string, engine::Target> modules = {
-      {"q_proj", engine::Target::q},       {"k_proj", engine::Target::k},   {"v_proj", engine::Target::v},
-      {"o_proj", engine::Target::o},       {"gate_proj", engine::Target::gate},
-      {"up_proj", engine::Target::up},     {"down_proj", engine::Target::down}};
+      {"q_proj", engine::Target::q},      {"k_proj", engine::Target::k},       {"v_proj", engine::Target::v},
+      {"o_proj", engine::Target::o},      {"gate_proj", engine::Target::gate}, {"up_proj", engine::Target::up},
+      {"down_proj", engine::Target::down}};
   auto it = modules.find(module);
   if (it == modules.end())
-    throw_error<InvalidArgument>("expert '", expert, "': module '", module,
-                                 "' is not a target linear (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+    throw_error<InvalidArgument>(
+        "expert '", expert, "': module '", module,
+        "' is not a target linear (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
   return it->second;
 }
 
@@ -105,7 +105,8 @@ void Engine::add_expert(const std::string& name, const std::vector<LoraWeights>&
     const engine::Target target = target_of(name, w.module);
     if (!w.lora_a.defined() || !w.lora_b.defined())
       throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " has no lora_A or lora_B");
-    engine::LoraPiece p{w.lora_a.to(at::kCPU, impl_->dtype).contiguous(), w.lora_b.to(at::kCPU, impl_->dtype).contiguous(), w.scale};
+    engine::LoraPiece p{w.lora_a.to(at::kCPU, impl_->dtype).contiguous(),
+                        w.lora_b.to(at::kCPU, impl_->dtype).contiguous(), w.scale};
     if (!pieces.emplace(std::make_pair(w.layer, target), p).second)
       throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " is given twice");
   }
@@ -125,7 +126,7 @@ void Engine::remove_expert(const std::string& name) {
   impl_->retiring.insert(slot);
   // Requests using it keep it under a name no request can give, so `name` can be loaded again.
   impl_->publish_adapters(impl_->adapters->with_name(slot, name + " (removed)"));  // routers stop choosing it
-  impl_->free_retired();                     // frees it at once if no request uses it
+  impl_->free_retired();  // frees it at once if no request uses it
 }
 
 std::vector<std::string> Engine::experts() const {

@@ -91,8 +91,8 @@ int64_t read_format_version(const json& version) {
   if (!version.is_number_integer()) bad_field("format_version", "int", version);
   if (version.is_number_unsigned() ? version.get<uint64_t>() > static_cast<uint64_t>(kFormatVersion)
                                    : version.get<int64_t>() > kFormatVersion)
-    throw_error<FormatError>("field 'format_version': ", describe(version),
-                             " is newer than this moa_engine supports (", kFormatVersion, "); upgrade moa_engine");
+    throw_error<FormatError>("field 'format_version': ", describe(version), " is newer than this moa_engine supports (",
+                             kFormatVersion, "); upgrade moa_engine");
   const int64_t v = version.get<int64_t>();
   if (v < 1) throw_error<FormatError>("field 'format_version': ", v, " is not a valid version (>= 1)");
   return v;
@@ -111,7 +111,8 @@ void read_router_options(const json& router, MoaConfig& c) {
 double read_eta(const json& eta) {
   if (!eta.is_number()) bad_field("eta", "int or float", eta);  // nlohmann: a bool is not a number
   const double v = eta.get<double>();
-  if (!std::isfinite(v) || v < 0) throw_error<FormatError>("field 'eta': ", describe(eta), " is not a finite number >= 0");
+  if (!std::isfinite(v) || v < 0)
+    throw_error<FormatError>("field 'eta': ", describe(eta), " is not a finite number >= 0");
   return v;
 }
 

@@ -46,9 +46,9 @@ MoaConfig read_moa_config(const std::string& path);
 // One PEFT LoRA adapter in engine terms.
 struct PeftAdapter {
   std::string name;
-  int64_t rank = 0;                  // the largest r over the targets
-  std::vector<LoraWeights> targets;  // by layer, then module; tensors keep the file's dtype
-  std::vector<double> scales;        // targets[i]'s scale before its rounding to float
+  int64_t rank = 0;                        // the largest r over the targets
+  std::vector<LoraWeights> targets;        // by layer, then module; tensors keep the file's dtype
+  std::vector<double> scales;              // targets[i]'s scale before its rounding to float
   std::shared_ptr<const Checkpoint> file;  // the mapping the tensors view
 
   std::vector<std::string> modules() const;  // adapted modules, moa_target_modules() order

@@ -42,9 +42,8 @@ at::Tensor make_rope_table(const ModelConfig& c, int64_t max_positions) {
 }
 
 Model::Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions)
-    : config_(std::move(config)), weights_(std::move(weights)), dtype_(dtype),
-      max_positions_(max_positions), rope_table_(make_rope_table(config_, max_positions)),
-      adapters_(std::make_shared<AdapterTable>(config_, dtype)) {}
+    : config_(std::move(config)), weights_(std::move(weights)), dtype_(dtype), max_positions_(max_positions),
+      rope_table_(make_rope_table(config_, max_positions)), adapters_(std::make_shared<AdapterTable>(config_, dtype)) {}
 
 void Model::set_router(std::vector<at::Tensor> router, std::vector<int64_t> domain_slots) {
   router_ = std::move(router);
@@ -64,8 +63,7 @@ KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
   return cache;
 }
 
-void Model::adapt(int64_t layer, Target target, const at::Tensor& x, const at::Tensor& y,
-                  const at::Tensor& ids) const {
+void Model::adapt(int64_t layer, Target target, const at::Tensor& x, const at::Tensor& y, const at::Tensor& ids) const {
   if (!ids.defined()) return;
   const AdapterTable::Stack& s = adapters_->stack(layer, target);
   if (!s.a.defined()) return;
@@ -79,7 +77,7 @@ void Model::route(int64_t layer, const at::Tensor& xn, const Batch& batch) const
     if (sq.route && sq.experts != nullptr) {
       // The mean of the sequence's normed layer input, scored by this layer's router.
       const int64_t n = sq.route_len > 0 ? std::min(sq.route_len, sq.len) : sq.len;
-      const at::Tensor pooled = xn.narrow(0, row, n).to(at::kFloat).mean(0);  // [H]
+      const at::Tensor pooled = xn.narrow(0, row, n).to(at::kFloat).mean(0);                 // [H]
       const at::Tensor probs = at::softmax(at::mv(router_[layer], pooled), 0).contiguous();  // [D]
       const float* p = probs.data_ptr<float>();
       int64_t best = -1;
@@ -105,9 +103,8 @@ at::Tensor Model::layer_expert_ids(int64_t layer, const Batch& batch) const {
   return ids;
 }
 
-at::Tensor Model::project(int64_t layer, const at::Tensor& x, const at::Tensor& w,
-                          const at::Tensor& b, std::initializer_list<Target> targets,
-                          const at::Tensor& ids) const {
+at::Tensor Model::project(int64_t layer, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                          std::initializer_list<Target> targets, const at::Tensor& ids) const {
   at::Tensor y = linear(x, w, b);
   const int64_t block = y.size(1) / static_cast<int64_t>(targets.size());
   int64_t offset = 0;
@@ -128,9 +125,8 @@ struct Model::Scratch {
   std::vector<int64_t> index;  // sequence -> row of k / v, or -1
 };
 
-void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch,
-                            const at::Tensor& positions, KvCache* cache, Scratch& scratch,
-                            at::Tensor& ids) const {
+void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
+                            KvCache* cache, Scratch& scratch, at::Tensor& ids) const {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[layer];
   const int64_t N = h.size(0), H = c.hidden_size, D = c.head_dim;
@@ -285,9 +281,8 @@ at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
   at::Tensor normed = at::empty_like(rows);
   MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_final", [&] {
     using T = scalar_t;
-    cpu::rms_norm<T>(rows.data_ptr<T>(), rows.stride(0), weights_.final_norm.data_ptr<T>(),
-                     normed.data_ptr<T>(), c.hidden_size, rows.size(0), c.hidden_size,
-                     static_cast<float>(c.rms_norm_eps));
+    cpu::rms_norm<T>(rows.data_ptr<T>(), rows.stride(0), weights_.final_norm.data_ptr<T>(), normed.data_ptr<T>(),
+                     c.hidden_size, rows.size(0), c.hidden_size, static_cast<float>(c.rms_norm_eps));
   });
   return linear(normed, weights_.lm_head, at::Tensor()).to(at::kFloat);
 }

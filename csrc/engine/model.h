@@ -75,13 +75,12 @@ class Model {
                      std::initializer_list<Target> targets, const at::Tensor& ids) const;
   // The adapter hook every target linear passes through: the experts' grouped LoRA
   // update, y += scales[e] * (x @ A[e]^T) @ B[e]^T per token, in one op call.
-  void adapt(int64_t layer, Target target, const at::Tensor& x, const at::Tensor& y,
-             const at::Tensor& ids) const;
+  void adapt(int64_t layer, Target target, const at::Tensor& x, const at::Tensor& y, const at::Tensor& ids) const;
   // Chooses the experts of routed sequences at this layer from xn: [N, H].
   void route(int64_t layer, const at::Tensor& xn, const Batch& batch) const;
   at::Tensor layer_expert_ids(int64_t layer, const Batch& batch) const;
-  void attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
-                       KvCache* cache, Scratch& scratch, at::Tensor& ids) const;
+  void attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions, KvCache* cache,
+                       Scratch& scratch, at::Tensor& ids) const;
   // Writes the new tokens' keys and values (from qkv [N, Q + 2 KV], row stride ld) into
   // each sequence's store, its KV-cache slot or its scratch row; returns where they are.
   template <typename T>
@@ -90,8 +89,8 @@ class Model {
   // Attention of the new tokens' queries (q: qkv's first Q columns) over their sequences'
   // stores, into out [N, Q].
   template <typename T>
-  void attend(int64_t layer, const T* q, int64_t ld, const std::vector<cpu::AttentionSeq<T>>& seqs,
-              const Batch& batch, const KvCache* cache, const Scratch& scratch, T* out) const;
+  void attend(int64_t layer, const T* q, int64_t ld, const std::vector<cpu::AttentionSeq<T>>& seqs, const Batch& batch,
+              const KvCache* cache, const Scratch& scratch, T* out) const;
   void mlp_block(int64_t layer, at::Tensor& h, const at::Tensor& ids) const;
 
   ModelConfig config_;

@@ -115,8 +115,8 @@ class AdapterConfig {
       if (ex->is_string() && patterns_.full_match(name, ex->get<std::string>(), "exclude_modules")) return false;
       if (ex->is_array())
         for (const json& e : *ex)
-          if (e.is_string() && (name == e.get_ref<const std::string&>() ||
-                                ends_with_component(name, e.get_ref<const std::string&>())))
+          if (e.is_string() &&
+              (name == e.get_ref<const std::string&>() || ends_with_component(name, e.get_ref<const std::string&>())))
             return false;
     }
     const json* t = get("target_modules");
@@ -141,8 +141,10 @@ class AdapterConfig {
   std::pair<int64_t, double> rank_and_scale(const std::string& name) {
     const json& r = pattern_value("rank_pattern", name, c_["r"]);
     const json& alpha = pattern_value("alpha_pattern", name, c_["lora_alpha"]);
-    if (!r.is_number()) throw_error<FormatError>(path_, ": ", name, " has rank ", describe(r), "; expected a positive integer");
-    if (!alpha.is_number()) throw_error<FormatError>(path_, ": ", name, " has alpha ", describe(alpha), "; expected a number");
+    if (!r.is_number())
+      throw_error<FormatError>(path_, ": ", name, " has rank ", describe(r), "; expected a positive integer");
+    if (!alpha.is_number())
+      throw_error<FormatError>(path_, ": ", name, " has alpha ", describe(alpha), "; expected a number");
     const double rv = r.get<double>();
     if (!(rv > 0) || rv > 1e15)  // int(r) below, as PEFT does
       throw_error<FormatError>(path_, ": ", name, " has rank ", describe(r), "; expected a positive integer");
@@ -190,8 +192,9 @@ class AdapterConfig {
         if (module_index(dot == std::string::npos ? s : s.substr(dot + 1)) < 0) outside.insert(s);
       }
       if (!outside.empty())
-        throw_error<FormatError>(path_, ": targets modules the engine does not support: ",
-                                 join({outside.begin(), outside.end()}), " (supported: ", join(moa_target_modules()), ")");
+        throw_error<FormatError>(
+            path_, ": targets modules the engine does not support: ", join({outside.begin(), outside.end()}),
+            " (supported: ", join(moa_target_modules()), ")");
     }
   }
 
@@ -282,8 +285,7 @@ Pairs pair_lora_tensors(const Checkpoint& file, const std::string& path) {
         continue;
       }
     }
-    if (key.size() <= kMaxRegexInput &&
-        std::regex_search(key, m, lora_re, std::regex_constants::match_continuous)) {
+    if (key.size() <= kMaxRegexInput && std::regex_search(key, m, lora_re, std::regex_constants::match_continuous)) {
       const std::string mod = m[1].str();
       const auto dot = mod.rfind('.');
       if (module_index(dot == std::string::npos ? mod : mod.substr(dot + 1)) < 0) {
@@ -294,9 +296,9 @@ Pairs pair_lora_tensors(const Checkpoint& file, const std::string& path) {
     unknown.push_back(key);
   }
   if (!outside.empty())
-    throw_error<FormatError>(path, ": adapts modules the engine does not support: ",
-                             join({outside.begin(), outside.end()}), " (supported: ", join(moa_target_modules()),
-                             " in model.layers.N)");
+    throw_error<FormatError>(path,
+                             ": adapts modules the engine does not support: ", join({outside.begin(), outside.end()}),
+                             " (supported: ", join(moa_target_modules()), " in model.layers.N)");
   if (!unknown.empty()) {
     unknown.resize(std::min<size_t>(unknown.size(), 5));
     for (auto& k : unknown)
@@ -337,8 +339,8 @@ void check_consistent_dims(const std::vector<LoraWeights>& targets, const std::s
     auto it = seen.find(w.module);
     if (it != seen.end() && (std::get<1>(it->second) != in || std::get<2>(it->second) != out))
       throw_error<FormatError>(path, ": ", w.module, " is [in=", in, ", out=", out, "] in layer ", w.layer,
-                               " but [in=", std::get<1>(it->second), ", out=", std::get<2>(it->second),
-                               "] in layer ", std::get<0>(it->second));
+                               " but [in=", std::get<1>(it->second), ", out=", std::get<2>(it->second), "] in layer ",
+                               std::get<0>(it->second));
     seen.emplace(w.module, std::make_tuple(w.layer, in, out));
     hidden[w.module] = outputs_hidden(w.module) ? out : in;
   }
@@ -348,8 +350,7 @@ void check_consistent_dims(const std::vector<LoraWeights>& targets, const std::s
     sizes.insert(h);
     listing += (listing.empty() ? "" : ", ") + ("'" + m + "': ") + std::to_string(h);
   }
-  if (sizes.size() > 1)
-    throw_error<FormatError>(path, ": the modules disagree on the hidden size: {", listing, "}");
+  if (sizes.size() > 1) throw_error<FormatError>(path, ": the modules disagree on the hidden size: {", listing, "}");
 }
 
 // (in, out) of a target module (index into moa_target_modules()) of the base model.
@@ -387,8 +388,8 @@ void check_against_base(AdapterConfig& config, const std::vector<LoraWeights>& t
   for (int64_t l = 0; l < base.num_layers; ++l)
     for (int m = 0; m < static_cast<int>(module_parents().size()); ++m)
       if (!present.count({l, m}) && config.targets(module_name(l, m)))
-        throw_error<FormatError>(weights_path, ": has no weights for ", module_name(l, m), ", which ",
-                                 kAdapterConfig, " targets");
+        throw_error<FormatError>(weights_path, ": has no weights for ", module_name(l, m), ", which ", kAdapterConfig,
+                                 " targets");
 }
 
 }  // namespace

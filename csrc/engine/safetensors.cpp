@@ -30,7 +30,7 @@ class MappedFile {
   explicit MappedFile(const std::string& path) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) throw_error<FileNotFound>(path, ": cannot open (", std::strerror(errno), ")");
-    struct stat st {};
+    struct stat st{};
     if (::fstat(fd_, &st) != 0) {
       ::close(fd_);
       throw_error<FormatError>(path, ": cannot stat (", std::strerror(errno), ")");
@@ -76,10 +76,9 @@ namespace {
 // safetensors dtype name -> (ATen dtype, element size); unsupported names -> nullopt.
 std::optional<std::pair<at::ScalarType, int64_t>> parse_dtype(const std::string& name) {
   static const std::map<std::string, std::pair<at::ScalarType, int64_t>> table = {
-      {"F64", {at::kDouble, 8}}, {"F32", {at::kFloat, 4}},  {"F16", {at::kHalf, 2}},
-      {"BF16", {at::kBFloat16, 2}}, {"I64", {at::kLong, 8}}, {"I32", {at::kInt, 4}},
-      {"I16", {at::kShort, 2}}, {"I8", {at::kChar, 1}},    {"U8", {at::kByte, 1}},
-      {"BOOL", {at::kBool, 1}},
+      {"F64", {at::kDouble, 8}}, {"F32", {at::kFloat, 4}}, {"F16", {at::kHalf, 2}},  {"BF16", {at::kBFloat16, 2}},
+      {"I64", {at::kLong, 8}},   {"I32", {at::kInt, 4}},   {"I16", {at::kShort, 2}}, {"I8", {at::kChar, 1}},
+      {"U8", {at::kByte, 1}},    {"BOOL", {at::kBool, 1}},
   };
   auto it = table.find(name);
   if (it == table.end()) return std::nullopt;
@@ -100,11 +99,11 @@ json read_header(const MappedFile& file, uint64_t& header_len) {
   const std::string& path = file.path();
   const int64_t size = file.size();
   if (size < 8)
-    throw_error<FormatError>(path, ": not a safetensors file (", size, " bytes, shorter than its 8-byte header length)");
+    throw_error<FormatError>(path, ": not a safetensors file (", size,
+                             " bytes, shorter than its 8-byte header length)");
   std::memcpy(&header_len, file.data(), 8);  // little-endian on every supported host
   if (header_len > static_cast<uint64_t>(size - 8) || header_len > (uint64_t(100) << 20)) {
-    throw_error<FormatError>(path, ": corrupt safetensors header length ", header_len,
-                             " (file has ", size, " bytes)");
+    throw_error<FormatError>(path, ": corrupt safetensors header length ", header_len, " (file has ", size, " bytes)");
   }
   const char* hbegin = reinterpret_cast<const char*>(file.data() + 8);
   json header;
@@ -144,8 +143,7 @@ int64_t read_shape(const json& js, const BadEntry& bad, std::vector<int64_t>& sh
 // One header entry {"dtype", "shape", "data_offsets"} -> its record (all but `file`), its
 // bytes checked to lie within the data section [data, data + data_size).
 TensorRecord read_entry(const json& entry, const uint8_t* data, int64_t data_size, const BadEntry& bad) {
-  if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
-      !entry.contains("data_offsets"))
+  if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets"))
     bad("expected an object with dtype, shape and data_offsets");
   const auto& jd = entry["dtype"];
   const auto& js = entry["shape"];
@@ -168,8 +166,7 @@ TensorRecord read_entry(const json& entry, const uint8_t* data, int64_t data_siz
   if (numel > std::numeric_limits<int64_t>::max() / dtype->second) bad("shape is too large");
   rec.nbytes = static_cast<int64_t>(end - begin);
   if (rec.nbytes != numel * dtype->second) {
-    bad(detail::concat("its shape and dtype need ", numel * dtype->second, " bytes, data_offsets give ",
-                       rec.nbytes));
+    bad(detail::concat("its shape and dtype need ", numel * dtype->second, " bytes, data_offsets give ", rec.nbytes));
   }
   rec.data = data + begin;
   return rec;
@@ -228,7 +225,8 @@ Checkpoint Checkpoint::open(const std::string& model_dir) {
       shards.insert(f);
     }
     for (const auto& f : shards) {
-      if (!fs::exists(dir / f)) throw_error<FileNotFound>((dir / f).string(), ": shard named by ", index.string(), " is missing");
+      if (!fs::exists(dir / f))
+        throw_error<FileNotFound>((dir / f).string(), ": shard named by ", index.string(), " is missing");
       c.add_file((dir / f).string());
     }
     for (const auto& [name, file] : j["weight_map"].items()) {
@@ -266,8 +264,6 @@ std::vector<std::string> Checkpoint::names() const {
   return out;
 }
 
-const std::string& Checkpoint::file_of(const std::string& name) const {
-  return files_[record(name).file]->path();
-}
+const std::string& Checkpoint::file_of(const std::string& name) const { return files_[record(name).file]->path(); }
 
 }  // namespace moa::engine

@@ -102,8 +102,8 @@ at::Tensor& slot(Part part, ModelWeights& w, int64_t layer) {
 class Loader {
  public:
   Loader(const std::string& dir, const ModelConfig& c, at::ScalarType dtype, at::Device device)
-      : dir_(dir), config_(c), ckpt_(Checkpoint::open(dir)),
-        options_(at::TensorOptions().dtype(dtype).device(device)) {}
+      : dir_(dir), config_(c), ckpt_(Checkpoint::open(dir)), options_(at::TensorOptions().dtype(dtype).device(device)) {
+  }
 
   // Throws FormatError unless the tensor exists with the shape config.json implies.
   // Run over the whole table before anything is allocated, so a config.json that does
@@ -117,12 +117,10 @@ class Loader {
     const TensorRecord& rec = ckpt_.record(name);
     const Layout lay = layout_of(spec.part, config_);
     const int64_t rows = lay.blocks[spec.block];
-    const std::vector<int64_t> expected = lay.cols ? std::vector<int64_t>{rows, lay.cols}
-                                                   : std::vector<int64_t>{rows};
+    const std::vector<int64_t> expected = lay.cols ? std::vector<int64_t>{rows, lay.cols} : std::vector<int64_t>{rows};
     if (rec.shape != expected) {
-      throw_error<FormatError>(ckpt_.file_of(name), ": tensor '", name, "' has shape ",
-                               shape_str(rec.shape), ", expected ", shape_str(expected),
-                               " from config.json");
+      throw_error<FormatError>(ckpt_.file_of(name), ": tensor '", name, "' has shape ", shape_str(rec.shape),
+                               ", expected ", shape_str(expected), " from config.json");
     }
     if (!at::isFloatingType(rec.dtype))
       throw_error<FormatError>(ckpt_.file_of(name), ": tensor '", name, "' is not floating point");
@@ -164,14 +162,13 @@ int64_t ModelWeights::bytes() const {
   add(final_norm);
   if (!lm_head.is_same(embed)) add(lm_head);
   for (const auto& l : layers) {
-    add(l.attn_norm), add(l.wqkv), add(l.bqkv), add(l.wo), add(l.mlp_norm), add(l.w_gate_up),
-        add(l.w_down);
+    add(l.attn_norm), add(l.wqkv), add(l.bqkv), add(l.wo), add(l.mlp_norm), add(l.w_gate_up), add(l.w_down);
   }
   return total;
 }
 
-ModelWeights load_weights(const std::string& model_dir, const ModelConfig& config,
-                          at::ScalarType dtype, at::Device device) {
+ModelWeights load_weights(const std::string& model_dir, const ModelConfig& config, at::ScalarType dtype,
+                          at::Device device) {
   Loader loader(model_dir, config, dtype, device);
   for (const auto& spec : kModelTensors) loader.check(spec, 0);
   for (int64_t l = 0; l < config.num_layers; ++l)

@@ -39,7 +39,7 @@ struct ModelWeights {
 
 // Loads model_dir's safetensors into `dtype` on `device`. Throws FormatError naming
 // the tensor for a missing or mis-shaped one, FileNotFound for missing files.
-ModelWeights load_weights(const std::string& model_dir, const ModelConfig& config,
-                          at::ScalarType dtype, at::Device device);
+ModelWeights load_weights(const std::string& model_dir, const ModelConfig& config, at::ScalarType dtype,
+                          at::Device device);
 
 }  // namespace moa::engine

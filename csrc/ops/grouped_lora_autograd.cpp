@@ -15,9 +15,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::tuple<at::Tensor, at::Tensor> call_weight_grads(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales) {
+std::tuple<at::Tensor, at::Tensor> call_weight_grads(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                     const at::Tensor& expert_ids, const at::Tensor& scales) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("moa::_grouped_lora_weight_grads", "")
                              .typed<decltype(grouped_lora_weight_grads_cpu)>();
@@ -26,8 +26,7 @@ std::tuple<at::Tensor, at::Tensor> call_weight_grads(
 
 struct GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& lora_a,
-                            const at::Tensor& lora_b, const at::Tensor& expert_ids,
-                            const at::Tensor& scales) {
+                            const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales) {
     ctx->save_for_backward({x, lora_a, lora_b, expert_ids, scales});
     at::AutoDispatchBelowADInplaceOrView guard;
     return moa::grouped_lora(x, lora_a, lora_b, expert_ids, scales);
@@ -41,8 +40,7 @@ struct GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunctio
     at::Tensor grad_x, grad_a, grad_b;
     if (ctx->needs_input_grad(0)) {
       // lora_b^T: [E, r, out] plays A, lora_a^T: [E, in, r] plays B.
-      grad_x = moa::grouped_lora(grad, lora_b.transpose(1, 2), lora_a.transpose(1, 2),
-                                 expert_ids, scales);
+      grad_x = moa::grouped_lora(grad, lora_b.transpose(1, 2), lora_a.transpose(1, 2), expert_ids, scales);
     }
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
       std::tie(grad_a, grad_b) = call_weight_grads(grad, x, lora_a, lora_b, expert_ids, scales);
@@ -55,9 +53,8 @@ struct GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunctio
 
 }  // namespace
 
-at::Tensor grouped_lora_autograd(const at::Tensor& x, const at::Tensor& lora_a,
-                                 const at::Tensor& lora_b, const at::Tensor& expert_ids,
-                                 const at::Tensor& scales) {
+at::Tensor grouped_lora_autograd(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                 const at::Tensor& expert_ids, const at::Tensor& scales) {
   return GroupedLoraFunction::apply(x, lora_a, lora_b, expert_ids, scales);
 }
 

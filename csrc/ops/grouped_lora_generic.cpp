@@ -12,9 +12,7 @@ namespace {
 
 // Results are computed in float (double for double) and rounded to the input dtype
 // once, as the contract says; only the rank-r intermediate is rounded on the way.
-at::ScalarType opmath_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType opmath_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Below this many gathered weight elements (T * r * (in + out)) a call gathers
 // each token's A and B and runs two bmm's: no host sync, no per-expert loop.
@@ -34,21 +32,19 @@ Sorted sort_by_expert(const at::Tensor& ids64, int64_t E) {
   return s;
 }
 
-at::Tensor update_gather_bmm(const at::Tensor& x, const at::Tensor& lora_a,
-                             const at::Tensor& lora_b, const at::Tensor& ids64,
-                             const at::Tensor& scales) {
+at::Tensor update_gather_bmm(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                             const at::Tensor& ids64, const at::Tensor& scales) {
   const auto opmath = opmath_type(x);
   const at::Tensor safe = ids64.clamp_min(0);
   const at::Tensor v = at::bmm(lora_a.index_select(0, safe), x.unsqueeze(2));  // [T, r, 1]
-  const at::Tensor b = lora_b.index_select(0, safe).to(opmath);               // [T, out, r]
-  const at::Tensor y = at::bmm(b, v.to(opmath)).squeeze(2);                   // [T, out]
-  const at::Tensor factor = scales.index_select(0, safe).mul(ids64.ge(0));   // [T]
+  const at::Tensor b = lora_b.index_select(0, safe).to(opmath);                // [T, out, r]
+  const at::Tensor y = at::bmm(b, v.to(opmath)).squeeze(2);                    // [T, out]
+  const at::Tensor factor = scales.index_select(0, safe).mul(ids64.ge(0));     // [T]
   return y.mul_(factor.unsqueeze(1).to(opmath));
 }
 
-at::Tensor update_sorted(const at::Tensor& x, const at::Tensor& lora_a,
-                         const at::Tensor& lora_b, const at::Tensor& ids64,
-                         const at::Tensor& scales) {
+at::Tensor update_sorted(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                         const at::Tensor& ids64, const at::Tensor& scales) {
   const int64_t E = lora_a.size(0), out = lora_b.size(1);
   const Sorted s = sort_by_expert(ids64, E);
   const at::Tensor xs = x.index_select(0, s.order);
@@ -59,19 +55,17 @@ at::Tensor update_sorted(const at::Tensor& x, const at::Tensor& lora_a,
     const int64_t n = s.counts[e + 1];
     if (n == 0) continue;
     const at::Tensor v = at::mm(xs.narrow(0, offset, n), lora_a[e].t());  // [n, r]
-    pieces.push_back(at::mm(v.to(opmath), lora_b[e].t().to(opmath))      // [n, out]
+    pieces.push_back(at::mm(v.to(opmath), lora_b[e].t().to(opmath))       // [n, out]
                          .mul_(scales[e].to(opmath)));
     offset += n;
   }
   // order is a permutation of all T tokens, so every row is written.
-  return at::empty({x.size(0), out}, x.options().dtype(opmath))
-      .index_copy_(0, s.order, at::cat(pieces));
+  return at::empty({x.size(0), out}, x.options().dtype(opmath)).index_copy_(0, s.order, at::cat(pieces));
 }
 
 // The update of every token in float (double for double); arguments already checked.
-at::Tensor update_opmath(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
-                         const at::Tensor& lora_b, const at::Tensor& expert_ids,
-                         const at::Tensor& scales) {
+at::Tensor update_opmath(const char* op, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                         const at::Tensor& expert_ids, const at::Tensor& scales) {
   const int64_t T = x.size(0), in = x.size(1);
   const int64_t E = lora_a.size(0), r = lora_a.size(1), out = lora_b.size(1);
   check_expert_ids_range(op, expert_ids, E);
@@ -87,17 +81,15 @@ at::Tensor update_opmath(const char* op, const at::Tensor& x, const at::Tensor& 
 
 }  // namespace
 
-at::Tensor grouped_lora_generic(const at::Tensor& x, const at::Tensor& lora_a,
-                                const at::Tensor& lora_b, const at::Tensor& expert_ids,
-                                const at::Tensor& scales) {
+at::Tensor grouped_lora_generic(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                const at::Tensor& expert_ids, const at::Tensor& scales) {
   constexpr const char* op = "moa.grouped_lora";
   check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales);
   return update_opmath(op, x, lora_a, lora_b, expert_ids, scales).to(x.scalar_type());
 }
 
-void grouped_lora_add_generic(const at::Tensor& y, const at::Tensor& x,
-                              const at::Tensor& lora_a, const at::Tensor& lora_b,
-                              const at::Tensor& expert_ids, const at::Tensor& scales) {
+void grouped_lora_add_generic(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales) {
   constexpr const char* op = "moa.grouped_lora_add_";
   check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &y);
   const at::Tensor update = update_opmath(op, x, lora_a, lora_b, expert_ids, scales);
@@ -106,9 +98,10 @@ void grouped_lora_add_generic(const at::Tensor& y, const at::Tensor& x,
   y.copy_(at::where(expert_ids.ge(0).unsqueeze(1), updated, y));
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_generic(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& expert_ids, const at::Tensor& scales) {
+std::tuple<at::Tensor, at::Tensor> grouped_lora_weight_grads_generic(const at::Tensor& grad, const at::Tensor& x,
+                                                                     const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                                     const at::Tensor& expert_ids,
+                                                                     const at::Tensor& scales) {
   constexpr const char* op = "moa._grouped_lora_weight_grads";
   check_grouped_lora_args(op, x, lora_a, lora_b, expert_ids, scales, &grad, "grad");
   const int64_t E = lora_a.size(0);

@@ -100,24 +100,27 @@ void bind_request_types(py::module_& m) {
           [](moa::GenerationRequest& r, const std::string& name) { r.routing = strategy_or_default(name); },
           "The routing strategy when routed: 'per_layer', 'last', 'vote', or '' for the engine's.");
 
-  py::class_<moa::RoutingInfo>(m, "RoutingInfo", "The expert that served a request, per layer, and the router's probabilities.")
+  py::class_<moa::RoutingInfo>(m, "RoutingInfo",
+                               "The expert that served a request, per layer, and the router's probabilities.")
       .def_readonly("domain", &moa::RoutingInfo::domain)
       .def_readonly("layer_domains", &moa::RoutingInfo::layer_domains)
       .def_readonly("router_probs", &moa::RoutingInfo::router_probs);
 
   py::class_<moa::GenerationResult>(m, "GenerationResult", "Generated token ids and why generation ended.")
       .def_readonly("token_ids", &moa::GenerationResult::token_ids)
-      .def_property_readonly("finish_reason", [](const moa::GenerationResult& r) { return moa::to_string(r.finish_reason); })
+      .def_property_readonly("finish_reason",
+                             [](const moa::GenerationResult& r) { return moa::to_string(r.finish_reason); })
       .def_readonly("routing", &moa::GenerationResult::routing);
 
   py::class_<moa::StepEvent>(m, "StepEvent", "A token generated for a request, or its end.")
       .def_readonly("request_id", &moa::StepEvent::request_id)
       .def_readonly("token", &moa::StepEvent::token)
       .def_readonly("finished", &moa::StepEvent::finished)
-      .def_property_readonly("routing", [](const moa::StepEvent& e) -> py::object {
-        if (!e.routing) return py::none();
-        return py::cast(*e.routing);
-      })
+      .def_property_readonly("routing",
+                             [](const moa::StepEvent& e) -> py::object {
+                               if (!e.routing) return py::none();
+                               return py::cast(*e.routing);
+                             })
       .def_property_readonly("finish_reason", [](const moa::StepEvent& e) -> py::object {
         if (!e.finished) return py::none();
         return py::str(moa::to_string(e.finish_reason));
@@ -143,9 +146,8 @@ void bind_loading(EngineClass& engine) {
            py::arg("max_seq_len") = 2048, py::arg("max_prefill_tokens") = 4096,
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("config", [](const moa::Engine& e) { return config_dict(e.config()); })
-      .def_property_readonly("dtype", [](const moa::Engine& e) {
-        return std::string(c10::getDtypeNames(e.dtype()).first);
-      })
+      .def_property_readonly("dtype",
+                             [](const moa::Engine& e) { return std::string(c10::getDtypeNames(e.dtype()).first); })
       .def_property_readonly("weight_bytes", &moa::Engine::weight_bytes)
       .def_property_readonly("max_batch", [](const moa::Engine& e) { return e.options().max_batch; })
       .def_property_readonly("max_seq_len", [](const moa::Engine& e) { return e.options().max_seq_len; });
@@ -159,7 +161,8 @@ void bind_experts_and_routing(EngineClass& engine) {
           [](moa::Engine& e, const std::string& name, const std::vector<py::tuple>& pieces) {
             std::vector<moa::LoraWeights> weights;
             for (const py::tuple& t : pieces) {
-              if (t.size() != 5) throw py::value_error("add_expert: each piece is (layer, module, lora_a, lora_b, scale)");
+              if (t.size() != 5)
+                throw py::value_error("add_expert: each piece is (layer, module, lora_a, lora_b, scale)");
               weights.push_back({t[0].cast<int64_t>(), t[1].cast<std::string>(), t[2].cast<at::Tensor>(),
                                  t[3].cast<at::Tensor>(), t[4].cast<float>()});
             }

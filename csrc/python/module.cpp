@@ -3,8 +3,8 @@
 // through torch.ops, never bound a second time here.
 #include <torch/extension.h>
 
-void bind_engine(pybind11::module_& m);        // engine_bindings.cpp
-void bind_moa_format(pybind11::module_& m);    // moa_format_bindings.cpp
+void bind_engine(pybind11::module_& m);      // engine_bindings.cpp
+void bind_moa_format(pybind11::module_& m);  // moa_format_bindings.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moa_engine's compiled core. The ops are registered as torch.ops.moa.*.";

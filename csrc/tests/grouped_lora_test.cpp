@@ -20,8 +20,8 @@ void expect(bool ok, const std::string& what) {
 }
 
 // Plain per-token reference in float64.
-at::Tensor reference(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                     const at::Tensor& ids, const at::Tensor& scales) {
+at::Tensor reference(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& ids,
+                     const at::Tensor& scales) {
   auto y = at::zeros({x.size(0), b.size(1)}, x.options().dtype(at::kDouble));
   for (int64_t t = 0; t < x.size(0); ++t) {
     const int64_t e = ids[t].item<int64_t>();
@@ -33,8 +33,7 @@ at::Tensor reference(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
 }
 
 template <typename Error>
-void expect_throws(const std::function<void()>& fn, const std::string& needle,
-                   const std::string& what) {
+void expect_throws(const std::function<void()>& fn, const std::string& needle, const std::string& what) {
   try {
     fn();
   } catch (const Error& e) {
@@ -71,20 +70,20 @@ int main() {
     const auto before = y2.clone();
     moa::grouped_lora_add_(y2, x, a, b, ids.to(at::kInt), scales);
     const double err2 = (y2.to(at::kDouble) - before.to(at::kDouble) - ref).abs().max().item<double>();
-    expect(err2 < 2 * tol, std::string("grouped_lora_add_ ") + c10::toString(dtype) + " max err " + std::to_string(err2));
+    expect(err2 < 2 * tol,
+           std::string("grouped_lora_add_ ") + c10::toString(dtype) + " max err " + std::to_string(err2));
   }
   const auto x = at::randn({4, 16});
   const auto a = at::randn({3, 2, 16});
   const auto b = at::randn({3, 5, 2});
   const auto s = at::ones({3});
   const auto ids = at::tensor({0, 1, 2, -1}, at::TensorOptions().dtype(at::kLong));
-  expect_throws<c10::ValueError>([&] { moa::grouped_lora(x, at::randn({3, 2, 15}), b, ids, s); },
-                                 "lora_a", "in-dim mismatch raises ValueError naming lora_a");
-  expect_throws<c10::TypeError>([&] { moa::grouped_lora(x, a, b, ids, s.to(at::kDouble)); },
-                                "scales", "float64 scales raise TypeError naming scales");
-  expect_throws<c10::IndexError>(
-      [&] { moa::grouped_lora(x, a, b, at::tensor({0, 1, 3, -1}, ids.options()), s); },
-      "expert_ids[2] = 3", "out-of-range id raises IndexError naming it");
+  expect_throws<c10::ValueError>([&] { moa::grouped_lora(x, at::randn({3, 2, 15}), b, ids, s); }, "lora_a",
+                                 "in-dim mismatch raises ValueError naming lora_a");
+  expect_throws<c10::TypeError>([&] { moa::grouped_lora(x, a, b, ids, s.to(at::kDouble)); }, "scales",
+                                "float64 scales raise TypeError naming scales");
+  expect_throws<c10::IndexError>([&] { moa::grouped_lora(x, a, b, at::tensor({0, 1, 3, -1}, ids.options()), s); },
+                                 "expert_ids[2] = 3", "out-of-range id raises IndexError naming it");
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }

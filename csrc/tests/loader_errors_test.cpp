@@ -22,8 +22,8 @@
 namespace {
 
 namespace fs = std::filesystem;
-using nlohmann::ordered_json;
 using moa::test::TempDir;
+using nlohmann::ordered_json;
 
 int failures = 0;
 int checks = 0;
@@ -106,19 +106,27 @@ void model_folder_errors(const TempDir& tmp, const std::string& good) {
   };
   const std::string cfg = "/config.json";
   const std::vector<ConfigCase> configs = {
-      {"config.json not JSON", [](auto p) { moa::test::write_file(p, "{\"model_type\": \"llama\","); }, {"not valid JSON"}},
+      {"config.json not JSON",
+       [](auto p) { moa::test::write_file(p, "{\"model_type\": \"llama\","); },
+       {"not valid JSON"}},
       {"config.json not an object", [](auto p) { moa::test::write_file(p, "[1, 2]"); }, {"expected a JSON object"}},
-      {"config.json missing field", [](auto p) { edit_json(p, [](auto& j) { j.erase("hidden_size"); }); },
+      {"config.json missing field",
+       [](auto p) { edit_json(p, [](auto& j) { j.erase("hidden_size"); }); },
        {"missing required field 'hidden_size'"}},
-      {"config.json wrong type", [](auto p) { edit_json(p, [](auto& j) { j["hidden_size"] = "16"; }); },
+      {"config.json wrong type",
+       [](auto p) { edit_json(p, [](auto& j) { j["hidden_size"] = "16"; }); },
        {"field 'hidden_size' has the wrong type"}},
-      {"config.json float size", [](auto p) { edit_json(p, [](auto& j) { j["num_hidden_layers"] = 2.5; }); },
+      {"config.json float size",
+       [](auto p) { edit_json(p, [](auto& j) { j["num_hidden_layers"] = 2.5; }); },
        {"'num_hidden_layers' has the wrong type"}},
-      {"config.json negative size", [](auto p) { edit_json(p, [](auto& j) { j["vocab_size"] = -3; }); },
+      {"config.json negative size",
+       [](auto p) { edit_json(p, [](auto& j) { j["vocab_size"] = -3; }); },
        {"expected 'vocab_size' > 0"}},
-      {"config.json unsupported model", [](auto p) { edit_json(p, [](auto& j) { j["model_type"] = "gpt2"; }); },
+      {"config.json unsupported model",
+       [](auto p) { edit_json(p, [](auto& j) { j["model_type"] = "gpt2"; }); },
        {"model_type 'gpt2' is not supported"}},
-      {"config.json heads", [](auto p) { edit_json(p, [](auto& j) { j["num_key_value_heads"] = 3; }); },
+      {"config.json heads",
+       [](auto p) { edit_json(p, [](auto& j) { j["num_key_value_heads"] = 3; }); },
        {"must be a multiple of num_key_value_heads"}},
   };
   for (const auto& c : configs) {
@@ -135,14 +143,15 @@ void model_folder_errors(const TempDir& tmp, const std::string& good) {
                             {"missing tensor 'model.layers.2.input_layernorm.weight'"});
   dir = variant(tmp, good, "wider");
   edit_json(dir + cfg, [](auto& j) { j["intermediate_size"] = 32; });
-  expect_error<FormatError>("config.json wider than the checkpoint", open(dir),
-                            {"model.safetensors", "'model.layers.0.mlp.gate_proj.weight' has shape [24, 16], expected [32, 16]"});
+  expect_error<FormatError>(
+      "config.json wider than the checkpoint", open(dir),
+      {"model.safetensors", "'model.layers.0.mlp.gate_proj.weight' has shape [24, 16], expected [32, 16]"});
 
   // The safetensors file: truncated at every kind of boundary, garbled, lying lengths.
   const std::string weights = moa::test::read_file(good + "/model.safetensors");
   const uint64_t hlen = header_length(weights);
-  const std::vector<size_t> cuts = {0, 5, 8, 9, 8 + hlen / 2, 8 + hlen - 1, 8 + hlen, weights.size() / 2,
-                                    weights.size() - 1};
+  const std::vector<size_t> cuts = {
+      0, 5, 8, 9, 8 + hlen / 2, 8 + hlen - 1, 8 + hlen, weights.size() / 2, weights.size() - 1};
   for (size_t cut : cuts) {
     dir = variant(tmp, good, "cut_" + std::to_string(cut));
     moa::test::write_file(dir + "/model.safetensors", weights.substr(0, cut));
@@ -159,15 +168,16 @@ void model_folder_errors(const TempDir& tmp, const std::string& good) {
       {"header length 0", [](std::string& b) { std::memset(b.data(), 0, 8); }, "corrupt safetensors header"},
       {"garbled header", [hlen](std::string& b) { std::memcpy(b.data() + 8 + hlen / 2, "\xff\xfe}{", 4); },
        "corrupt safetensors header"},
-      {"header not an object", [hlen](std::string& b) { b.replace(8, hlen, std::string(hlen, ' ')).replace(8, 2, "[]"); },
-       "not a JSON object"},
+      {"header not an object",
+       [hlen](std::string& b) { b.replace(8, hlen, std::string(hlen, ' ')).replace(8, 2, "[]"); }, "not a JSON object"},
   };
   for (const auto& c : bytes) {
     std::string b = weights;
     c.corrupt(b);
     dir = variant(tmp, good, std::string("bytes_") + std::to_string(&c - bytes.data()));
     moa::test::write_file(dir + "/model.safetensors", b);
-    expect_error<FormatError>(std::string("model.safetensors ") + c.name, open(dir), {dir + "/model.safetensors", c.needle});
+    expect_error<FormatError>(std::string("model.safetensors ") + c.name, open(dir),
+                              {dir + "/model.safetensors", c.needle});
   }
   const auto tensors = moa::test::tiny_model_tensors(1);
   struct TensorCase {
@@ -198,15 +208,17 @@ void model_folder_errors(const TempDir& tmp, const std::string& good) {
 void routing_strategy_names() {
   for (const moa::RoutingStrategy s :
        {moa::RoutingStrategy::kPerLayer, moa::RoutingStrategy::kLast, moa::RoutingStrategy::kVote})
-    expect(moa::parse_routing_strategy(moa::to_string(s)) == s, std::string("strategy name round trip: ") + moa::to_string(s));
+    expect(moa::parse_routing_strategy(moa::to_string(s)) == s,
+           std::string("strategy name round trip: ") + moa::to_string(s));
   expect(std::string(moa::to_string(moa::RoutingStrategy::kPerLayer)) == "per_layer", "kPerLayer is named per_layer");
   for (const char* bad : {"top2", "", "Last", "vote "})
-    expect_error<moa::InvalidArgument>(std::string("bad strategy name '") + bad + "'",
-                                       [&] { moa::parse_routing_strategy(bad); },
-                                       {std::string("routing strategy '") + bad + "' is not one of per_layer, last, vote"});
-  expect_error<moa::FormatError>("bad strategy name in a file",
-                                 [] { moa::parse_routing_strategy<moa::FormatError>("best", "field 'router.strategy':"); },
-                                 {"field 'router.strategy': 'best' is not one of per_layer, last, vote"});
+    expect_error<moa::InvalidArgument>(
+        std::string("bad strategy name '") + bad + "'", [&] { moa::parse_routing_strategy(bad); },
+        {std::string("routing strategy '") + bad + "' is not one of per_layer, last, vote"});
+  expect_error<moa::FormatError>(
+      "bad strategy name in a file",
+      [] { moa::parse_routing_strategy<moa::FormatError>("best", "field 'router.strategy':"); },
+      {"field 'router.strategy': 'best' is not one of per_layer, last, vote"});
 }
 
 void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::string& good) {
@@ -220,7 +232,8 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
   auto unchanged = [&](const std::string& what) {
     expect(engine.experts().empty() && engine.router_domains().empty(), what + ": engine unchanged");
   };
-  expect_error<FileNotFound>("missing MoA directory", load(tmp / "absent_moa"), {"absent_moa", "no such MoA directory"});
+  expect_error<FileNotFound>("missing MoA directory", load(tmp / "absent_moa"),
+                             {"absent_moa", "no such MoA directory"});
   routing_strategy_names();
 
   struct Case {
@@ -257,13 +270,14 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
   const std::string qa = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
   const std::string kb = "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight";
   const std::vector<Case> cases = {
-      {"moa_config.json not JSON", "moa_config.json", [](auto d) { moa::test::write_file(d + "/moa_config.json", "{"); },
-       "not valid JSON"},
-      {"moa_config.json missing", "moa_config.json", [](auto d) { fs::remove(d + "/moa_config.json"); }, "no such file", true},
-      {"moa_config.json unknown field", "moa_config.json", json_case("moa_config.json", [](auto& j) { j["extra"] = 1; }),
-       "unknown field(s) ['extra']"},
-      {"moa_config.json missing field", "moa_config.json", json_case("moa_config.json", [](auto& j) { j.erase("eta"); }),
-       "missing field(s) ['eta']"},
+      {"moa_config.json not JSON", "moa_config.json",
+       [](auto d) { moa::test::write_file(d + "/moa_config.json", "{"); }, "not valid JSON"},
+      {"moa_config.json missing", "moa_config.json", [](auto d) { fs::remove(d + "/moa_config.json"); }, "no such file",
+       true},
+      {"moa_config.json unknown field", "moa_config.json",
+       json_case("moa_config.json", [](auto& j) { j["extra"] = 1; }), "unknown field(s) ['extra']"},
+      {"moa_config.json missing field", "moa_config.json",
+       json_case("moa_config.json", [](auto& j) { j.erase("eta"); }), "missing field(s) ['eta']"},
       {"moa_config.json bad strategy", "moa_config.json",
        json_case("moa_config.json", [](auto& j) { j["router"]["strategy"] = "top2"; }),
        "field 'router.strategy': 'top2' is not one of per_layer, last, vote"},
@@ -299,25 +313,42 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
       {"adapter weights rank mismatch", W,
        tensors_case(W, [qa](auto t) { return replaced(t, qa, at::zeros({3, 16})); }), "has rank 3 but lora_B"},
       {"adapter for another base", "experts/a",
-       tensors_case(W, [](auto t) {
-         for (auto& [name, x] : t)
-           if (name.find("k_proj.lora_B") != std::string::npos) x = at::zeros({16, 2});
-         return t;
-       }),
+       tensors_case(W,
+                    [](auto t) {
+                      for (auto& [name, x] : t)
+                        if (name.find("k_proj.lora_B") != std::string::npos) x = at::zeros({16, 2});
+                      return t;
+                    }),
        "adapter made for another base: model.layers.0.self_attn.k_proj expects lora_A [2, 16] and lora_B [8, 2]"},
       {"adapter unknown tensor", W,
-       tensors_case(W, [](auto t) { t.emplace_back("base_model.model.lm_head.weight", at::zeros({2, 2})); return t; }),
+       tensors_case(W,
+                    [](auto t) {
+                      t.emplace_back("base_model.model.lm_head.weight", at::zeros({2, 2}));
+                      return t;
+                    }),
        "unexpected tensor(s) ['base_model.model.lm_head.weight']"},
       {"router wrong domain count", R,
-       tensors_case(R, [](auto t) { for (auto& p : t) p.second = at::zeros({3, 16}); return t; }),
+       tensors_case(R,
+                    [](auto t) {
+                      for (auto& p : t) p.second = at::zeros({3, 16});
+                      return t;
+                    }),
        "router has 3 outputs but the MoA dir has 2 domains"},
       {"router missing layer", R, tensors_case(R, [](auto t) { return without(t, "layers.0.weight"); }),
        "lacks layers.0.weight"},
       {"router extra layer", R,
-       tensors_case(R, [](auto t) { t.emplace_back("layers.2.weight", at::zeros({2, 16})); return t; }),
+       tensors_case(R,
+                    [](auto t) {
+                      t.emplace_back("layers.2.weight", at::zeros({2, 16}));
+                      return t;
+                    }),
        "router has 3 layers but the model has 2"},
       {"router other hidden size", "",
-       tensors_case(R, [](auto t) { for (auto& p : t) p.second = at::zeros({2, 12}); return t; }),
+       tensors_case(R,
+                    [](auto t) {
+                      for (auto& p : t) p.second = at::zeros({2, 12});
+                      return t;
+                    }),
        "experts and router disagree on the hidden size"},
       {"router garbled", R,
        [R](auto d) {
@@ -362,7 +393,8 @@ void moa_dir_errors(const TempDir& tmp, const std::string& model, const std::str
                                 },
                                 {"unknown domain 'c' (known: base, a, b)"});
   expect_error<moa::FileNotFound>("load_expert from a missing folder",
-                                  [&] { engine.load_expert("c", tmp / "absent_expert"); }, {"no such PEFT adapter folder"});
+                                  [&] { engine.load_expert("c", tmp / "absent_expert"); },
+                                  {"no such PEFT adapter folder"});
 
   // The experts are live: each changes the logits, and routed requests report per-layer choices.
   const at::Tensor ids = at::arange(3, 11, at::kLong).view({1, 8});

@@ -74,10 +74,12 @@ ordered_json awkward_value(Rng& rng) {
     case 2: return pick(rng, std::vector<int64_t>{0, -1, 1, 2, 3, 7, 16, 64, 1 << 20, INT64_MAX, INT64_MIN});
     case 3: return pick(rng, std::vector<uint64_t>{UINT64_MAX, uint64_t(1) << 63, uint64_t(1) << 40});
     case 4: return pick(rng, std::vector<double>{0.5, -0.0, 1e308, -2.5, 3.0, 1e-300});
-    case 5: return pick(rng, std::vector<std::string>{"", "x", "F32", "I8", "BF16", "q_proj", "LORA", "none",
-                                                     "layers", "llama", "last", "../x", "base"});
-    case 6: return pick(rng, std::vector<std::string>{"(?P<m>q_proj)", "((((", "a{99999}", "[", "(a|b)*c",
-                                                     ".*", "\\d+", "(?i)Q_PROJ"});
+    case 5:
+      return pick(rng, std::vector<std::string>{"", "x", "F32", "I8", "BF16", "q_proj", "LORA", "none", "layers",
+                                                "llama", "last", "../x", "base"});
+    case 6:
+      return pick(rng, std::vector<std::string>{"(?P<m>q_proj)", "((((", "a{99999}", "[", "(a|b)*c", ".*", "\\d+",
+                                                "(?i)Q_PROJ"});
     case 7: return std::string(static_cast<size_t>(1 + pick(rng, 3000)), 'a' + static_cast<char>(pick(rng, 26)));
     case 8: return ordered_json::array();
     case 9: return ordered_json::object();
@@ -95,7 +97,8 @@ ordered_json awkward_value(Rng& rng) {
 }
 
 // Every value's JSON pointer (the root excluded).
-void collect(const ordered_json& j, const ordered_json::json_pointer& at, std::vector<ordered_json::json_pointer>& out) {
+void collect(const ordered_json& j, const ordered_json::json_pointer& at,
+             std::vector<ordered_json::json_pointer>& out) {
   if (j.is_object()) {
     for (const auto& [k, v] : j.items()) {
       out.push_back(at / k);
@@ -124,17 +127,20 @@ void edit_json(ordered_json& j, Rng& rng, std::string& what) {
     for (const auto& p : ptrs)
       if (j[p].is_object()) objects.push_back(p);
     const auto& p = pick(rng, objects);
-    const std::string key = pick(rng, std::vector<std::string>{"extra", "use_dora", "bias", "modules_to_save",
-                                                             "layers_to_transform", "layers_pattern", "exclude_modules",
-                                                             "__metadata__", "rank_pattern", "rope_scaling", "head_dim"});
+    const std::string key =
+        pick(rng, std::vector<std::string>{"extra", "use_dora", "bias", "modules_to_save", "layers_to_transform",
+                                           "layers_pattern", "exclude_modules", "__metadata__", "rank_pattern",
+                                           "rope_scaling", "head_dim"});
     what = "add " + p.to_string() + "/" + key;
     if (j[p].is_object()) j[p][key] = awkward_value(rng);
   } else if (kind == 3) {  // remove a value
     const auto& p = pick(rng, ptrs);
     what = "remove " + p.to_string();
     ordered_json& parent = j[p.parent_pointer()];
-    if (parent.is_object()) parent.erase(p.back());
-    else if (parent.is_array()) parent.erase(static_cast<size_t>(std::stoul(p.back())));
+    if (parent.is_object())
+      parent.erase(p.back());
+    else if (parent.is_array())
+      parent.erase(static_cast<size_t>(std::stoul(p.back())));
   } else {  // swap two values
     const auto& p = pick(rng, ptrs);
     const auto& q = pick(rng, ptrs);
@@ -166,10 +172,12 @@ void corrupt_bytes(std::string& b, Rng& rng, std::string& what) {
     }
     default: {
       const size_t at = b.empty() ? 0 : static_cast<size_t>(pick(rng, b.size()));
-      const std::string junk = pick(rng, std::vector<std::string>{"\xff\xfe", "}", "{", "\"", ",", "[1e999]",
-                                                                 "\\u0000", std::string(1, '\0'), "\xc3"});
-      if (pick(rng, 2)) b.insert(at, junk);
-      else b.replace(at, std::min(junk.size(), b.size() - at), junk);
+      const std::string junk = pick(rng, std::vector<std::string>{"\xff\xfe", "}", "{", "\"", ",", "[1e999]", "\\u0000",
+                                                                  std::string(1, '\0'), "\xc3"});
+      if (pick(rng, 2))
+        b.insert(at, junk);
+      else
+        b.replace(at, std::min(junk.size(), b.size() - at), junk);
       what = "splice bytes at " + std::to_string(at);
     }
   }
@@ -181,9 +189,9 @@ void corrupt_safetensors(std::string& b, Rng& rng, std::string& what) {
   const uint64_t n = header_length(b);
   if (pick(rng, 2) == 0) {
     const uint64_t size = b.size();
-    const uint64_t v = pick(rng, std::vector<uint64_t>{0, 1, 2, n - 1, n + 1, size - 8, size - 7, size,
-                                                       uint64_t(1) << 32, uint64_t(1) << 63, UINT64_MAX,
-                                                       static_cast<uint64_t>(pick(rng, size))});
+    const uint64_t v =
+        pick(rng, std::vector<uint64_t>{0, 1, 2, n - 1, n + 1, size - 8, size - 7, size, uint64_t(1) << 32,
+                                        uint64_t(1) << 63, UINT64_MAX, static_cast<uint64_t>(pick(rng, size))});
     std::memcpy(b.data(), &v, 8);
     what = "header length " + std::to_string(n) + " -> " + std::to_string(v);
     return;
@@ -229,8 +237,8 @@ std::string run_reader(const std::string& dir, const Target& t, const moa::Model
     moa::engine::load_weights(dir + "/model", config, at::kFloat, at::Device("cpu"));
     return "";
   }
-  moa::engine::read_moa_dir(dir + "/moa", nullptr);          // the format alone
-  moa::engine::read_moa_dir(dir + "/moa", &good_config);     // and against the model
+  moa::engine::read_moa_dir(dir + "/moa", nullptr);       // the format alone
+  moa::engine::read_moa_dir(dir + "/moa", &good_config);  // and against the model
   return "";
 }
 
@@ -246,11 +254,16 @@ Args parse_args(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     const bool has_value = i + 1 < argc;
-    if (flag == "--cases" && has_value) a.cases = std::stoll(argv[++i]);
-    else if (flag == "--seed" && has_value) a.seed = std::stoull(argv[++i]);
-    else if (flag == "--case" && has_value) a.only = std::stoll(argv[++i]);
-    else if (flag == "--verbose") a.verbose = true;
-    else throw std::invalid_argument("usage: moa_parser_fuzz [--cases N] [--seed S] [--case K] [--verbose]");
+    if (flag == "--cases" && has_value)
+      a.cases = std::stoll(argv[++i]);
+    else if (flag == "--seed" && has_value)
+      a.seed = std::stoull(argv[++i]);
+    else if (flag == "--case" && has_value)
+      a.only = std::stoll(argv[++i]);
+    else if (flag == "--verbose")
+      a.verbose = true;
+    else
+      throw std::invalid_argument("usage: moa_parser_fuzz [--cases N] [--seed S] [--case K] [--verbose]");
   }
   return a;
 }

@@ -46,10 +46,10 @@ struct Target {
   int64_t in, out;
 };
 const std::vector<Target>& tiny_targets() {
-  static const std::vector<Target> t = {
-      {"self_attn", "q_proj", 16, 16}, {"self_attn", "k_proj", 16, 8}, {"self_attn", "v_proj", 16, 8},
-      {"self_attn", "o_proj", 16, 16}, {"mlp", "gate_proj", 16, 24},   {"mlp", "up_proj", 16, 24},
-      {"mlp", "down_proj", 24, 16}};
+  static const std::vector<Target> t = {{"self_attn", "q_proj", 16, 16}, {"self_attn", "k_proj", 16, 8},
+                                        {"self_attn", "v_proj", 16, 8},  {"self_attn", "o_proj", 16, 16},
+                                        {"mlp", "gate_proj", 16, 24},    {"mlp", "up_proj", 16, 24},
+                                        {"mlp", "down_proj", 24, 16}};
   return t;
 }
 
@@ -114,8 +114,8 @@ std::string safetensors_bytes(const NamedTensors& tensors) {
     const at::Tensor t = tensor.contiguous();
     const size_t begin = data.size();
     data.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
-    header[name] = {{"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()},
-                    {"data_offsets", {begin, data.size()}}};
+    header[name] = {
+        {"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}, {"data_offsets", {begin, data.size()}}};
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // as safetensors pads: data 8-byte aligned
@@ -170,18 +170,25 @@ void write_tiny_model(const std::string& dir, uint64_t seed) {
 void write_tiny_moa_dir(const std::string& dir, uint64_t seed) {
   std::mt19937_64 rng(seed);
   const std::vector<std::string> all = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  write_json(dir + "/moa_config.json",
-             {{"format_version", 1},
-              {"base_model", "tiny"},
-              {"domains", {"a", "b"}},
-              {"target_modules", all},
-              {"router", {{"pooling", "mean"}, {"strategy", "last"}}},
-              {"eta", 0.1}});
-  ordered_json a = {{"peft_type", "LORA"},       {"task_type", "CAUSAL_LM"}, {"r", 2},
-                    {"lora_alpha", 4},           {"target_modules", all},    {"bias", "none"},
-                    {"use_dora", false},         {"fan_in_fan_out", false},  {"modules_to_save", nullptr},
-                    {"rank_pattern", ordered_json::object()}, {"alpha_pattern", ordered_json::object()},
-                    {"use_rslora", false},       {"layers_to_transform", nullptr}};
+  write_json(dir + "/moa_config.json", {{"format_version", 1},
+                                        {"base_model", "tiny"},
+                                        {"domains", {"a", "b"}},
+                                        {"target_modules", all},
+                                        {"router", {{"pooling", "mean"}, {"strategy", "last"}}},
+                                        {"eta", 0.1}});
+  ordered_json a = {{"peft_type", "LORA"},
+                    {"task_type", "CAUSAL_LM"},
+                    {"r", 2},
+                    {"lora_alpha", 4},
+                    {"target_modules", all},
+                    {"bias", "none"},
+                    {"use_dora", false},
+                    {"fan_in_fan_out", false},
+                    {"modules_to_save", nullptr},
+                    {"rank_pattern", ordered_json::object()},
+                    {"alpha_pattern", ordered_json::object()},
+                    {"use_rslora", false},
+                    {"layers_to_transform", nullptr}};
   write_expert(dir + "/experts/a", rng, a, all, 2, "", 0);
   ordered_json b = a;
   b["r"] = 3;

@@ -79,28 +79,48 @@ Args parse_args(int argc, char** argv) {
       if (i + 1 >= argc) throw UsageError(flag + " needs a value");
       return argv[++i];
     };
-    if (flag == "--model") a.model = value();
-    else if (flag == "--moa") a.moa = value();
-    else if (flag == "--domain") a.domain = value();
-    else if (flag == "--routing") a.routing = value();
-    else if (flag == "--ids") { a.ids = value(); a.has_ids = true; }
-    else if (flag == "--file") a.file = value();
-    else if (flag == "--max-new-tokens") a.max_new_tokens = to_int(value(), flag);
-    else if (flag == "--temperature") a.sampling.temperature = to_float(value(), flag);
-    else if (flag == "--top-k") a.sampling.top_k = to_int(value(), flag);
-    else if (flag == "--top-p") a.sampling.top_p = to_float(value(), flag);
-    else if (flag == "--seed") a.sampling.seed = to_uint(value(), flag);
-    else if (flag == "--dtype") a.options.dtype = value();
-    else if (flag == "--max-batch") a.options.max_batch = to_int(value(), flag);
-    else if (flag == "--ignore-eos") a.ignore_eos = true;
-    else if (flag == "--stream") a.stream = true;
-    else if (flag == "--verbose") a.verbose = true;
-    else if (flag == "-h" || flag == "--help") throw UsageError("");
-    else throw UsageError("unknown option '" + flag + "'");
+    if (flag == "--model")
+      a.model = value();
+    else if (flag == "--moa")
+      a.moa = value();
+    else if (flag == "--domain")
+      a.domain = value();
+    else if (flag == "--routing")
+      a.routing = value();
+    else if (flag == "--ids") {
+      a.ids = value();
+      a.has_ids = true;
+    } else if (flag == "--file")
+      a.file = value();
+    else if (flag == "--max-new-tokens")
+      a.max_new_tokens = to_int(value(), flag);
+    else if (flag == "--temperature")
+      a.sampling.temperature = to_float(value(), flag);
+    else if (flag == "--top-k")
+      a.sampling.top_k = to_int(value(), flag);
+    else if (flag == "--top-p")
+      a.sampling.top_p = to_float(value(), flag);
+    else if (flag == "--seed")
+      a.sampling.seed = to_uint(value(), flag);
+    else if (flag == "--dtype")
+      a.options.dtype = value();
+    else if (flag == "--max-batch")
+      a.options.max_batch = to_int(value(), flag);
+    else if (flag == "--ignore-eos")
+      a.ignore_eos = true;
+    else if (flag == "--stream")
+      a.stream = true;
+    else if (flag == "--verbose")
+      a.verbose = true;
+    else if (flag == "-h" || flag == "--help")
+      throw UsageError("");
+    else
+      throw UsageError("unknown option '" + flag + "'");
   }
   if (a.model.empty()) throw UsageError("--model is required");
   if (a.has_ids == !a.file.empty()) throw UsageError("give the prompt ids with exactly one of --ids and --file");
-  if (!a.routing.empty() && a.moa.empty()) throw UsageError("--routing needs --moa (routers come with a MoA directory)");
+  if (!a.routing.empty() && a.moa.empty())
+    throw UsageError("--routing needs --moa (routers come with a MoA directory)");
   return a;
 }
 

@@ -55,18 +55,18 @@ struct ModelConfig {
   double rope_llama3_high_freq_factor = 4.0;
   int64_t rope_llama3_original_max_position = 8192;
   int64_t max_position_embeddings = 0;
-  int64_t sliding_window = 0;  // 0: full causal attention
+  int64_t sliding_window = 0;   // 0: full causal attention
   bool attention_bias = false;  // q/k/v projections have biases (qwen2)
   bool tie_word_embeddings = false;
-  std::string torch_dtype;  // the checkpoint's dtype as config.json names it ("" if absent)
+  std::string torch_dtype;             // the checkpoint's dtype as config.json names it ("" if absent)
   std::vector<int64_t> eos_token_ids;  // from generation_config.json, else config.json
   int64_t bos_token_id = -1;
 };
 
 struct SamplingParams {
-  float temperature = 0.0f;  // 0: greedy
-  int64_t top_k = 0;         // 0: no limit
-  float top_p = 1.0f;        // 1: no nucleus cut
+  float temperature = 0.0f;      // 0: greedy
+  int64_t top_k = 0;             // 0: no limit
+  float top_p = 1.0f;            // 1: no nucleus cut
   std::optional<uint64_t> seed;  // none: a random seed
 };
 
@@ -89,9 +89,9 @@ struct GenerationRequest {
 // How a request was served: its expert per layer and, when routed, the routers'
 // probabilities.
 struct RoutingInfo {
-  std::string domain;                           // the expert, kBaseDomain, or kMixedDomain when layers differ
-  std::vector<std::string> layer_domains;       // [num_layers]
-  std::vector<std::vector<float>> router_probs; // [num_layers][n_domains]; empty when not routed
+  std::string domain;                            // the expert, kBaseDomain, or kMixedDomain when layers differ
+  std::vector<std::string> layer_domains;        // [num_layers]
+  std::vector<std::vector<float>> router_probs;  // [num_layers][n_domains]; empty when not routed
 };
 
 enum class FinishReason {
@@ -120,8 +120,8 @@ struct LoraWeights {
 struct EngineOptions {
   std::string dtype = "auto";  // "auto" (the checkpoint's), "float32", "bfloat16", "float16"
   std::string device = "cpu";
-  int64_t max_batch = 16;      // KV-cache slots: sequences decoded together
-  int64_t max_seq_len = 2048;  // prompt + generated tokens, per sequence
+  int64_t max_batch = 16;             // KV-cache slots: sequences decoded together
+  int64_t max_seq_len = 2048;         // prompt + generated tokens, per sequence
   int64_t max_prefill_tokens = 4096;  // prompt tokens admitted in one step (at least one prompt)
 };
 
@@ -131,7 +131,7 @@ struct StepEvent {
   int64_t token = -1;  // -1 when no token came with the event (cancelled)
   bool finished = false;
   FinishReason finish_reason = FinishReason::kLength;  // valid when finished
-  std::shared_ptr<const RoutingInfo> routing;  // on the request's first event
+  std::shared_ptr<const RoutingInfo> routing;          // on the request's first event
 };
 
 class Engine {
@@ -180,15 +180,15 @@ class Engine {
 
   // The step-wise interface generate() runs on.
   int64_t submit(const GenerationRequest& request);  // checks it, queues it; returns its id
-  std::vector<StepEvent> step();  // admits waiting requests, prefills them, decodes one token
-  void cancel(int64_t request_id);  // finishes it at the next step (no-op if unknown)
-  bool idle() const;                // nothing waiting or running
+  std::vector<StepEvent> step();                     // admits waiting requests, prefills them, decodes one token
+  void cancel(int64_t request_id);                   // finishes it at the next step (no-op if unknown)
+  bool idle() const;                                 // nothing waiting or running
 
   // Mixture-of-LoRAs experts. Changes apply from the next step; requests in flight keep
   // the expert they started with (a removed expert's weights stay until they finish).
   void add_expert(const std::string& name, const std::vector<LoraWeights>& weights);
   void remove_expert(const std::string& name);  // InvalidArgument if unknown
-  std::vector<std::string> experts() const;      // loaded experts, slot order
+  std::vector<std::string> experts() const;     // loaded experts, slot order
   // Routers: per layer a [domains.size(), hidden] matrix; domains name experts (those
   // not loaded are never chosen). strategy: the engine's strategy from now on.
   void set_router(const std::vector<std::string>& domains, const std::vector<at::Tensor>& weights,

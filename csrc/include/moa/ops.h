@@ -20,8 +20,7 @@ at::Tensor grouped_lora(const at::Tensor& x, const at::Tensor& lora_a, const at:
 
 // Semantics: y[t] += scales[e] * (x[t] @ lora_a[e]^T) @ lora_b[e]^T; rows with e == -1
 // are untouched. y [T, out]. Inference only.
-void grouped_lora_add_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
-                       const at::Tensor& lora_b, const at::Tensor& expert_ids,
-                       const at::Tensor& scales);
+void grouped_lora_add_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                       const at::Tensor& expert_ids, const at::Tensor& scales);
 
 }  // namespace moa

@@ -34,9 +34,7 @@ namespace avx512 {
 
 constexpr __mmask16 kAll = 0xffff;
 
-inline __mmask16 first_n(int64_t n) {
-  return n >= 16 ? kAll : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
+inline __mmask16 first_n(int64_t n) { return n >= 16 ? kAll : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
 
 MOA_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 MOA_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
@@ -77,8 +75,7 @@ MOA_AVX512 inline __m512 round_through(__m512 v) {
 MOA_AVX512 inline __m512 reduce16(const __m512 (&p)[16]) {
   __m512 q[8], w[4], z[2];
   for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    q[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]),
-                         _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+    q[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
   }
   for (int i = 0; i < 4; ++i) {  // per lane: the lane sums of 4 consecutive rows
     w[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),

@@ -57,8 +57,7 @@ MOA_AVX512 inline void dot_tile(const T* A, int64_t k, const T* const* xs, float
 
 // ys[q][j + rr] = dot(W row j + rr, xs[q]) (+ bias[j + rr]), rounded to T, for rr < RB, q < NT.
 template <int RB, int NT, typename T>
-MOA_AVX512 inline void tile_store(const T* W, int64_t k, int64_t j, const T* const* xs,
-                                  T* const* ys, const T* bias) {
+MOA_AVX512 inline void tile_store(const T* W, int64_t k, int64_t j, const T* const* xs, T* const* ys, const T* bias) {
   float out[RB * NT];
   dot_tile<RB, NT>(W + j * k, k, xs, out);
   for (int q = 0; q < NT; ++q)
@@ -71,8 +70,8 @@ MOA_AVX512 inline void tile_store(const T* W, int64_t k, int64_t j, const T* con
 // One block of RB rows of W against all m tokens, 4 tokens a tile: the block stays in
 // L1 while the token groups pass over it.
 template <int RB, typename T>
-MOA_AVX512 inline void tile_tokens(const T* W, int64_t k, int64_t j, const T* const* xs,
-                                   T* const* ys, int64_t m, const T* bias) {
+MOA_AVX512 inline void tile_tokens(const T* W, int64_t k, int64_t j, const T* const* xs, T* const* ys, int64_t m,
+                                   const T* bias) {
   int64_t q = 0;
   for (; q + 4 <= m; q += 4) tile_store<RB, 4>(W, k, j, xs + q, ys + q, bias);
   switch (m - q) {
@@ -84,8 +83,8 @@ MOA_AVX512 inline void tile_tokens(const T* W, int64_t k, int64_t j, const T* co
 }
 
 template <int RB, typename T>
-MOA_AVX512 void rows_times_tokens(const T* W, int64_t k, int64_t row0, int64_t row1,
-                                  const T* const* xs, T* const* ys, int64_t m, const T* bias) {
+MOA_AVX512 void rows_times_tokens(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs, T* const* ys,
+                                  int64_t m, const T* bias) {
   int64_t j = row0;
   for (; j + RB <= row1; j += RB) tile_tokens<RB>(W, k, j, xs, ys, m, bias);
   for (; j < row1; ++j) tile_tokens<1>(W, k, j, xs, ys, m, bias);
@@ -97,9 +96,8 @@ MOA_AVX512 void rows_times_tokens(const T* W, int64_t k, int64_t row0, int64_t r
 // Rows [o, o + n) (n <= 16) for one token; C16 > 0 fixes the chunk count at compile
 // time (unrolled), C16 == 0 reads it from `chunks`.
 template <int C16, typename T>
-MOA_AVX512 inline void expand_16_rows(const T* B, int64_t r, int64_t o, int64_t n,
-                                      int64_t chunks, const __mmask16* masks, const __m512* v,
-                                      T* y, const __m512 scale) {
+MOA_AVX512 inline void expand_16_rows(const T* B, int64_t r, int64_t o, int64_t n, int64_t chunks,
+                                      const __mmask16* masks, const __m512* v, T* y, const __m512 scale) {
   const int64_t C = C16 > 0 ? C16 : chunks;
   __m512 p[16];
 #pragma GCC unroll 16
@@ -117,8 +115,8 @@ MOA_AVX512 inline void expand_16_rows(const T* B, int64_t r, int64_t o, int64_t 
 }
 
 template <int C16, typename T>
-MOA_AVX512 void expand_rows(const T* B, int64_t r, int64_t row0, int64_t row1,
-                            const T* const* vs, T* const* ys, int nt, float scale) {
+MOA_AVX512 void expand_rows(const T* B, int64_t r, int64_t row0, int64_t row1, const T* const* vs, T* const* ys, int nt,
+                            float scale) {
   const int64_t chunks = (r + 15) / 16;
   __mmask16 masks[kDecodeAvx512MaxRank / 16];
   for (int64_t c = 0; c < chunks; ++c) masks[c] = first_n(r - 16 * c);
@@ -141,22 +139,21 @@ bool decode_avx512_available() {
 }
 
 template <typename T>
-void linear_rows_avx512(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
-                        T* const* ys, int64_t m, const T* bias) {
+void linear_rows_avx512(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs, T* const* ys, int64_t m,
+                        const T* bias) {
   // 8 to 16 accumulator chains per tile: 8 rows for one or two tokens, else 4.
   if (m <= 2) return rows_times_tokens<8>(W, k, row0, row1, xs, ys, m, bias);
   return rows_times_tokens<4>(W, k, row0, row1, xs, ys, m, bias);
 }
 
 template <typename T>
-void shrink_block_avx512(const T* A, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
-                         T* const* vs, int nt) {
+void shrink_block_avx512(const T* A, int64_t k, int64_t row0, int64_t row1, const T* const* xs, T* const* vs, int nt) {
   linear_rows_avx512(A, k, row0, row1, xs, vs, nt, static_cast<const T*>(nullptr));
 }
 
 template <typename T>
-void expand_block_avx512(const T* B, int64_t r, int64_t row0, int64_t row1, const T* const* vs,
-                         T* const* ys, int nt, float scale) {
+void expand_block_avx512(const T* B, int64_t r, int64_t row0, int64_t row1, const T* const* vs, T* const* ys, int nt,
+                         float scale) {
   switch ((r + 15) / 16) {  // unrolled for ranks up to 64
     case 1: return expand_rows<1>(B, r, row0, row1, vs, ys, nt, scale);
     case 2: return expand_rows<2>(B, r, row0, row1, vs, ys, nt, scale);
@@ -171,25 +168,21 @@ void expand_block_avx512(const T* B, int64_t r, int64_t row0, int64_t row1, cons
 bool decode_avx512_available() { return false; }
 
 template <typename T>
-void linear_rows_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int64_t,
-                        const T*) {}
+void linear_rows_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int64_t, const T*) {}
 
 template <typename T>
 void shrink_block_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int) {}
 
 template <typename T>
-void expand_block_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int,
-                         float) {}
+void expand_block_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int, float) {}
 
 #endif
 
-#define MOA_INSTANTIATE(T)                                                                      \
-  template void linear_rows_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*,     \
-                                      T* const*, int64_t, const T*);                            \
-  template void shrink_block_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*,    \
-                                       T* const*, int);                                         \
-  template void expand_block_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*,    \
-                                       T* const*, int, float);
+#define MOA_INSTANTIATE(T)                                                                                      \
+  template void linear_rows_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int64_t, \
+                                      const T*);                                                                \
+  template void shrink_block_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int);   \
+  template void expand_block_avx512<T>(const T*, int64_t, int64_t, int64_t, const T* const*, T* const*, int, float);
 MOA_INSTANTIATE(float)
 MOA_INSTANTIATE(c10::BFloat16)
 MOA_INSTANTIATE(c10::Half)

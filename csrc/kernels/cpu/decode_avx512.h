@@ -23,19 +23,18 @@ bool decode_avx512_available();
 // accumulated in float, rounded to T once. Tokens are taken 4 at a time per block of
 // W rows, so W is read from memory once for any m.
 template <typename T>
-void linear_rows_avx512(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
-                        T* const* ys, int64_t m, const T* bias);
+void linear_rows_avx512(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs, T* const* ys, int64_t m,
+                        const T* bias);
 
 // For q < nt (nt <= 4) and rows j in [row0, row1) of A [*, k]:
 //   vs[q][j] = sum_i A[j * k + i] * xs[q][i], accumulated in float, rounded to T.
 template <typename T>
-void shrink_block_avx512(const T* A, int64_t k, int64_t row0, int64_t row1, const T* const* xs,
-                         T* const* vs, int nt);
+void shrink_block_avx512(const T* A, int64_t k, int64_t row0, int64_t row1, const T* const* xs, T* const* vs, int nt);
 
 // For q < nt (nt <= 4) and rows o in [row0, row1) of B [*, r], r <= kDecodeAvx512MaxRank:
 //   ys[q][o] += scale * sum_j B[o * r + j] * vs[q][j], in float, each y rounded once.
 template <typename T>
-void expand_block_avx512(const T* B, int64_t r, int64_t row0, int64_t row1,
-                         const T* const* vs, T* const* ys, int nt, float scale);
+void expand_block_avx512(const T* B, int64_t r, int64_t row0, int64_t row1, const T* const* vs, T* const* ys, int nt,
+                         float scale);
 
 }  // namespace moa::cpu

@@ -21,8 +21,7 @@
 // The SIMD loops are compiled for several x86 levels and picked at load time, so
 // one build runs everywhere and still uses AVX-512 / AVX2+F16C where present.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define MOA_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MOA_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define MOA_HAVE_FLOAT16 1
 #else
 #define MOA_TARGET_CLONES
@@ -61,14 +60,11 @@ MOA_INLINE T from_acc(acc_t<T> v) {
     uint32_t u;
     std::memcpy(&u, &v, sizeof(u));
     // Round to nearest even; NaN stays NaN.
-    const uint32_t rounded = (u & 0x7fffffffu) > 0x7f800000u
-                                 ? (u | 0x00400000u)
-                                 : u + 0x7fffu + ((u >> 16) & 1u);
+    const uint32_t rounded = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
     return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
   } else if constexpr (std::is_same_v<T, c10::Half>) {
 #if MOA_HAVE_FLOAT16
-    return c10::Half(__builtin_bit_cast(uint16_t, static_cast<_Float16>(v)),
-                     c10::Half::from_bits());
+    return c10::Half(__builtin_bit_cast(uint16_t, static_cast<_Float16>(v)), c10::Half::from_bits());
 #else
     return c10::Half(v);
 #endif
@@ -95,24 +91,24 @@ at::Tensor op_view(bool trans, const T* data, int64_t rows, int64_t cols, int64_
 
 // C = op(A) @ op(B); C is not read.
 template <typename T>
-void gemm_set(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
-              int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+void gemm_set(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+              int64_t ldb, T* C, int64_t ldc) {
   at::Tensor c = view2d(C, M, N, ldc);
   at::mm_out(c, op_view(trans_a, A, M, K, lda), op_view(trans_b, B, K, N, ldb));
 }
 
 // C += alpha * op(A) @ op(B), accumulated in float and rounded once into C.
 template <typename T>
-void gemm_add(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
-              const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  view2d(C, M, N, ldc).addmm_(op_view(trans_a, A, M, K, lda), op_view(trans_b, B, K, N, ldb),
-                              /*beta=*/1, /*alpha=*/alpha);
+void gemm_add(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+              const T* B, int64_t ldb, T* C, int64_t ldc) {
+  view2d(C, M, N, ldc)
+      .addmm_(op_view(trans_a, A, M, K, lda), op_view(trans_b, B, K, N, ldb),
+              /*beta=*/1, /*alpha=*/alpha);
 }
 
 // Copies rows[i] of src (row stride ld) into row i of dst [count, width].
 template <typename T>
-void gather_rows(const T* src, int64_t ld, const int64_t* rows, int64_t count,
-                 int64_t width, T* dst) {
+void gather_rows(const T* src, int64_t ld, const int64_t* rows, int64_t count, int64_t width, T* dst) {
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, width * sizeof(T)));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -123,8 +119,7 @@ void gather_rows(const T* src, int64_t ld, const int64_t* rows, int64_t count,
 
 // Copies row i of src [count, width] into rows[i] of dst (row stride ld).
 template <typename T>
-void scatter_rows(const T* src, int64_t count, int64_t width, const int64_t* rows, T* dst,
-                  int64_t ld) {
+void scatter_rows(const T* src, int64_t count, int64_t width, const int64_t* rows, T* dst, int64_t ld) {
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, width * sizeof(T)));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -159,23 +154,22 @@ bool use_avx512_kernels() {
 template <typename T>
 struct SmallArgs {
   const Plan* plan;
-  const T* src;      // shrink: x [T, in]      expand: V [T, r]
+  const T* src;  // shrink: x [T, in]      expand: V [T, r]
   int64_t ld_src;
-  const T* weight;   // shrink: A [E, r, in]   expand: B [E, out, r]
-  T* dst;            // shrink: V [T, r]       expand: y [T, out]
+  const T* weight;  // shrink: A [E, r, in]   expand: B [E, out, r]
+  T* dst;           // shrink: V [T, r]       expand: y [T, out]
   int64_t ld_dst;
-  int64_t rows;      // weight rows per expert: r (shrink) or out (expand)
-  int64_t k;         // dot length: in (shrink) or r (expand)
-  const float* scales;  // expand only
-  int64_t slice;     // weight rows per item
-  int64_t splits;    // items per group
+  int64_t rows;             // weight rows per expert: r (shrink) or out (expand)
+  int64_t k;                // dot length: in (shrink) or r (expand)
+  const float* scales;      // expand only
+  int64_t slice;            // weight rows per item
+  int64_t splits;           // items per group
   bool use_avx512 = false;  // take the AVX-512 kernels (decode_avx512.h)
 };
 
 // out[q] = dot(w, xs[q]) for q < NT; w and xs[q] have k elements.
 template <int NT, typename T>
-MOA_INLINE void dot_block(const T* __restrict w, const T* const* xs, int64_t k,
-                          acc_t<T>* out) {
+MOA_INLINE void dot_block(const T* __restrict w, const T* const* xs, int64_t k, acc_t<T>* out) {
   const T* x0 = xs[0];
   const T* x1 = xs[NT > 1 ? 1 : 0];
   const T* x2 = xs[NT > 2 ? 2 : 0];
@@ -250,12 +244,12 @@ MOA_INLINE void small_items_impl(const SmallArgs<T>& a, int64_t begin, int64_t e
   }
 }
 
-#define MOA_DEFINE_SMALL_KERNELS(T, NAME)                                                  \
+#define MOA_DEFINE_SMALL_KERNELS(T, NAME)                                                   \
   MOA_TARGET_CLONES void shrink_items_##NAME(const SmallArgs<T>& a, int64_t b, int64_t e) { \
-    small_items_impl<false>(a, b, e);                                                     \
-  }                                                                                        \
+    small_items_impl<false>(a, b, e);                                                       \
+  }                                                                                         \
   MOA_TARGET_CLONES void expand_items_##NAME(const SmallArgs<T>& a, int64_t b, int64_t e) { \
-    small_items_impl<true>(a, b, e);                                                      \
+    small_items_impl<true>(a, b, e);                                                        \
   }
 MOA_DEFINE_SMALL_KERNELS(double, f64)
 MOA_DEFINE_SMALL_KERNELS(float, f32)
@@ -265,12 +259,15 @@ MOA_DEFINE_SMALL_KERNELS(c10::Half, f16)
 
 template <bool kExpand, typename T>
 void small_items(const SmallArgs<T>& a, int64_t b, int64_t e) {
-#define MOA_CALL(NAME) \
-  return kExpand ? expand_items_##NAME(a, b, e) : shrink_items_##NAME(a, b, e)
-  if constexpr (std::is_same_v<T, double>) MOA_CALL(f64);
-  else if constexpr (std::is_same_v<T, float>) MOA_CALL(f32);
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) MOA_CALL(bf16);
-  else MOA_CALL(f16);
+#define MOA_CALL(NAME) return kExpand ? expand_items_##NAME(a, b, e) : shrink_items_##NAME(a, b, e)
+  if constexpr (std::is_same_v<T, double>)
+    MOA_CALL(f64);
+  else if constexpr (std::is_same_v<T, float>)
+    MOA_CALL(f32);
+  else if constexpr (std::is_same_v<T, c10::BFloat16>)
+    MOA_CALL(bf16);
+  else
+    MOA_CALL(f16);
 #undef MOA_CALL
 }
 
@@ -291,9 +288,7 @@ void run_small_groups(SmallArgs<T> a) {
   a.use_avx512 = use_avx512_kernels() && (!kExpand || a.k <= kDecodeAvx512MaxRank);
   a.slice = (a.rows + splits - 1) / splits;
   a.splits = (a.rows + a.slice - 1) / a.slice;
-  at::parallel_for(0, groups * a.splits, 1, [&](int64_t begin, int64_t end) {
-    small_items<kExpand>(a, begin, end);
-  });
+  at::parallel_for(0, groups * a.splits, 1, [&](int64_t begin, int64_t end) { small_items<kExpand>(a, begin, end); });
 }
 
 }  // namespace
@@ -386,12 +381,10 @@ template Plan make_plan<int64_t>(const int64_t*, int64_t, int64_t, const PlanOpt
 // ---------------------------------------------------------------------------
 
 template <typename T>
-void shrink(const Plan& plan, const T* x, int64_t ldx, const T* A, T* V, int64_t in,
-            int64_t r) {
+void shrink(const Plan& plan, const T* x, int64_t ldx, const T* A, T* V, int64_t in, int64_t r) {
   for (const auto& run : plan.runs) {
     // V[run] = x[run] @ A[e]^T        [len, in] x [in, r]
-    gemm_set(false, true, run.len, r, in, x + run.begin * ldx, ldx, A + run.expert * r * in, in,
-             V + run.begin * r, r);
+    gemm_set(false, true, run.len, r, in, x + run.begin * ldx, ldx, A + run.expert * r * in, in, V + run.begin * r, r);
   }
   if (!plan.gemm_groups.empty()) {
     std::vector<T> xg, vg;
@@ -408,12 +401,12 @@ void shrink(const Plan& plan, const T* x, int64_t ldx, const T* A, T* V, int64_t
 }
 
 template <typename T>
-void expand_add(const Plan& plan, const T* V, const T* B, const float* scales, T* y,
-                int64_t ldy, int64_t out, int64_t r) {
+void expand_add(const Plan& plan, const T* V, const T* B, const float* scales, T* y, int64_t ldy, int64_t out,
+                int64_t r) {
   for (const auto& run : plan.runs) {
     // y[run] += s * V[run] @ B[e]^T   [len, r] x [r, out]
-    gemm_add(false, true, run.len, out, r, scales[run.expert], V + run.begin * r, r,
-             B + run.expert * out * r, r, y + run.begin * ldy, ldy);
+    gemm_add(false, true, run.len, out, r, scales[run.expert], V + run.begin * r, r, B + run.expert * out * r, r,
+             y + run.begin * ldy, ldy);
   }
   if (!plan.gemm_groups.empty()) {
     // Gather the rows of y too, so each element is still rounded once (by the GEMM).
@@ -424,8 +417,7 @@ void expand_add(const Plan& plan, const T* V, const T* B, const float* scales, T
       yg.resize(g.count * out);
       gather_rows(V, r, rows, g.count, r, vg.data());
       gather_rows(y, ldy, rows, g.count, out, yg.data());
-      gemm_add(false, true, g.count, out, r, scales[g.expert], vg.data(), r,
-               B + g.expert * out * r, r, yg.data(), out);
+      gemm_add(false, true, g.count, out, r, scales[g.expert], vg.data(), r, B + g.expert * out * r, r, yg.data(), out);
       scatter_rows(yg.data(), g.count, out, rows, y, ldy);
     }
   }
@@ -433,8 +425,8 @@ void expand_add(const Plan& plan, const T* V, const T* B, const float* scales, T
 }
 
 template <typename T>
-void weight_grad(const Plan& plan, const T* L, int64_t ldl, const T* R, int64_t ldr,
-                 const float* scales, T* dW, int64_t m, int64_t n) {
+void weight_grad(const Plan& plan, const T* L, int64_t ldl, const T* R, int64_t ldr, const float* scales, T* dW,
+                 int64_t m, int64_t n) {
   // Each expert's tokens: its runs, then its scattered tokens.
   std::vector<std::vector<int64_t>> tokens;  // per entry of `experts`
   std::vector<int64_t> experts, slot;
@@ -476,12 +468,10 @@ void weight_grad(const Plan& plan, const T* L, int64_t ldl, const T* R, int64_t 
   }
 }
 
-#define MOA_INSTANTIATE(T)                                                                  \
-  template void shrink<T>(const Plan&, const T*, int64_t, const T*, T*, int64_t, int64_t); \
-  template void expand_add<T>(const Plan&, const T*, const T*, const float*, T*, int64_t,  \
-                              int64_t, int64_t);                                           \
-  template void weight_grad<T>(const Plan&, const T*, int64_t, const T*, int64_t,          \
-                               const float*, T*, int64_t, int64_t);
+#define MOA_INSTANTIATE(T)                                                                                   \
+  template void shrink<T>(const Plan&, const T*, int64_t, const T*, T*, int64_t, int64_t);                   \
+  template void expand_add<T>(const Plan&, const T*, const T*, const float*, T*, int64_t, int64_t, int64_t); \
+  template void weight_grad<T>(const Plan&, const T*, int64_t, const T*, int64_t, const float*, T*, int64_t, int64_t);
 MOA_INSTANTIATE(double)
 MOA_INSTANTIATE(float)
 MOA_INSTANTIATE(c10::BFloat16)

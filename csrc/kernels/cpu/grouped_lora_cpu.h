@@ -45,8 +45,8 @@
 namespace moa::cpu {
 
 struct PlanOptions {
-  int64_t min_run = 16;         // shortest run of one expert handled by GEMMs on views
-  int64_t min_gemm_group = 16;  // fewest scattered tokens of one expert worth gathering
+  int64_t min_run = 16;            // shortest run of one expert handled by GEMMs on views
+  int64_t min_gemm_group = 16;     // fewest scattered tokens of one expert worth gathering
   int64_t small_group_chunk = 64;  // most tokens in one small-group work item
 };
 
@@ -78,19 +78,18 @@ Plan make_plan(const Id* ids, int64_t T, int64_t E, const PlanOptions& options =
 
 // x: [T, in] with row stride ldx; A: [E, r, in] contiguous; V: [T, r] contiguous.
 template <typename scalar_t>
-void shrink(const Plan& plan, const scalar_t* x, int64_t ldx, const scalar_t* A,
-            scalar_t* V, int64_t in, int64_t r);
+void shrink(const Plan& plan, const scalar_t* x, int64_t ldx, const scalar_t* A, scalar_t* V, int64_t in, int64_t r);
 
 // V: [T, r] contiguous; B: [E, out, r] contiguous; scales: [E]; y: [T, out], row stride ldy.
 template <typename scalar_t>
-void expand_add(const Plan& plan, const scalar_t* V, const scalar_t* B,
-                const float* scales, scalar_t* y, int64_t ldy, int64_t out, int64_t r);
+void expand_add(const Plan& plan, const scalar_t* V, const scalar_t* B, const float* scales, scalar_t* y, int64_t ldy,
+                int64_t out, int64_t r);
 
 // L: [T, m] (row stride ldl); R: [T, n] (row stride ldr); dW: [E, m, n] contiguous and
 // zero-initialised by the caller. dW[e] += scales[e] * L_e^T R_e, one GEMM per expert
 // with tokens (on views when its tokens are one run, else on gathered rows).
 template <typename scalar_t>
-void weight_grad(const Plan& plan, const scalar_t* L, int64_t ldl, const scalar_t* R,
-                 int64_t ldr, const float* scales, scalar_t* dW, int64_t m, int64_t n);
+void weight_grad(const Plan& plan, const scalar_t* L, int64_t ldl, const scalar_t* R, int64_t ldr, const float* scales,
+                 scalar_t* dW, int64_t m, int64_t n);
 
 }  // namespace moa::cpu

@@ -30,8 +30,8 @@ int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<
 // attention, portable
 
 template <typename T>
-void attend_portable(const T* qh, const T* k, const T* v, int64_t lo, int64_t hi,
-                     const AttentionShape& s, float* scores, T* out) {
+void attend_portable(const T* qh, const T* k, const T* v, int64_t lo, int64_t hi, const AttentionShape& s,
+                     float* scores, T* out) {
   const int64_t D = s.head_dim;
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t j = lo; j <= hi; ++j) {
@@ -63,8 +63,8 @@ using namespace avx512;
 constexpr int64_t kMaxChunks = 16;  // head_dim <= 256 on this path
 
 template <typename T>
-MOA_AVX512 void attend_avx512(const T* qh, const T* k, const T* v, int64_t lo, int64_t hi,
-                              const AttentionShape& s, float* scores, T* out) {
+MOA_AVX512 void attend_avx512(const T* qh, const T* k, const T* v, int64_t lo, int64_t hi, const AttentionShape& s,
+                              float* scores, T* out) {
   const int64_t D = s.head_dim;
   const int64_t C = (D + 15) / 16;
   __mmask16 masks[kMaxChunks];
@@ -127,8 +127,7 @@ bool attention_avx512(int64_t head_dim) {
 }  // namespace
 
 template <typename T>
-void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t rows, int64_t H,
-              float eps) {
+void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t rows, int64_t H, float eps) {
   at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * ldx;
@@ -148,8 +147,7 @@ void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t ro
 }
 
 template <typename T>
-void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64_t* positions,
-          const float* table) {
+void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64_t* positions, const float* table) {
   const int64_t half = D / 2;
   at::parallel_for(0, rows, row_grain(heads * D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -186,8 +184,8 @@ void silu_mul(const T* gu, int64_t ldgu, T* out, int64_t ldo, int64_t rows, int6
 }
 
 template <typename T>
-void attention(const T* q, int64_t ldq, T* out, int64_t ldo, const AttentionSeq<T>* seqs,
-               int64_t n_seqs, const AttentionShape& shape) {
+void attention(const T* q, int64_t ldq, T* out, int64_t ldo, const AttentionSeq<T>* seqs, int64_t n_seqs,
+               const AttentionShape& shape) {
   // Work items: (sequence, head, block of up to 16 queries).
   constexpr int64_t kQueryBlock = 16;
   struct Item {
@@ -229,12 +227,11 @@ void attention(const T* q, int64_t ldq, T* out, int64_t ldo, const AttentionSeq<
   });
 }
 
-#define MOA_INSTANTIATE(T)                                                                        \
-  template void rms_norm<T>(const T*, int64_t, const T*, T*, int64_t, int64_t, int64_t, float);  \
-  template void rope<T>(T*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const float*);   \
-  template void silu_mul<T>(const T*, int64_t, T*, int64_t, int64_t, int64_t);                   \
-  template void attention<T>(const T*, int64_t, T*, int64_t, const AttentionSeq<T>*, int64_t,    \
-                             const AttentionShape&);
+#define MOA_INSTANTIATE(T)                                                                      \
+  template void rms_norm<T>(const T*, int64_t, const T*, T*, int64_t, int64_t, int64_t, float); \
+  template void rope<T>(T*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const float*);  \
+  template void silu_mul<T>(const T*, int64_t, T*, int64_t, int64_t, int64_t);                  \
+  template void attention<T>(const T*, int64_t, T*, int64_t, const AttentionSeq<T>*, int64_t, const AttentionShape&);
 MOA_INSTANTIATE(float)
 MOA_INSTANTIATE(c10::BFloat16)
 MOA_INSTANTIATE(c10::Half)

@@ -18,8 +18,7 @@ namespace moa::cpu {
 
 // y[n] = T(w * T(x[n] * rsqrt(mean(x[n]^2) + eps))), rows of H.
 template <typename T>
-void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t rows, int64_t H,
-              float eps);
+void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t rows, int64_t H, float eps);
 
 // Rotary embedding in place on `heads` heads of D per row (rotate-half layout):
 // for i < D/2, with c = T(cos[pos][i]), s = T(sin[pos][i]):
@@ -27,8 +26,7 @@ void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t ro
 //   x[i + D/2] = T(T(x[i + D/2] * c) + T(x[i] * s))
 // table: [max_pos, D] floats, cos in [:, :D/2], sin in [:, D/2:].
 template <typename T>
-void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64_t* positions,
-          const float* table);
+void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64_t* positions, const float* table);
 
 // out[n, i] = T(T(silu(gu[n, i])) * gu[n, I + i]): gate and up halves of one GEMM.
 template <typename T>
@@ -60,7 +58,7 @@ struct AttentionShape {
 // out[row, h*D:(h+1)*D] = softmax(scale * q_h k^T) v for every sequence, head and query
 // (GQA: head h reads kv head h / (nh / nkv)). q, out: [N, nh * D] with row strides.
 template <typename T>
-void attention(const T* q, int64_t ldq, T* out, int64_t ldo, const AttentionSeq<T>* seqs,
-               int64_t n_seqs, const AttentionShape& shape);
+void attention(const T* q, int64_t ldq, T* out, int64_t ldo, const AttentionSeq<T>* seqs, int64_t n_seqs,
+               const AttentionShape& shape);
 
 }  // namespace moa::cpu

@@ -120,14 +120,10 @@ __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return
 template <typename Fn>
 cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
   switch (dtype) {
-    case Dtype::kFloat16:
-      return fn(__half{});
-    case Dtype::kBFloat16:
-      return fn(__nv_bfloat16{});
-    case Dtype::kFloat32:
-      return fn(float{});
-    case Dtype::kFloat64:
-      return fn(double{});
+    case Dtype::kFloat16: return fn(__half{});
+    case Dtype::kBFloat16: return fn(__nv_bfloat16{});
+    case Dtype::kFloat32: return fn(float{});
+    case Dtype::kFloat64: return fn(double{});
   }
   return cudaErrorInvalidValue;
 }

@@ -51,8 +51,7 @@ __device__ __forceinline__ void stage_keys(const Ids& ids, int64_t w0, int64_t w
     keys[g] = -1;
     return;
   }
-  const int64_t id = ids.int64 ? static_cast<const int64_t*>(ids.data)[t]
-                               : static_cast<const int32_t*>(ids.data)[t];
+  const int64_t id = ids.int64 ? static_cast<const int64_t*>(ids.data)[t] : static_cast<const int32_t*>(ids.data)[t];
   keys[g] = (id >= 0 && id < ids.experts) ? static_cast<int>(id + 1) : 0;
 }
 
@@ -80,9 +79,8 @@ struct ShrinkParams {
 // One run: the window's tokens at slots [g0, g0 + nt), of expert e; this warp's rows
 // j_first + [0, kRowsPerWarp) of A, over the slice [k0, k1).
 template <typename T>
-__device__ __forceinline__ void shrink_run(const ShrinkParams<T>& p, int64_t e, int g0, int nt,
-                                           int64_t j_first, int64_t k0, int64_t k1,
-                                           const T* xs, int64_t w0) {
+__device__ __forceinline__ void shrink_run(const ShrinkParams<T>& p, int64_t e, int g0, int nt, int64_t j_first,
+                                           int64_t k0, int64_t k1, const T* xs, int64_t w0) {
   using A = acc_t<T>;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   A acc[kRowsPerWarp][G];
@@ -160,8 +158,8 @@ __global__ void __launch_bounds__(kThreads) gather_shrink_kernel(const ShrinkPar
   }
   stage_keys(p.ids, w0, w1, keys);
   __syncthreads();
-  const int64_t j_first = static_cast<int64_t>(blockIdx.y) * kShrinkRows +
-                          static_cast<int64_t>(threadIdx.x / 32) * kRowsPerWarp;
+  const int64_t j_first =
+      static_cast<int64_t>(blockIdx.y) * kShrinkRows + static_cast<int64_t>(threadIdx.x / 32) * kRowsPerWarp;
   const int slots = static_cast<int>(w1 - w0);
   for (int g0 = 0; g0 < slots;) {  // the window's runs
     const int end = run_end(keys, g0, slots);
@@ -189,8 +187,8 @@ struct ExpandParams {
 };
 
 template <typename T>
-__device__ __forceinline__ void expand_run(const ExpandParams<T>& p, int64_t e, int g0, int nt,
-                                           int64_t w0, int64_t o0, const acc_t<T>* vs) {
+__device__ __forceinline__ void expand_run(const ExpandParams<T>& p, int64_t e, int g0, int nt, int64_t w0, int64_t o0,
+                                           const acc_t<T>* vs) {
   using A = acc_t<T>;
   const int W = p.lanes_per_row;
   const int rows_per_warp = 32 / W;
@@ -289,9 +287,8 @@ int lanes_per_row(int64_t vectors) {
 
 int64_t gather_splits(int64_t in) { return ceil_div(in, KC); }
 
-cudaError_t gather_shrink(Dtype dtype, const Ids& ids, const void* x, int64_t ldx,
-                          const void* A, int64_t in, int64_t r, void* partials,
-                          cudaStream_t stream) {
+cudaError_t gather_shrink(Dtype dtype, const Ids& ids, const void* x, int64_t ldx, const void* A, int64_t in, int64_t r,
+                          void* partials, cudaStream_t stream) {
   const int64_t splits = gather_splits(in);
   if (splits > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   return dispatch_dtype(dtype, [&](auto tag) {
@@ -305,17 +302,16 @@ cudaError_t gather_shrink(Dtype dtype, const Ids& ids, const void* x, int64_t ld
     p.r = r;
     p.partials = static_cast<acc_t<T>*>(partials);
     p.vec = vec_ok<T>(A, in);
-    const dim3 grid(static_cast<unsigned>(ceil_div(ids.tokens, G)),
-                    static_cast<unsigned>(ceil_div(r, kShrinkRows)),
+    const dim3 grid(static_cast<unsigned>(ceil_div(ids.tokens, G)), static_cast<unsigned>(ceil_div(r, kShrinkRows)),
                     static_cast<unsigned>(splits));
     gather_shrink_kernel<T><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-cudaError_t gather_expand(Dtype dtype, const Ids& ids, const void* partials, int64_t splits,
-                          const void* B, const float* scales, int64_t out, int64_t r, void* y,
-                          int64_t ldy, bool accumulate, cudaStream_t stream) {
+cudaError_t gather_expand(Dtype dtype, const Ids& ids, const void* partials, int64_t splits, const void* B,
+                          const float* scales, int64_t out, int64_t r, void* y, int64_t ldy, bool accumulate,
+                          cudaStream_t stream) {
   if (r > kMaxRank) return cudaErrorInvalidValue;
   const int64_t tiles = ceil_div(out, kExpandRows);
   if (tiles > kMaxGridYZ) return cudaErrorInvalidConfiguration;
@@ -334,8 +330,7 @@ cudaError_t gather_expand(Dtype dtype, const Ids& ids, const void* partials, int
     p.accumulate = accumulate;
     p.vec = vec_ok<T>(B, r);
     p.lanes_per_row = lanes_per_row(p.vec ? r / kVec<T> : r);
-    const dim3 grid(static_cast<unsigned>(ceil_div(ids.tokens, G)),
-                    static_cast<unsigned>(tiles));
+    const dim3 grid(static_cast<unsigned>(ceil_div(ids.tokens, G)), static_cast<unsigned>(tiles));
     gather_expand_kernel<T><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });

@@ -45,8 +45,8 @@ int64_t acc_bytes(Dtype dtype);
 
 // The device plan: tokens stably sorted by key = expert + 1 (0 for no expert).
 struct Plan {
-  int64_t tokens = 0;                 // T
-  int64_t experts = 0;                // E
+  int64_t tokens = 0;                    // T
+  int64_t experts = 0;                   // E
   const int32_t* perm = nullptr;         // [T]: token at sorted position p
   const int32_t* sorted_keys = nullptr;  // [T]: key at sorted position p, ascending
   const int32_t* seg_begin = nullptr;    // [E + 2]: first position of key k; [E + 1] = T
@@ -55,8 +55,8 @@ struct Plan {
 // Device workspace for make_plan (also the radix sort's scratch). T < 2^31, E < 2^31 - 1.
 size_t plan_workspace_bytes(int64_t T, int64_t E);
 // ids: [T] int32 or int64 (ids_int64), contiguous, on the device.
-cudaError_t make_plan(const void* ids, bool ids_int64, int64_t T, int64_t E, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream, Plan* plan);
+cudaError_t make_plan(const void* ids, bool ids_int64, int64_t T, int64_t E, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream, Plan* plan);
 
 // A row-major operand with unit column stride: row p is data + row(p) * ld, with
 // row(p) = perm[p] when gathered (token order), else p (sorted order).
@@ -79,32 +79,29 @@ struct Ids {
 
 // Segment shrink: v_sorted[p, :r] = x[perm[p], :in] @ A[e]^T.  A: [E, r, in] contiguous;
 // v_sorted: [T, r] contiguous.
-cudaError_t segment_shrink(Dtype dtype, const Plan& plan, Rows x, const void* A, int64_t in,
-                           int64_t r, void* v_sorted, cudaStream_t stream);
+cudaError_t segment_shrink(Dtype dtype, const Plan& plan, Rows x, const void* A, int64_t in, int64_t r, void* v_sorted,
+                           cudaStream_t stream);
 // Segment expand: y[t, :out] = (accumulate ? y[t] : 0) + s_e * v[p, :r] @ B[e]^T.
 // v: rows of V (sorted order, or gathered); B: [E, out, r] contiguous; y: row stride ldy.
-cudaError_t segment_expand(Dtype dtype, const Plan& plan, Rows v, const void* B,
-                           const float* scales, int64_t out, int64_t r, void* y, int64_t ldy,
-                           bool accumulate, cudaStream_t stream);
+cudaError_t segment_expand(Dtype dtype, const Plan& plan, Rows v, const void* B, const float* scales, int64_t out,
+                           int64_t r, void* y, int64_t ldy, bool accumulate, cudaStream_t stream);
 
 // Gather shrink: partials[s, t, :r] = x[t, slice s of in] @ A[e, :, slice s]^T, in the
 // accumulation type; gather_splits(in) slices. partials: [splits, T, r] contiguous.
 int64_t gather_splits(int64_t in);
-cudaError_t gather_shrink(Dtype dtype, const Ids& ids, const void* x, int64_t ldx,
-                          const void* A, int64_t in, int64_t r, void* partials,
-                          cudaStream_t stream);
+cudaError_t gather_shrink(Dtype dtype, const Ids& ids, const void* x, int64_t ldx, const void* A, int64_t in, int64_t r,
+                          void* partials, cudaStream_t stream);
 // Gather expand: V[t] = round(sum_s partials[s, t]); then as segment_expand. r <= kGatherMaxRank.
-cudaError_t gather_expand(Dtype dtype, const Ids& ids, const void* partials, int64_t splits,
-                          const void* B, const float* scales, int64_t out, int64_t r, void* y,
-                          int64_t ldy, bool accumulate, cudaStream_t stream);
+cudaError_t gather_expand(Dtype dtype, const Ids& ids, const void* partials, int64_t splits, const void* B,
+                          const float* scales, int64_t out, int64_t r, void* y, int64_t ldy, bool accumulate,
+                          cudaStream_t stream);
 
 // Weight gradient: dW[e, :M, :N] = s_e * sum_{p in segment e} L[row(p), :M]^T R[row(p), :N].
 // dW: [E, M, N] contiguous, every element written (zero for experts without tokens).
 // With splits > 1, workspace holds [splits, E, M, N] partial sums in the accumulation type.
 int64_t weight_grad_splits(Dtype dtype, int64_t T, int64_t E, int64_t M, int64_t N);
-cudaError_t segment_weight_grad(Dtype dtype, const Plan& plan, Rows L, Rows R, int64_t M,
-                                int64_t N, const float* scales, void* dW, void* workspace,
-                                int64_t splits, cudaStream_t stream);
+cudaError_t segment_weight_grad(Dtype dtype, const Plan& plan, Rows L, Rows R, int64_t M, int64_t N,
+                                const float* scales, void* dW, void* workspace, int64_t splits, cudaStream_t stream);
 
 // The largest grid dimensions the launchers accept (CUDA's y / z limit), for the ops layer's
 // error messages.

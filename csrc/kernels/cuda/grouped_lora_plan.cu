@@ -28,8 +28,7 @@ int key_bits(int64_t E) {
 
 // Keys are unsigned, so the radix sort's bit range [0, key_bits) is the whole key.
 template <typename Id>
-__global__ void make_keys_kernel(const Id* __restrict__ ids, int T, int E, uint32_t* keys,
-                                 int32_t* vals) {
+__global__ void make_keys_kernel(const Id* __restrict__ ids, int T, int E, uint32_t* keys, int32_t* vals) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
   const int64_t id = static_cast<int64_t>(ids[t]);
@@ -37,8 +36,7 @@ __global__ void make_keys_kernel(const Id* __restrict__ ids, int T, int E, uint3
   vals[t] = t;
 }
 
-__global__ void segment_bounds_kernel(const uint32_t* __restrict__ sorted_keys, int T, int E,
-                                      int32_t* seg_begin) {
+__global__ void segment_bounds_kernel(const uint32_t* __restrict__ sorted_keys, int T, int E, int32_t* seg_begin) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
   if (k > E + 1) return;
   int lo = 0, hi = T;  // first position with key >= k
@@ -69,11 +67,9 @@ Layout layout(int64_t T, int64_t E) {
   l.sort_temp = l.seg_begin + align_up(sizeof(int32_t) * static_cast<size_t>(E + 2));
   size_t temp = 0;
   // Size query only: no launch, nothing dereferenced.
-  cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const uint32_t*>(nullptr),
-                                  static_cast<uint32_t*>(nullptr),
-                                  static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<int>(T), 0,
-                                  key_bits(E));
+  cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+                                  static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                                  static_cast<int>(T), 0, key_bits(E));
   l.sort_temp_bytes = temp;
   l.total = l.sort_temp + align_up(std::max<size_t>(temp, 1));
   return l;
@@ -83,8 +79,8 @@ Layout layout(int64_t T, int64_t E) {
 
 size_t plan_workspace_bytes(int64_t T, int64_t E) { return layout(T, E).total; }
 
-cudaError_t make_plan(const void* ids, bool ids_int64, int64_t T, int64_t E, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream, Plan* plan) {
+cudaError_t make_plan(const void* ids, bool ids_int64, int64_t T, int64_t E, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream, Plan* plan) {
   const Layout l = layout(T, E);
   if (workspace_bytes < l.total || T <= 0 || E <= 0) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(workspace);
@@ -97,21 +93,18 @@ cudaError_t make_plan(const void* ids, bool ids_int64, int64_t T, int64_t E, voi
 
   const unsigned blocks = static_cast<unsigned>(ceil_div(T, kPlanThreads));
   if (ids_int64) {
-    make_keys_kernel<<<blocks, kPlanThreads, 0, stream>>>(static_cast<const int64_t*>(ids), n,
-                                                          experts, keys, vals);
+    make_keys_kernel<<<blocks, kPlanThreads, 0, stream>>>(static_cast<const int64_t*>(ids), n, experts, keys, vals);
   } else {
-    make_keys_kernel<<<blocks, kPlanThreads, 0, stream>>>(static_cast<const int32_t*>(ids), n,
-                                                          experts, keys, vals);
+    make_keys_kernel<<<blocks, kPlanThreads, 0, stream>>>(static_cast<const int32_t*>(ids), n, experts, keys, vals);
   }
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   size_t temp_bytes = l.sort_temp_bytes;
-  status = cub::DeviceRadixSort::SortPairs(base + l.sort_temp, temp_bytes, keys, sorted_keys,
-                                           vals, perm, n, 0, key_bits(E), stream);
+  status = cub::DeviceRadixSort::SortPairs(base + l.sort_temp, temp_bytes, keys, sorted_keys, vals, perm, n, 0,
+                                           key_bits(E), stream);
   if (status != cudaSuccess) return status;
   const unsigned bound_blocks = static_cast<unsigned>(ceil_div(E + 2, kPlanThreads));
-  segment_bounds_kernel<<<bound_blocks, kPlanThreads, 0, stream>>>(sorted_keys, n, experts,
-                                                                   seg_begin);
+  segment_bounds_kernel<<<bound_blocks, kPlanThreads, 0, stream>>>(sorted_keys, n, experts, seg_begin);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   plan->tokens = T;
@@ -129,12 +122,9 @@ namespace moa::cuda {
 int64_t element_bytes(Dtype dtype) {
   switch (dtype) {
     case Dtype::kFloat16:
-    case Dtype::kBFloat16:
-      return 2;
-    case Dtype::kFloat32:
-      return 4;
-    case Dtype::kFloat64:
-      return 8;
+    case Dtype::kBFloat16: return 2;
+    case Dtype::kFloat32: return 4;
+    case Dtype::kFloat64: return 8;
   }
   return 0;
 }

@@ -47,8 +47,7 @@ constexpr int kLdC = BN + static_cast<int>(tiling::kAccPad);
 static_assert(tiling::kSegWarpsM * tiling::kSegWarpsN == kWarps, "one warp per warp tile");
 static_assert(kWarpTileM % kMma == 0 && kWarpTileN % kMma == 0 && BK % kMma == 0,
               "warp tiles and BK are whole fragments");
-static_assert(kThreads % kFmaThreadsN == 0 && BM % (kThreads / kFmaThreadsN) == 0 &&
-                  BN % kFmaThreadsN == 0,
+static_assert(kThreads % kFmaThreadsN == 0 && BM % (kThreads / kFmaThreadsN) == 0 && BN % kFmaThreadsN == 0,
               "the FMA micro-tiles cover the block tile");
 static_assert(kPad % 8 == 0 && kLdC % 4 == 0, "wmma leading dimensions: 16-byte multiples");
 
@@ -58,8 +57,8 @@ static_assert(kPad % 8 == 0 && kLdC % 4 == 0, "wmma leading dimensions: 16-byte 
 //   weight grad  P [BK][BM + pad]   Q [BK][BN + pad]   (M / N contiguous)
 template <typename T>
 struct SegSmem {
-  static constexpr int kPElems = std::max(BM * (BK + kPad), BK * (BM + kPad));
-  static constexpr int kQElems = std::max(BN * (BK + kPad), BK * (BN + kPad));
+  static constexpr int kPElems = std::max(BM * (BK + kPad), BK*(BM + kPad));
+  static constexpr int kQElems = std::max(BN * (BK + kPad), BK*(BN + kPad));
   static constexpr int kOperandBytes = (kPElems + kQElems) * static_cast<int>(sizeof(T));
   static constexpr int kAccBytes = BM * kLdC * static_cast<int>(sizeof(acc_t<T>));
   static constexpr int kBytes = std::max(kOperandBytes, kAccBytes);
@@ -82,9 +81,8 @@ struct RowSource {
 // Loads the [R][C] tile into dst (row stride ld_dst): element (i, c) is src.row(first + i)
 // at column c0 + c, for i < rows_valid and c0 + c < cols; zero elsewhere.
 template <int R, int C, typename T>
-__device__ __forceinline__ void load_tile(T* dst, int ld_dst, const RowSource<T>& src,
-                                          int64_t first, int rows_valid, int64_t c0,
-                                          int64_t cols) {
+__device__ __forceinline__ void load_tile(T* dst, int ld_dst, const RowSource<T>& src, int64_t first, int rows_valid,
+                                          int64_t c0, int64_t cols) {
   if (src.vec) {
     constexpr int V = kVec<T>;
     constexpr int kVecsPerRow = C / V;
@@ -117,8 +115,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld_dst, const RowSource<T>
       const int row = idx / C;
       const int c = idx % C;
       const int64_t col = c0 + c;
-      dst[row * ld_dst + c] =
-          (row < rows_valid && col < cols) ? src.row(first + row)[col] : zero_value<T>();
+      dst[row * ld_dst + c] = (row < rows_valid && col < cols) ? src.row(first + row)[col] : zero_value<T>();
     }
   }
 }
@@ -173,8 +170,7 @@ struct MmaCore {
     for (int i = 0; i < kFragsM; ++i) {
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j) {
-        wmma::store_matrix_sync(c_s + (row0 + i * kMma) * kLdC + col0 + j * kMma, acc[i][j],
-                                kLdC, wmma::mem_row_major);
+        wmma::store_matrix_sync(c_s + (row0 + i * kMma) * kLdC + col0 + j * kMma, acc[i][j], kLdC, wmma::mem_row_major);
       }
     }
   }
@@ -255,25 +251,24 @@ using Core = std::conditional_t<kUseMma<T>, MmaCore<T, kKMajor>, FmaCore<T, kKMa
 template <typename T>
 struct ForwardParams {
   Plan plan;
-  RowSource<T> p_src;   // shrink: x rows (gathered); expand: V rows
-  const T* weight;      // shrink: A [E, r, in]; expand: B [E, out, r]
-  int64_t N, K;         // shrink: r, in; expand: out, r
-  bool q_vec;           // the weight rows take 16-byte loads
-  T* out;               // shrink: v_sorted [T, r]; expand: y
+  RowSource<T> p_src;  // shrink: x rows (gathered); expand: V rows
+  const T* weight;     // shrink: A [E, r, in]; expand: B [E, out, r]
+  int64_t N, K;        // shrink: r, in; expand: out, r
+  bool q_vec;          // the weight rows take 16-byte loads
+  T* out;              // shrink: v_sorted [T, r]; expand: y
   int64_t ld_out;
   const float* scales;  // expand only
   bool accumulate;      // expand only: add into y (else store, zeroing rows without expert)
 };
 
 template <typename T, bool kExpand>
-__device__ __forceinline__ void forward_pass(const ForwardParams<T>& p, int64_t e, int64_t s0,
-                                             int rows, int64_t n0, T* p_s, T* q_s,
-                                             acc_t<T>* c_s) {
+__device__ __forceinline__ void forward_pass(const ForwardParams<T>& p, int64_t e, int64_t s0, int rows, int64_t n0,
+                                             T* p_s, T* q_s, acc_t<T>* c_s) {
   Core<T, false> core;
   const RowSource<T> q_src{p.weight + e * p.N * p.K, p.K, nullptr, p.q_vec};
   const int n_valid = static_cast<int>(min64(BN, p.N - n0));
   for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
-    load_tile<BM, BK>(p_s, BK + kPad, p.p_src, s0, rows, k0, p.K);  // [rows, BK]
+    load_tile<BM, BK>(p_s, BK + kPad, p.p_src, s0, rows, k0, p.K);   // [rows, BK]
     load_tile<BN, BK>(q_s, BK + kPad, q_src, n0, n_valid, k0, p.K);  // [BN, BK]
     __syncthreads();
     core.step(p_s, q_s);
@@ -299,8 +294,7 @@ __device__ __forceinline__ void forward_pass(const ForwardParams<T>& p, int64_t 
 
 // Rows without an expert, when y is stored rather than accumulated into: zeros.
 template <typename T>
-__device__ __forceinline__ void zero_rows(const ForwardParams<T>& p, int64_t s0, int rows,
-                                          int64_t n0) {
+__device__ __forceinline__ void zero_rows(const ForwardParams<T>& p, int64_t s0, int rows, int64_t n0) {
   const int n_valid = static_cast<int>(min64(BN, p.N - n0));
   for (int idx = static_cast<int>(threadIdx.x); idx < BM * BN; idx += kThreads) {
     const int row = idx / BN, col = idx % BN;
@@ -340,8 +334,7 @@ template <typename T, bool kExpand>
 cudaError_t launch_forward(const ForwardParams<T>& p, cudaStream_t stream) {
   const int64_t tiles_n = ceil_div(p.N, BN);
   if (tiles_n > kMaxGridYZ) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.plan.tokens, BM)),
-                  static_cast<unsigned>(tiles_n));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.plan.tokens, BM)), static_cast<unsigned>(tiles_n));
   segment_forward_kernel<T, kExpand><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -355,8 +348,8 @@ struct GradParams {
   RowSource<T> l, r;  // L [., M], R [., N] by sorted position
   int64_t M, N;
   const float* scales;
-  T* dW;             // [E, M, N]
-  acc_t<T>* ws;      // [splits, E, M, N] when splits > 1
+  T* dW;         // [E, M, N]
+  acc_t<T>* ws;  // [splits, E, M, N] when splits > 1
   int64_t splits;
 };
 
@@ -405,9 +398,8 @@ __global__ void __launch_bounds__(kThreads) segment_weight_grad_kernel(const Gra
 
 // dW[e, m, n] = s_e * sum over splits, in order.
 template <typename T>
-__global__ void weight_grad_reduce_kernel(const acc_t<T>* __restrict__ ws, int64_t splits,
-                                          int64_t E, int64_t MN, const float* __restrict__ scales,
-                                          T* __restrict__ dW) {
+__global__ void weight_grad_reduce_kernel(const acc_t<T>* __restrict__ ws, int64_t splits, int64_t E, int64_t MN,
+                                          const float* __restrict__ scales, T* __restrict__ dW) {
   const int64_t total = E * MN;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -426,12 +418,11 @@ RowSource<T> row_source(const Plan& plan, Rows rows) {
 }  // namespace
 
 bool use_segment_path(int64_t T, int64_t E, int64_t r) {
-  return r > tiling::kGatherMaxRank ||
-         T >= tiling::kSegmentMinTokensPerExpert * std::min(T, std::max<int64_t>(E, 1));
+  return r > tiling::kGatherMaxRank || T >= tiling::kSegmentMinTokensPerExpert * std::min(T, std::max<int64_t>(E, 1));
 }
 
-cudaError_t segment_shrink(Dtype dtype, const Plan& plan, Rows x, const void* A, int64_t in,
-                           int64_t r, void* v_sorted, cudaStream_t stream) {
+cudaError_t segment_shrink(Dtype dtype, const Plan& plan, Rows x, const void* A, int64_t in, int64_t r, void* v_sorted,
+                           cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     ForwardParams<T> p{};
@@ -447,9 +438,8 @@ cudaError_t segment_shrink(Dtype dtype, const Plan& plan, Rows x, const void* A,
   });
 }
 
-cudaError_t segment_expand(Dtype dtype, const Plan& plan, Rows v, const void* B,
-                           const float* scales, int64_t out, int64_t r, void* y, int64_t ldy,
-                           bool accumulate, cudaStream_t stream) {
+cudaError_t segment_expand(Dtype dtype, const Plan& plan, Rows v, const void* B, const float* scales, int64_t out,
+                           int64_t r, void* y, int64_t ldy, bool accumulate, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     ForwardParams<T> p{};
@@ -469,16 +459,14 @@ cudaError_t segment_expand(Dtype dtype, const Plan& plan, Rows v, const void* B,
 
 int64_t weight_grad_splits(Dtype dtype, int64_t T, int64_t E, int64_t M, int64_t N) {
   const int64_t per_expert = ceil_div(T, std::max<int64_t>(E, 1));
-  int64_t splits = std::clamp<int64_t>(ceil_div(per_expert, tiling::kGradTokensPerSplit), 1,
-                                       tiling::kGradMaxSplits);
+  int64_t splits = std::clamp<int64_t>(ceil_div(per_expert, tiling::kGradTokensPerSplit), 1, tiling::kGradMaxSplits);
   const int64_t split_bytes = std::max<int64_t>(1, E * M * N * acc_bytes(dtype));
   splits = std::min(splits, std::max<int64_t>(1, tiling::kGradMaxWorkspaceBytes / split_bytes));
   return std::min<int64_t>(splits, kMaxGridYZ);
 }
 
-cudaError_t segment_weight_grad(Dtype dtype, const Plan& plan, Rows L, Rows R, int64_t M,
-                                int64_t N, const float* scales, void* dW, void* workspace,
-                                int64_t splits, cudaStream_t stream) {
+cudaError_t segment_weight_grad(Dtype dtype, const Plan& plan, Rows L, Rows R, int64_t M, int64_t N,
+                                const float* scales, void* dW, void* workspace, int64_t splits, cudaStream_t stream) {
   if (plan.experts > kMaxGridYZ || splits < 1 || splits > kMaxGridYZ) {
     return cudaErrorInvalidConfiguration;
   }
@@ -494,15 +482,14 @@ cudaError_t segment_weight_grad(Dtype dtype, const Plan& plan, Rows L, Rows R, i
     p.dW = static_cast<T*>(dW);
     p.ws = static_cast<acc_t<T>*>(workspace);
     p.splits = splits;
-    const dim3 grid(static_cast<unsigned>(ceil_div(M, BM) * ceil_div(N, BN)),
-                    static_cast<unsigned>(plan.experts), static_cast<unsigned>(splits));
+    const dim3 grid(static_cast<unsigned>(ceil_div(M, BM) * ceil_div(N, BN)), static_cast<unsigned>(plan.experts),
+                    static_cast<unsigned>(splits));
     segment_weight_grad_kernel<T><<<grid, kThreads, 0, stream>>>(p);
     cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess || splits == 1) return status;
     const int64_t total = plan.experts * M * N;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 65535));
-    weight_grad_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.ws, splits, plan.experts, M * N,
-                                                             scales, p.dW);
+    weight_grad_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.ws, splits, plan.experts, M * N, scales, p.dW);
     return cudaGetLastError();
   });
 }
