@@ -31,24 +31,51 @@ def print_tables(rows, copy, has_hf):
         print_moa_tables(moa, copy, has_hf)
 
 
+DECODE_HEADERS = (
+    "mode",
+    "dtype",
+    "kind",
+    "B",
+    "experts",
+    "tokens",
+    "ours tok/s",
+    "PEFT tok/s",
+    "ours/PEFT",
+    "ours ms/step",
+    "base ms/step",
+    "overhead",
+    "ours % roof",
+    "agree",
+    "others",
+)
+ROUTING_HEADERS = (
+    "mode",
+    "dtype",
+    "kind",
+    "B",
+    "experts",
+    "prompt tokens",
+    "domain",
+    "TTFT ms",
+    "prefill tok/s",
+    "vs named",
+    "experts used",
+    "others",
+)
+
+
 def print_moa_tables(rows, copy, has_hf):
-    headers = [
-        "mode",
-        "dtype",
-        "kind",
-        "B",
-        "experts",
-        "tokens",
-        "ours tok/s",
-        "PEFT tok/s",
-        "ours/PEFT",
-        "ours ms/step",
-        "base ms/step",
-        "overhead",
-        "ours % roof",
-        "agree",
-        "others",
-    ]
+    print(timing.format_table(list(DECODE_HEADERS), moa_decode_table(rows)))
+    routing = moa_routing_table(rows)
+    if routing:
+        print()
+        print(timing.format_table(list(ROUTING_HEADERS), routing))
+    print_moa_legend(rows, has_hf)
+    print_goals(rows, has_hf)
+
+
+def moa_decode_table(rows):
+    """A row per decode measurement: ours against PEFT and against the base model."""
     table = []
     for r in rows:
         if r["kind"] != "decode":
@@ -73,21 +100,11 @@ def print_moa_tables(rows, copy, has_hf):
                 _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
             ]
         )
-    print(timing.format_table(headers, table))
-    headers = [
-        "mode",
-        "dtype",
-        "kind",
-        "B",
-        "experts",
-        "prompt tokens",
-        "domain",
-        "TTFT ms",
-        "prefill tok/s",
-        "vs named",
-        "experts used",
-        "others",
-    ]
+    return table
+
+
+def moa_routing_table(rows):
+    """A row per routing variant of each routing measurement: time to first token."""
     table = []
     for r in rows:
         if r["kind"] != "routing":
@@ -110,9 +127,10 @@ def print_moa_tables(rows, copy, has_hf):
                     _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
                 ]
             )
-    if table:
-        print()
-        print(timing.format_table(headers, table))
+    return table
+
+
+def print_moa_legend(rows, has_hf):
     decode = [r for r in rows if r["kind"] == "decode"]
     peft = f"{decode[0]['peft_tokens']}" if decode and "peft_tokens" in decode[0] else "-"
     print(
@@ -128,7 +146,6 @@ def print_moa_tables(rows, copy, has_hf):
         "with that strategy; vs named = TTFT / TTFT with named experts (round-robin); experts used = distinct "
         "experts the requests ended up with (any layer)." + ("" if has_hf else "\n--no-hf: PEFT was not run.")
     )
-    print_goals(rows, has_hf)
 
 
 def print_goals(rows, has_hf):
