@@ -21,9 +21,7 @@ def _replace_via_temp(path, fill) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
+        private_mode_to_default(tmp, 0o666)  # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
             fill(f)
             f.flush()
@@ -33,6 +31,11 @@ def _replace_via_temp(path, fill) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_with(path, write) -> None:
+    """Write `path` atomically by `write(binary_file)` (torch.save, say); creates the folder."""
+    _replace_via_temp(path, write)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

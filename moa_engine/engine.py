@@ -29,6 +29,16 @@ from moa_engine.routing import BASE, ROUTE
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
+def _stop_tuple(stop) -> tuple[str, ...]:
+    """SamplingParams.stop as a tuple: None, one string, or a list or tuple of strings."""
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
+    if stops is None or any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a request is decoded: the C++ engine's moa::SamplingParams (temperature, top_k,
@@ -56,19 +66,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        stop = self.stop
-        stops = (
-            ()
-            if stop is None
-            else (stop,)
-            if isinstance(stop, str)
-            else tuple(stop)
-            if isinstance(stop, (list, tuple))
-            else None
-        )
-        if stops is None or any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-        object.__setattr__(self, "stop", stops)
+        object.__setattr__(self, "stop", _stop_tuple(self.stop))
         if self.seed is not None and not 0 <= int(self.seed) < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
@@ -322,7 +320,8 @@ class Engine:
         stops = self._stop_strings(params.stop)
         prompt_ids = [self._encode(p, chat) for p in self._prompt_list(prompts)]
         domains = self._domains(domain, len(prompt_ids))
-        requests = [self._request(ids, params, d, routing) for ids, d in zip(prompt_ids, domains)]
+        stop_ids = self._stop_sequences(stops)  # tokenized once for the whole batch
+        requests = [self._request(ids, params, stop_ids, d, routing) for ids, d in zip(prompt_ids, domains)]
         on_token = self._stop_watcher(len(requests), stops) if stops else None
         results = self._core.generate(requests, on_token)
         return [
@@ -352,7 +351,7 @@ class Engine:
         params = SamplingParams.of(sampling, **kw)
         stops = self._stop_strings(params.stop)
         ids = self._encode(prompt, chat)
-        request = self._request(ids, params, self._domains(domain, 1)[0], routing)
+        request = self._request(ids, params, self._stop_sequences(stops), self._domains(domain, 1)[0], routing)
         rid = self._core.submit(request)
         tokens: list[int] = []
         sent = ""
@@ -428,8 +427,11 @@ class Engine:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _request(self, ids: list[int], params: SamplingParams, domain: str, routing) -> _C.GenerationRequest:
-        """One C++ request: the prompt's ids, its sampling parameters, its domain and strategy."""
+    def _request(
+        self, ids: list[int], params: SamplingParams, stop_ids: list[list[int]], domain: str, routing
+    ) -> _C.GenerationRequest:
+        """One C++ request: the prompt's ids, its sampling parameters and stop sequences (the
+        stop strings' token ids), its domain and strategy."""
         r = _C.GenerationRequest()
         r.domain = domain
         r.routing = routing or ""
@@ -440,7 +442,7 @@ class Engine:
         r.sampling.top_p = float(params.top_p)
         if params.seed is not None:
             r.sampling.seed = int(params.seed)
-        r.stop_sequences = self._stop_sequences(list(params.stop))
+        r.stop_sequences = stop_ids
         r.ignore_eos = bool(params.ignore_eos)
         return r
 

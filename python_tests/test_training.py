@@ -1157,6 +1157,11 @@ def _env():
     return env
 
 
+def _moa(*args):
+    """`moa ARGS` in a subprocess (one thread), its output captured."""
+    return subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path, gen):
     data = _write_jsonl(tmp_path / "d.jsonl", _records(24, gen))
@@ -1183,7 +1188,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path, gen):
         "--seed",
         3,
     ]
-    ref = subprocess.run(_cli(*common, "--out", tmp_path / "ref"), env=_env(), capture_output=True, text=True)
+    ref = _moa(*common, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "run"
@@ -1199,7 +1204,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dir, tmp_path, gen):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not out.exists()
-    resumed = subprocess.run(_cli(*common, "--out", out, "--resume"), env=_env(), capture_output=True, text=True)
+    resumed = _moa(*common, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     for d in ("math", "prose", "chat"):
         a, b = _expert_tensors(tmp_path / "ref", d), _expert_tensors(out, d)
@@ -1234,7 +1239,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path, 
         "--checkpoint-every",
         0,
     ]
-    one = subprocess.run(_cli(*common, "--out", tmp_path / "one"), env=_env(), capture_output=True, text=True)
+    one = _moa(*common, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     torchrun = [
         sys.executable,
@@ -1276,7 +1281,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dir, tmp_path, 
         "--checkpoint-every",
         0,
     ]
-    one = subprocess.run(_cli(*router, "--moa", tmp_path / "one"), env=_env(), capture_output=True, text=True)
+    one = _moa(*router, "--moa", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     torchrun = [
         sys.executable,
@@ -1323,69 +1328,54 @@ def test_sequential_training_gives_the_same_experts(tiny_dir, tmp_path, gen):
 @pytest.mark.slow
 def test_cli_train_experts_and_router(tiny_dir, tmp_path, gen):
     data = _write_jsonl(tmp_path / "d.jsonl", _records(8, gen, domains=("math", "chat")))
-    r = subprocess.run(
-        _cli(
-            "train",
-            "experts",
-            "--model",
-            tiny_dir,
-            "--data",
-            data,
-            "--out",
-            tmp_path / "m",
-            "--steps",
-            2,
-            "--batch",
-            2,
-            "--rank",
-            2,
-            "--targets",
-            "q_proj,v_proj",
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "train",
+        "experts",
+        "--model",
+        tiny_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "m",
+        "--steps",
+        2,
+        "--batch",
+        2,
+        "--rank",
+        2,
+        "--targets",
+        "q_proj,v_proj",
+        "--no-progress",
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["domains"] == ["math", "chat"]
     assert MoADir.load(tmp_path / "m").config.target_modules == ["q_proj", "v_proj"]
-    r = subprocess.run(
-        _cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--steps", 2, "--batch", 2, "--no-progress"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    r = _moa("train", "router", "--moa", tmp_path / "m", "--data", data, "--steps", 2, "--batch", 2, "--no-progress")
     assert r.returncode == 0, r.stderr
     # add-domain: --warmup is the new expert's; the routers' fit takes none
     routers_before = MoADir.load(tmp_path / "m").router
     new = _write_jsonl(tmp_path / "code.jsonl", _records(4, gen, domains=("code",)))
-    r = subprocess.run(
-        _cli(
-            "add-domain",
-            "--moa",
-            tmp_path / "m",
-            "--domain",
-            "code",
-            "--data",
-            new,
-            "--router-data",
-            data,
-            "--steps",
-            2,
-            "--batch",
-            2,
-            "--warmup",
-            1,
-            "--router-steps",
-            5,
-            "--router-rows",
-            "new",
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "add-domain",
+        "--moa",
+        tmp_path / "m",
+        "--domain",
+        "code",
+        "--data",
+        new,
+        "--router-data",
+        data,
+        "--steps",
+        2,
+        "--batch",
+        2,
+        "--warmup",
+        1,
+        "--router-steps",
+        5,
+        "--router-rows",
+        "new",
+        "--no-progress",
     )
     assert r.returncode == 0, r.stderr
     grown = MoADir.load(tmp_path / "m")
@@ -1393,156 +1383,116 @@ def test_cli_train_experts_and_router(tiny_dir, tmp_path, gen):
     assert all(torch.equal(w[:2], w0) for w, w0 in zip(grown.router, routers_before)), (
         "--router-rows new moved an old row"
     )
-    r = subprocess.run(
-        _cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--warmup", 2, "--no-progress"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    r = _moa("train", "router", "--moa", tmp_path / "m", "--data", data, "--warmup", 2, "--no-progress")
     assert r.returncode == 1 and "apply to --joint" in r.stderr and "Traceback" not in r.stderr
     # --keep-best: joint with a held-out split; refused without --joint or without the split
-    r = subprocess.run(
-        _cli(
-            "train",
-            "router",
-            "--moa",
-            tmp_path / "m",
-            "--data",
-            data,
-            "--joint",
-            "--steps",
-            2,
-            "--batch",
-            2,
-            "--keep-best",
-            1,
-            "--keep-best-margin",
-            0.5,
-            "--val-fraction",
-            0.25,
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "train",
+        "router",
+        "--moa",
+        tmp_path / "m",
+        "--data",
+        data,
+        "--joint",
+        "--steps",
+        2,
+        "--batch",
+        2,
+        "--keep-best",
+        1,
+        "--keep-best-margin",
+        0.5,
+        "--val-fraction",
+        0.25,
+        "--no-progress",
     )
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["kept"]) == {"math", "chat"}
-    r = subprocess.run(
-        _cli("train", "router", "--moa", tmp_path / "m", "--data", data, "--keep-best", 2, "--no-progress"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    r = _moa("train", "router", "--moa", tmp_path / "m", "--data", data, "--keep-best", 2, "--no-progress")
     assert r.returncode == 1 and "keep-best applies to --joint" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(
-        _cli(
-            "train",
-            "router",
-            "--moa",
-            tmp_path / "m",
-            "--data",
-            data,
-            "--joint",
-            "--steps",
-            2,
-            "--keep-best-margin",
-            1,
-            "--val-fraction",
-            0.25,
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "train",
+        "router",
+        "--moa",
+        tmp_path / "m",
+        "--data",
+        data,
+        "--joint",
+        "--steps",
+        2,
+        "--keep-best-margin",
+        1,
+        "--val-fraction",
+        0.25,
+        "--no-progress",
     )
     assert (
         r.returncode == 1 and "--keep-best-margin applies with --keep-best" in r.stderr and "Traceback" not in r.stderr
     )
-    r = subprocess.run(
-        _cli(
-            "train",
-            "experts",
-            "--model",
-            tiny_dir,
-            "--data",
-            data,
-            "--out",
-            tmp_path / "k",
-            "--steps",
-            2,
-            "--keep-best",
-            1,
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "train",
+        "experts",
+        "--model",
+        tiny_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "k",
+        "--steps",
+        2,
+        "--keep-best",
+        1,
+        "--no-progress",
     )
     assert r.returncode == 1 and "--val-fraction" in r.stderr and "Traceback" not in r.stderr
     val = _write_jsonl(tmp_path / "v.jsonl", _records(4, gen, domains=("math", "chat")))
-    r = subprocess.run(
-        _cli(
-            "train",
-            "experts",
-            "--model",
-            tiny_dir,
-            "--data",
-            data,
-            "--out",
-            tmp_path / "k",
-            "--steps",
-            2,
-            "--keep-best",
-            1,
-            "--val-data",
-            val,
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "train",
+        "experts",
+        "--model",
+        tiny_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "k",
+        "--steps",
+        2,
+        "--keep-best",
+        1,
+        "--val-data",
+        val,
+        "--no-progress",
     )
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["kept"]) == {"math", "chat"}
-    r = subprocess.run(
-        _cli(
-            "train",
-            "experts",
-            "--model",
-            tiny_dir,
-            "--data",
-            data,
-            "--out",
-            tmp_path / "k2",
-            "--steps",
-            2,
-            "--val-data",
-            val,
-            "--val-fraction",
-            0.2,
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "train",
+        "experts",
+        "--model",
+        tiny_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "k2",
+        "--steps",
+        2,
+        "--val-data",
+        val,
+        "--val-fraction",
+        0.2,
+        "--no-progress",
     )
     assert r.returncode == 1 and "not both" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(
-        _cli(
-            "train",
-            "experts",
-            "--model",
-            tiny_dir,
-            "--data",
-            tmp_path / "missing.jsonl",
-            "--out",
-            tmp_path / "x",
-            "--no-progress",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "train",
+        "experts",
+        "--model",
+        tiny_dir,
+        "--data",
+        tmp_path / "missing.jsonl",
+        "--out",
+        tmp_path / "x",
+        "--no-progress",
     )
     assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
 
@@ -1682,57 +1632,42 @@ def test_wilson_interval_inverts_the_score_test(gen):
 @pytest.mark.slow
 def test_cli_eval(trained, tiny_dir, tmp_path, gen):
     val = _write_jsonl(tmp_path / "val.jsonl", _records(2, gen))
-    r = subprocess.run(
-        _cli(
-            "eval",
-            "--moa",
-            trained["moa"],
-            "--model",
-            tiny_dir,
-            "--data",
-            val,
-            "--json",
-            tmp_path / "r.json",
-            "--max-len",
-            64,
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "eval",
+        "--moa",
+        trained["moa"],
+        "--model",
+        tiny_dir,
+        "--data",
+        val,
+        "--json",
+        tmp_path / "r.json",
+        "--max-len",
+        64,
     )
     assert r.returncode == 0, r.stderr
     assert "| label |" in r.stdout and "| vote |" in r.stdout
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"base", "label", "per_layer", "last", "vote"}
-    r = subprocess.run(
-        _cli("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "nope"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    r = _moa("eval", "--moa", trained["moa"], "--model", tiny_dir, "--data", val, "--modes", "nope")
     assert r.returncode == 1 and "'nope' is not base, label" in r.stderr
-    r = subprocess.run(
-        _cli(
-            "eval",
-            "--moa",
-            trained["moa"],
-            "--model",
-            tiny_dir,
-            "--data",
-            val,
-            "--modes",
-            "base,label,last",
-            "--compare",
-            "last:label,label:base",
-            "--bootstrap",
-            300,
-            "--json",
-            tmp_path / "c.json",
-            "--max-len",
-            64,
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "eval",
+        "--moa",
+        trained["moa"],
+        "--model",
+        tiny_dir,
+        "--data",
+        val,
+        "--modes",
+        "base,label,last",
+        "--compare",
+        "last:label,label:base",
+        "--bootstrap",
+        300,
+        "--json",
+        tmp_path / "c.json",
+        "--max-len",
+        64,
     )
     assert r.returncode == 0, r.stderr
     assert "| last vs label |" in r.stdout and "| label vs base |" in r.stdout
@@ -1742,28 +1677,7 @@ def test_cli_eval(trained, tiny_dir, tmp_path, gen):
         100 * (saved["label"]["average_ppl"] / saved["base"]["average_ppl"] - 1)
     )
     for spec, msg in (("last:vote", "'vote' is not one of the evaluated modes"), ("last", "'last' is not A:B")):
-        r = subprocess.run(
-            _cli(
-                "eval",
-                "--moa",
-                trained["moa"],
-                "--model",
-                tiny_dir,
-                "--data",
-                val,
-                "--modes",
-                "label,last",
-                "--compare",
-                spec,
-            ),
-            env=_env(),
-            capture_output=True,
-            text=True,
-        )
-        assert r.returncode == 1 and msg in r.stderr, r.stderr
-    # --routing-only: the routers alone, every strategy, the same accuracy as the scored run
-    r = subprocess.run(
-        _cli(
+        r = _moa(
             "eval",
             "--moa",
             trained["moa"],
@@ -1771,41 +1685,47 @@ def test_cli_eval(trained, tiny_dir, tmp_path, gen):
             tiny_dir,
             "--data",
             val,
-            "--routing-only",
-            "--limit",
-            1,
-            "--json",
-            tmp_path / "route.json",
-            "--max-len",
-            64,
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+            "--modes",
+            "label,last",
+            "--compare",
+            spec,
+        )
+        assert r.returncode == 1 and msg in r.stderr, r.stderr
+    # --routing-only: the routers alone, every strategy, the same accuracy as the scored run
+    r = _moa(
+        "eval",
+        "--moa",
+        trained["moa"],
+        "--model",
+        tiny_dir,
+        "--data",
+        val,
+        "--routing-only",
+        "--limit",
+        1,
+        "--json",
+        tmp_path / "route.json",
+        "--max-len",
+        64,
     )
     assert r.returncode == 0, r.stderr
     assert "| per_layer |" in r.stdout and "| vote |" in r.stdout and "confusion (" in r.stdout
     routed = json.loads((tmp_path / "route.json").read_text())["routing"]
     assert {d: v["n"] for d, v in routed["last"]["domains"].items()} == {"math": 1, "prose": 1, "chat": 1}
     full = json.loads((tmp_path / "r.json").read_text())
-    r = subprocess.run(
-        _cli(
-            "eval",
-            "--moa",
-            trained["moa"],
-            "--model",
-            tiny_dir,
-            "--data",
-            val,
-            "--routing-only",
-            "--max-len",
-            64,
-            "--json",
-            tmp_path / "route2.json",
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
+    r = _moa(
+        "eval",
+        "--moa",
+        trained["moa"],
+        "--model",
+        tiny_dir,
+        "--data",
+        val,
+        "--routing-only",
+        "--max-len",
+        64,
+        "--json",
+        tmp_path / "route2.json",
     )
     assert r.returncode == 0, r.stderr
     routed = json.loads((tmp_path / "route2.json").read_text())["routing"]
@@ -1819,5 +1739,5 @@ def test_cli_eval(trained, tiny_dir, tmp_path, gen):
             + extra
             + ([] if msg == "needs --moa" else ["--moa", trained["moa"]])
         )
-        r = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True)
+        r = _moa(*args)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._argtypes import positive_int as _positive_int
 from .build import build_corpora, parse_domains
 from .corpora import CORPORA, CorpusUnavailable
 
@@ -49,13 +50,6 @@ def add_data_subcommand(subparsers) -> None:
     build.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
     build.add_argument("--cache-dir", default=None, metavar="DIR", help="cache folder (default: see above)")
     build.set_defaults(func=run_data_build)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"expected a positive integer, got {value}")
-    return value
 
 
 def run_data_build(args) -> int:

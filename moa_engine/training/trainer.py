@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .._io import atomic_write_with
 from .dataset import Example, collate, domain_samples
 
 DTYPES = ("float32", "bfloat16", "float64")
@@ -494,17 +495,8 @@ def _save_checkpoint(path: Path, step: int, module, opt, plan: Plan, names, trai
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save to `path` atomically (a temporary file beside it, fsync, rename)."""
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def _load_checkpoint(path: Path, module, opt, plan: Plan, names, trainable) -> int:
