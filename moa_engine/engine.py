@@ -170,6 +170,7 @@ class Engine:
         self._tokenizer = None
         self._tokenizer_loaded = False
         self.moa_dir = moa_dir
+        self._routing = routing
         if moa_dir is not None:
             self._core.load_moa(str(moa_dir.path), routing or "")  # the C++ reader, checked against the model
         elif experts:
@@ -183,6 +184,14 @@ class Engine:
     def experts(self) -> list[str]:
         """The loaded experts' names."""
         return list(self._core.experts)
+
+    @property
+    def routing(self) -> str | None:
+        """The strategy routed requests use unless they name one ("per_layer", "last", "vote"),
+        or None without routers."""
+        if not self._core.router_domains:
+            return None
+        return self._routing or (self.moa_dir.config.router.strategy if self.moa_dir is not None else None)
 
     @property
     def router_domains(self) -> list[str]:
@@ -377,6 +386,54 @@ class Engine:
         finally:
             if not retired:  # a stop string, or the caller closed the iterator
                 self._cancel(rid)
+
+    # -- step-wise interface ------------------------------------------------------------
+    # What generate() and stream() run on, for callers that own the loop (moa serve): submit
+    # requests at any time, step the engine, read each step's events, cancel. Not thread-safe
+    # as a whole: one thread should own the loop (the C++ engine serialises its calls).
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        """The prompt's token ids as generate() sees them: a string (tokenized with the special
+        tokens), with chat=True a user message or a list of {"role", "content"} messages (the
+        chat template applied, with the generation prompt), or token ids."""
+        return self._encode(prompt, chat)
+
+    def submit(
+        self, prompt_ids: list[int], sampling: SamplingParams | None = None, *, domain=ROUTE, routing=None
+    ) -> int:
+        """Queues one request (token ids, from encode()) in the running batch and returns its id;
+        it is admitted at the next step(). The stop strings become stop sequences here; the
+        caller checks the decoded text for them (completion_text) and cancels on a hit, as
+        stream() does. Errors (ValueError) name the field at fault."""
+        params = SamplingParams.of(sampling)
+        stops = self._stop_strings(params.stop)
+        request = self._request(
+            list(prompt_ids), params, self._stop_sequences(stops), self._domains(domain, 1)[0], routing
+        )
+        return self._core.submit(request)
+
+    def step(self) -> list:
+        """Admits waiting requests, prefills them and decodes one token for every running one.
+        -> events (request_id, token (-1: none), finished, finish_reason, routing: a RoutingInfo
+        on a request's first event, else None). Releases the GIL while it computes."""
+        return self._core.step()
+
+    def cancel(self, request_id: int) -> None:
+        """Finishes the request at the next step (finish_reason "cancelled"); unknown ids are a no-op."""
+        self._core.cancel(request_id)
+
+    def idle(self) -> bool:
+        """Nothing waiting or running."""
+        return self._core.idle()
+
+    def completion_text(self, token_ids, stop=()) -> str | None:
+        """The text of generated ids as a Completion holds it: decoded without special tokens
+        and cut before the first stop string (None without a tokenizer)."""
+        return self._text(list(token_ids), list(_stop_tuple(stop)))
+
+    def find_stop(self, token_ids, stop) -> bool:
+        """Whether the decoded ids contain one of the stop strings."""
+        stops = list(_stop_tuple(stop))
+        return bool(stops) and self._find_stop(self._decode(list(token_ids)), stops) is not None
 
     # -- helpers --------------------------------------------------------------------
     def _cancel(self, rid: int) -> None:
