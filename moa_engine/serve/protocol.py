@@ -62,6 +62,27 @@ class _Sampling(BaseModel):
     routing: Literal["per_layer", "last", "vote"] | None = Field(None, description=f"one of {STRATEGIES}")
     ignore_eos: bool = False
 
+    # Fields whose meaning the server does not provide: refused, rather than ignored, so that a
+    # client never reads a default (no logprobs, no tool call) as an answer.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @field_validator("logprobs", "top_logprobs", "tools")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v not in (None, False, 0, []):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"response_format type {v.get('type')!r} is not supported (only 'text')")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, v):
@@ -80,6 +101,23 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported_completion(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        if v not in (None, 1):
+            raise ValueError("best_of other than 1 is not supported by this server; use n")
+        return v
 
     @field_validator("prompt")
     @classmethod
