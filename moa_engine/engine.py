@@ -430,11 +430,6 @@ class Engine:
         and cut before the first stop string (None without a tokenizer)."""
         return self._text(list(token_ids), list(_stop_tuple(stop)))
 
-    def find_stop(self, token_ids, stop) -> bool:
-        """Whether the decoded ids contain one of the stop strings."""
-        stops = list(_stop_tuple(stop))
-        return bool(stops) and self._find_stop(self._decode(list(token_ids)), stops) is not None
-
     # -- helpers --------------------------------------------------------------------
     def _cancel(self, rid: int) -> None:
         self._core.cancel(rid)

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import moa_engine
 from moa_engine.engine import Engine, SamplingParams
 from moa_engine.routing import BASE, ROUTE
+from moa_engine.serve.detok import IncrementalText
 from moa_engine.serve.loop import EngineLoop, Job, Update
 from moa_engine.serve.metrics import ServerMetrics
 from moa_engine.serve.protocol import (
@@ -165,15 +166,22 @@ def _end_error(update: Update) -> APIError | None:
 
 async def _collect(server: Server, request: Request, jobs: list[Job], queue: asyncio.Queue) -> dict[Job, Update] | None:
     """Waits for every job's end (their tokens gathered in the last update); None when the
-    client hung up first (the caller cancels the jobs)."""
+    client hung up first (the caller cancels the jobs). The client is looked at every
+    _DISCONNECT_POLL_S, whether or not tokens came meanwhile."""
     tokens = {job: [] for job in jobs}
     ends: dict[Job, Update] = {}
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + _DISCONNECT_POLL_S
     while len(ends) < len(jobs):
         try:
-            job, update = await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
+            job, update = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
         except asyncio.TimeoutError:
+            job = update = None
+        if loop.time() >= next_check:
             if await request.is_disconnected():
                 return None
+            next_check = loop.time() + _DISCONNECT_POLL_S
+        if update is None:
             continue
         tokens[job] += update.tokens
         if update.finished:
@@ -220,8 +228,7 @@ async def _stream(server: Server, body, chat: bool, rid: str, created: int, jobs
     finish_reason, the usage chunk when asked, then [DONE]. A client that hangs up cancels
     the jobs (the generator is cancelled at its await; `finally` runs)."""
     index = {job: i for i, job in enumerate(jobs)}
-    tokens = {job: [] for job in jobs}
-    sent = {job: "" for job in jobs}
+    texts = {job: IncrementalText(server.engine.completion_text, job.sampling.stop) for job in jobs}
     started: set[Job] = set()
     finished: set[Job] = set()
     head = {
@@ -249,7 +256,6 @@ async def _stream(server: Server, body, chat: bool, rid: str, created: int, jobs
     try:
         while len(finished) < len(jobs):
             job, update = await queue.get()
-            tokens[job] += update.tokens
             if job not in started:
                 started.add(job)
                 yield chunk(job, "" if chat else None, first=True)
@@ -257,16 +263,19 @@ async def _stream(server: Server, body, chat: bool, rid: str, created: int, jobs
                 yield _sse(error.body())
                 yield b"data: [DONE]\n\n"
                 return
-            text = server.engine.completion_text(tokens[job], job.sampling.stop) or ""
-            # An incomplete multi-byte character waits for its last token.
-            if (update.finished or not text.endswith("\ufffd")) and len(text) > len(sent[job]):
-                piece, sent[job] = text[len(sent[job]) :], text
+            text = texts[job]
+            text.add(update.tokens)
+            piece = text.piece()
+            if update.finished:
+                piece += text.last_piece(server.engine.completion_text(text.tokens, job.sampling.stop) or "")
+            if piece:
                 yield chunk(job, piece)
             if update.finished:
                 finished.add(job)
                 yield chunk(job, None, update.finish_reason)
         if body.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_lens, sum(len(t) for t in tokens.values()))})
+            usage = _usage(prompt_lens, sum(len(t.tokens) for t in texts.values()))
+            yield _sse({**head, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
     finally:
         for job in jobs:
@@ -304,6 +313,26 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+class _Auth:
+    """With an API key set, every route but /health needs `Authorization: Bearer KEY` (401)."""
+
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.server.api_key and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                key.strip().encode(), self.server.api_key.encode()
+            ):
+                what = "no API key was given" if not given else "the API key is not valid"
+                error = APIError(401, f"{what}: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+                return await _error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(
     engine: Engine,
     served_model_name: str | None = None,
@@ -321,6 +350,9 @@ def create_app(
         server.loop.start(asyncio.get_running_loop())
         yield
         server.draining = True
+        # Under uvicorn the in-flight requests have had shutdown_timeout already (its graceful
+        # shutdown) and the cancelled ones' jobs end at the next step; another ASGI server may
+        # not drain, so the loop gives what is left that long again, then cancels it.
         await asyncio.to_thread(server.loop.stop, server.shutdown_timeout)
 
     app = FastAPI(title="moa_engine", version=moa_engine.__version__, lifespan=lifespan)
@@ -343,17 +375,9 @@ def create_app(
     async def _http_error(request, exc: StarletteHTTPException):
         return _error_response(APIError(exc.status_code, str(exc.detail)))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if server.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, key = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), server.api_key.encode()):
-                what = "no API key was given" if not given else "the API key is not valid"
-                return _error_response(
-                    APIError(401, f"{what}: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-                )
-        return await call_next(request)
+    # A plain ASGI middleware: starlette's BaseHTTPMiddleware (@app.middleware) wraps `receive`
+    # in a way that hides a client's disconnect from the handlers, which need to see it.
+    app.add_middleware(_Auth, server=server)
 
     @app.get("/health")
     async def health():

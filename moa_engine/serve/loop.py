@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from moa_engine.engine import Engine, SamplingParams
 from moa_engine.routing import BASE, ROUTE
+from moa_engine.serve.detok import IncrementalText
 from moa_engine.serve.metrics import ServerMetrics
 
 
@@ -54,6 +55,7 @@ class Job:
     layer_domains: list[str] = field(default_factory=list)
     strategy: str | None = None  # the routing strategy that chose, when routed
     stop_hit: bool = False  # a stop string showed in the text: cancelled, reported as "stop"
+    stop_watch: IncrementalText | None = None  # the loop's view of the text, with stop strings
     first_token_at: float | None = None
     last_token_at: float | None = None
     done: bool = False
@@ -72,7 +74,7 @@ class EngineLoop:
         self.metrics = metrics
         self.max_queue = max_queue
         self._cond = threading.Condition()
-        self._inbox: deque = deque()  # ("submit" | "cancel", job), in order
+        self._inbox: deque = deque()  # ("submit" | "cancel" | "cancel_all", job), in order
         self._jobs: dict[int, Job] = {}  # request id -> job, while in the engine
         self._pending = 0  # jobs accepted but without a first token yet (inbox + engine queue)
         self._stopping = False
@@ -124,6 +126,12 @@ class EngineLoop:
             self._inbox.append(("cancel", job))
             self._cond.notify()
 
+    def cancel_all(self) -> None:
+        """Ends every job at the next step (thread-safe): a shutdown whose time is up."""
+        with self._cond:
+            self._inbox.append(("cancel_all", None))
+            self._cond.notify()
+
     def stop(self, timeout: float) -> None:
         """Lets running jobs finish for up to `timeout` seconds, then cancels the rest and ends
         the thread."""
@@ -147,7 +155,13 @@ class EngineLoop:
                     self._inbox.clear()
                     stopping = self._stopping
                 for kind, job in commands:
-                    self._submit(job) if kind == "submit" else self._cancel(job)
+                    if kind == "submit":
+                        self._submit(job)
+                    elif kind == "cancel":
+                        self._cancel(job)
+                    else:  # "cancel_all"
+                        for rid in list(self._jobs):
+                            self.engine.cancel(rid)
                 if stopping:
                     self._cancel_all()
                     return
@@ -166,6 +180,8 @@ class EngineLoop:
             self._post([(job, Update([], finished=True, finish_reason="error", error=str(exc)))])
             return
         self._jobs[job.request_id] = job
+        if job.sampling.stop:
+            job.stop_watch = IncrementalText(self.engine.completion_text, job.sampling.stop)
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
 
     def _cancel(self, job: Job) -> None:
@@ -189,15 +205,12 @@ class EngineLoop:
                 self._token(job, e.token, now)
             if e.finished:
                 self._finish(job, u, e, now)
-        for job, u in updates.items():  # stop strings: the text decides, as Engine.stream does
-            if (
-                not u.finished
-                and job.sampling.stop
-                and u.tokens
-                and self.engine.find_stop(job.tokens, job.sampling.stop)
-            ):
-                job.stop_hit = True
-                self.engine.cancel(job.request_id)
+        for job, u in updates.items():  # stop strings: the text decides, as Engine.generate does
+            if job.stop_watch is not None and not u.finished and u.tokens:
+                job.stop_watch.add(u.tokens)
+                if job.stop_watch.stopped:
+                    job.stop_hit = True
+                    self.engine.cancel(job.request_id)
         self.metrics.running.set(sum(1 for j in self._jobs.values() if j.first_token_at is not None))
         self.metrics.waiting.set(self._pending)
         self._post(list(updates.items()))

@@ -191,7 +191,11 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if first.get("type") in ("model_attributes_type", "dict_type") and not loc:
         return "the body must be a JSON object (send it with Content-Type: application/json)", None
     if first.get("type") == "missing":
+        if not loc:
+            return "the body is empty: expected a JSON object", None
         return f"'{param}' is required", param
     msg = first.get("msg", "invalid value")
+    if "input" in first and not isinstance(first["input"], (dict, list)):
+        msg += f", got {first['input']!r}"
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return (f"'{param}': {msg}" if param else msg) + more, param
