@@ -26,7 +26,7 @@ from moa_engine.moa_format import MoADir
 from moa_engine.models import DEFAULT_MODEL, resolve_model
 from moa_engine.routing import BASE, ROUTE
 
-FINISH_REASONS = ("stop", "length", "cancelled")
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 def _stop_tuple(stop) -> tuple[str, ...]:
@@ -91,7 +91,10 @@ class Completion:
     text: the decoded generated text (special tokens skipped, cut before a stop string),
         or None when the model folder has no tokenizer.
     token_ids: the generated token ids, EOS and stop-sequence ids included.
-    finish_reason: "stop" (EOS id or stop string) or "length" (max_new_tokens reached).
+    finish_reason: "stop" (EOS id or stop string), "length" (max_new_tokens reached), or
+        "error" (the request failed: non-finite logits; `error` says why, and the other
+        requests of the batch are unaffected).
+    error: why the request failed when finish_reason is "error", else None.
     prompt_token_ids: the prompt as the engine saw it (after the chat template).
     domain: the expert that served it ("base" for none; "mixed" when per-layer routing
         chose different experts in different layers).
@@ -107,6 +110,7 @@ class Completion:
     domain: str = BASE
     layer_domains: list[str] = field(default_factory=list, repr=False)
     router_probs: list[list[float]] | None = field(default=None, repr=False)
+    error: str | None = None
 
 
 def _base_model_of(moa_dir) -> str | Path | None:
@@ -342,6 +346,7 @@ class Engine:
                 r.routing.domain,
                 list(r.routing.layer_domains),
                 [list(p) for p in r.routing.router_probs] or None,
+                r.error,
             )
             for r, ids in zip(results, prompt_ids)
         ]
@@ -372,6 +377,9 @@ class Engine:
                         continue
                     if event.token >= 0:
                         tokens.append(event.token)
+                    if event.finished and event.error:
+                        retired = True
+                        raise RuntimeError(event.error)
                     retired = retired or event.finished
                 text = self._text(tokens, stops)
                 done = retired or (stops and self._find_stop(self._decode(tokens), stops) is not None)

@@ -628,6 +628,46 @@ def test_runtime_expert_errors(runtime_server, tiny_chat, tmp_path):
     assert [m.id for m in runtime_server.client().models.list().data] == [MOA_NAME, *EXPERTS, "base"]
 
 
+def test_non_finite_logits_are_a_500_and_the_others_go_on(runtime_server, tiny_chat, tmp_path, gen):
+    """An expert whose finite weights overflow (lora_B = 1e30) loads; its requests get OpenAI's
+    500 error (a stream: an error event, then [DONE]) instead of tokens, while a request on
+    another expert in the same batch gets its solo answer, and the server stays healthy."""
+    import shutil
+
+    import safetensors.torch
+
+    huge = shutil.copytree(tiny_chat.spare["extra2"], tmp_path / "huge")
+    path = huge / "adapter_model.safetensors"
+    weights = safetensors.torch.load_file(path)
+    safetensors.torch.save_file({k: v.fill_(1e30) if "lora_B" in k else v for k, v in weights.items()}, path)
+    url, client = runtime_server.url, runtime_server.client()
+    r = post(url, "/v1/load_lora_adapter", {"lora_name": "huge", "lora_path": str(huge)})
+    assert r.status_code == 200, r.text
+    errors_before = metric(read_metrics(url), "moa_requests_total", status="error")
+    try:
+        model, prompt, n = choose(gen, EXPERTS), random_text(gen), odd(gen, 9, 31)
+        ref = solo(tiny_chat.engine(), prompt, n, chat=False, model=model, ignore_eos=True)
+        with ThreadPoolExecutor(2) as pool:
+            good = pool.submit(ask, client, False, prompt, model, n, ignore_eos=True)
+            bad = pool.submit(ask, client, True, random_messages(gen), "huge", 11)
+            with pytest.raises(openai.InternalServerError) as exc:
+                bad.result()
+            assert_like_solo(
+                "beside the failing request", good.result().choices[0], good.result().choices[0].text, ref, model
+            )
+        err = error_of(exc.value, 500, openai.InternalServerError, "server_error")
+        assert err["code"] == "engine_error" and "non-finite logits" in err["message"] and "huge" in err["message"], err
+        body = {"model": "huge", "prompt": random_text(gen), "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+            events = sse_events(resp)
+        assert events[-1] == "[DONE]", events
+        assert "non-finite logits" in events[-2]["error"]["message"], events
+        assert metric(read_metrics(url), "moa_requests_total", status="error") == errors_before + 2
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally:
+        post(url, "/v1/unload_lora_adapter", {"lora_name": "huge"})
+
+
 def test_runtime_expert_routes_are_404_without_the_flag(main_server, tiny_chat):
     url = main_server.url
     r = post(url, "/v1/load_lora_adapter", {"lora_name": "extra2", "lora_path": str(tiny_chat.spare["extra2"])})

@@ -4,6 +4,7 @@
 // engine_impl.h holds the state they share.
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <map>
 
 #include "engine/config.h"
@@ -19,6 +20,7 @@ const char* to_string(FinishReason reason) {
     case FinishReason::kStop: return "stop";
     case FinishReason::kLength: return "length";
     case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kError: return "error";
   }
   return "unknown";
 }
@@ -107,6 +109,15 @@ void Engine::add_expert(const std::string& name, const std::vector<LoraWeights>&
       throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " has no lora_A or lora_B");
     engine::LoraPiece p{w.lora_a.to(at::kCPU, impl_->dtype).contiguous(),
                         w.lora_b.to(at::kCPU, impl_->dtype).contiguous(), w.scale};
+    // Checked in the engine's dtype: a float32 value past float16's range becomes inf here.
+    for (const auto& [what, t] : {std::pair{"lora_A", p.a}, std::pair{"lora_B", p.b}}) {
+      const std::string bad = engine::non_finite_summary(t);
+      if (!bad.empty())
+        throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " ", what,
+                                     " has non-finite values (", bad, ")");
+    }
+    if (!std::isfinite(w.scale))
+      throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " has scale ", w.scale);
     if (!pieces.emplace(std::make_pair(w.layer, target), p).second)
       throw_error<InvalidArgument>("expert '", name, "': layer ", w.layer, " ", w.module, " is given twice");
   }
@@ -198,6 +209,8 @@ void Engine::set_router(const std::vector<std::string>& domains, const std::vect
       throw_error<InvalidArgument>("router layer ", l, ": expected [", domains.size(), ", ", c.hidden_size,
                                    "] (domains x hidden), got ", w.sizes());
     router.push_back(w.to(at::kCPU, at::kFloat).contiguous());
+    const std::string bad = engine::non_finite_summary(router.back());
+    if (!bad.empty()) throw_error<InvalidArgument>("router layer ", l, " has non-finite values (", bad, ")");
   }
   impl_->router_domains = domains;
   impl_->router = std::move(router);

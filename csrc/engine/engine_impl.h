@@ -85,7 +85,8 @@ struct Engine::Impl {
   at::Tensor run_forward(StepRows& rows);
   void sample_and_emit(const StepRows& rows, const at::Tensor& logits, std::vector<StepEvent>& events);
   bool stops(const Sequence& s, int64_t token) const;
-  void finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token);
+  std::string non_finite_message(const Sequence& s) const;
+  void finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token, std::string error = {});
   void release_all(const std::vector<int64_t>& ids);
 
   // Routing (routing.cpp).

@@ -93,6 +93,8 @@ std::vector<at::Tensor> read_router(const std::string& path, int64_t n_domains, 
                                shape_str(first.shape));
     // Owned float32 copies: the engine keeps the routers after the file is closed.
     weights.push_back(file.view(layers[l]).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true));
+    const std::string bad = non_finite_summary(weights.back());
+    if (!bad.empty()) throw_error<FormatError>(path, ": tensor '", layers[l], "' has non-finite values (", bad, ")");
   }
   if (n_domains >= 0 && weights[0].size(0) != n_domains)
     throw_error<FormatError>(path, ": router has ", weights[0].size(0), " outputs but the MoA dir has ", n_domains,

@@ -75,4 +75,9 @@ struct MoaDirectory {
 };
 MoaDirectory read_moa_dir(const std::string& path, const ModelConfig* base);
 
+// "" when every value of t is finite, else what is not ("3 NaN, 1 inf"). The readers and
+// Engine::add_expert / set_router refuse such weights: a NaN in an expert or a router would
+// reach clients as tokens sampled from NaN logits.
+std::string non_finite_summary(const at::Tensor& t);
+
 }  // namespace moa::engine

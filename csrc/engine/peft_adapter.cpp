@@ -2,6 +2,8 @@
 // PEFT would apply them (docs/moa-format.md, "experts/<domain>/"). Every option that
 // changes the forward beyond a plain low-rank update is refused by name; every shape is
 // checked, against the base model when one is given.
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -444,8 +446,13 @@ PeftAdapter read_peft_adapter(const std::string& folder_name, const std::string&
     }
     const auto [r, scale] = config.rank_and_scale(mname);
     check_pair(file->record(pair.a), file->record(pair.b), r, mname, weights_path);
-    adapter.targets.push_back(
-        {layer, moa_target_modules()[module], file->view(pair.a), file->view(pair.b), static_cast<float>(scale)});
+    const at::Tensor lora_a = file->view(pair.a), lora_b = file->view(pair.b);
+    for (const auto& [key, t] : {std::pair{pair.a, lora_a}, std::pair{pair.b, lora_b}}) {
+      const std::string bad = non_finite_summary(t);
+      if (!bad.empty())
+        throw_error<FormatError>(weights_path, ": tensor '", key, "' has non-finite values (", bad, ")");
+    }
+    adapter.targets.push_back({layer, moa_target_modules()[module], lora_a, lora_b, static_cast<float>(scale)});
     adapter.scales.push_back(scale);
     adapter.rank = std::max(adapter.rank, r);
   }
@@ -453,6 +460,13 @@ PeftAdapter read_peft_adapter(const std::string& folder_name, const std::string&
   check_consistent_dims(adapter.targets, weights_path);
   if (base != nullptr) check_against_base(config, adapter.targets, *base, folder_name, weights_path);
   return adapter;
+}
+
+std::string non_finite_summary(const at::Tensor& t) {
+  if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0 || at::isfinite(t).all().item<bool>()) return "";
+  const int64_t nan = at::isnan(t).sum().item<int64_t>();
+  const int64_t inf = at::isinf(t).sum().item<int64_t>();
+  return std::to_string(nan) + " NaN, " + std::to_string(inf) + " inf";
 }
 
 }  // namespace moa::engine

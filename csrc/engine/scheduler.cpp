@@ -8,7 +8,10 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <random>
+#include <set>
+#include <string>
 #include <unordered_map>
 
 #include "engine/engine_impl.h"
@@ -21,6 +24,19 @@ using engine::Sequence;
 
 bool ends_with(const std::vector<int64_t>& ids, const std::vector<int64_t>& tail) {
   return tail.size() <= ids.size() && std::equal(tail.rbegin(), tail.rend(), ids.rbegin());
+}
+
+// Whether a logits row holds no NaN or inf: an exponent of all ones, tested on the bits so that
+// the loop vectorizes (an OR of integer compares; a float reduction would not without
+// -ffast-math). Far cheaper than the lm_head GEMM that made the row.
+bool all_finite(const float* row, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, row + j, sizeof bits);
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
 }
 
 // A row of the batch for the sequence's new tokens: `len` of them after `start` cached ones.
@@ -137,13 +153,34 @@ at::Tensor Engine::Impl::run_forward(StepRows& rows) {
   return logits;
 }
 
+// What failed, and what made it: the experts the request runs with, or the base model.
+std::string Engine::Impl::non_finite_message(const Sequence& s) const {
+  std::set<std::string> experts;
+  for (const std::string& name : s.layer_names)
+    if (name != kBaseDomain) experts.insert(name);
+  std::string by = "the base model's weights";
+  if (!experts.empty()) {
+    by = "the expert";
+    by += experts.size() > 1 ? "s " : " ";
+    for (const std::string& e : experts) by += (by.back() == ' ' ? "'" : ", '") + e + "'";
+    by += " or the base model's weights";
+  }
+  return "non-finite logits (NaN or inf) at generated token " + std::to_string(s.generated.size()) + " of request " +
+         std::to_string(s.id) + ": " + by + " overflow or hold NaN; the request is ended, the others go on";
+}
+
 // A token per sequence from its logits, then the stop rules: an event per sequence.
 void Engine::Impl::sample_and_emit(const StepRows& rows, const at::Tensor& logits, std::vector<StepEvent>& events) {
   const float* lp = logits.data_ptr<float>();
   for (size_t i = 0; i < rows.order.size(); ++i) {
     Sequence& s = *rows.order[i];
     s.cached += rows.batch.seqs[i].len;
-    const int64_t token = sampler.sample(lp + i * config.vocab_size, config.vocab_size, s.request.sampling, s.rng);
+    const float* row = lp + i * config.vocab_size;
+    if (!all_finite(row, config.vocab_size)) {  // a NaN row would be sampled as token 0: fail the request instead
+      finish(s, FinishReason::kError, events, -1, non_finite_message(s));
+      continue;
+    }
+    const int64_t token = sampler.sample(row, config.vocab_size, s.request.sampling, s.rng);
     s.generated.push_back(token);
     if (stops(s, token)) {
       finish(s, FinishReason::kStop, events, token);
@@ -165,8 +202,9 @@ bool Engine::Impl::stops(const Sequence& s, int64_t token) const {
   return stop;
 }
 
-void Engine::Impl::finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token) {
-  events.push_back({s.id, token, true, reason, s.reported ? nullptr : routing_info(s)});
+void Engine::Impl::finish(Sequence& s, FinishReason reason, std::vector<StepEvent>& events, int64_t token,
+                          std::string error) {
+  events.push_back({s.id, token, true, reason, s.reported ? nullptr : routing_info(s), std::move(error)});
   s.reported = true;
   const int64_t slot = s.slot;
   s.slot = -1;  // before the reset below, which may free s
@@ -251,6 +289,7 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
         if (e.routing) r.routing = *e.routing;
         bool done = e.finished;
         r.finish_reason = e.finish_reason;
+        if (!e.error.empty()) r.error = e.error;
         if (!done && on_token && !on_token(it->second, e.token)) {
           impl_->release_all({e.request_id});  // the caller asked to stop here
           r.finish_reason = FinishReason::kStop;

@@ -110,7 +110,11 @@ void bind_request_types(py::module_& m) {
       .def_readonly("token_ids", &moa::GenerationResult::token_ids)
       .def_property_readonly("finish_reason",
                              [](const moa::GenerationResult& r) { return moa::to_string(r.finish_reason); })
-      .def_readonly("routing", &moa::GenerationResult::routing);
+      .def_readonly("routing", &moa::GenerationResult::routing)
+      .def_property_readonly("error", [](const moa::GenerationResult& r) -> py::object {
+        if (r.error.empty()) return py::none();
+        return py::str(r.error);
+      });
 
   py::class_<moa::StepEvent>(m, "StepEvent", "A token generated for a request, or its end.")
       .def_readonly("request_id", &moa::StepEvent::request_id)
@@ -121,9 +125,14 @@ void bind_request_types(py::module_& m) {
                                if (!e.routing) return py::none();
                                return py::cast(*e.routing);
                              })
-      .def_property_readonly("finish_reason", [](const moa::StepEvent& e) -> py::object {
-        if (!e.finished) return py::none();
-        return py::str(moa::to_string(e.finish_reason));
+      .def_property_readonly("finish_reason",
+                             [](const moa::StepEvent& e) -> py::object {
+                               if (!e.finished) return py::none();
+                               return py::str(moa::to_string(e.finish_reason));
+                             })
+      .def_property_readonly("error", [](const moa::StepEvent& e) -> py::object {
+        if (e.error.empty()) return py::none();
+        return py::str(e.error);
       });
 }
 

@@ -98,13 +98,15 @@ enum class FinishReason {
   kStop,       // an EOS id, a stop sequence, or the callback asked to stop
   kLength,     // max_new_tokens generated
   kCancelled,  // cancel() was called
+  kError,      // the request failed (non-finite logits); GenerationResult::error / StepEvent::error say why
 };
-const char* to_string(FinishReason reason);  // "stop", "length", "cancelled"
+const char* to_string(FinishReason reason);  // "stop", "length", "cancelled", "error"
 
 struct GenerationResult {
   std::vector<int64_t> token_ids;  // generated ids only, EOS and stop ids included
   FinishReason finish_reason = FinishReason::kLength;
   RoutingInfo routing;
+  std::string error;  // why it failed when finish_reason is kError, else empty
 };
 
 // One expert's LoRA weights for one target linear of one layer (PEFT's lora_A.weight,
@@ -132,6 +134,7 @@ struct StepEvent {
   bool finished = false;
   FinishReason finish_reason = FinishReason::kLength;  // valid when finished
   std::shared_ptr<const RoutingInfo> routing;          // on the request's first event
+  std::string error;                                   // why it failed when finish_reason is kError, else empty
 };
 
 class Engine {
