@@ -13,7 +13,8 @@ Runs, per repeat:
                  never share the CPU: c sequences decoded together, the next prompt taking a slot
                  as soon as one frees, which is the best the server can do at concurrency c;
   closed(c)      c clients over HTTP (httpx, asyncio), each sending its next request when the
-                 last one ends, for c in --concurrency (default 1 8 32);
+                 last one ends, for c in --concurrency (default 1 8 32); max(--min-requests, 3 c)
+                 requests (at most --requests), the same ones as offline(c);
   poisson        requests arriving at --rate per second (exponential gaps, seeded; default: 0.7
                  of the closed-loop throughput at the highest concurrency), each on its own
                  connection, however many are in flight.
@@ -329,8 +330,9 @@ def measure(args, moa_dir: Path, requests: list[dict]) -> dict:
         asyncio.run(closed_loop(url, requests[:4], 2, lambda r: chat_body(r, 4)))  # the server's warm-up
         for rep in range(args.repeats):
             for c in args.concurrency:  # offline and server alternate, so drift hits both alike
-                runs["offline"].setdefault(str(c), []).append(offline_run(engines[c], requests, args.max_tokens))
-                done, wall = asyncio.run(closed_loop(url, requests, c, body_of))
+                batch = requests[: min(len(requests), max(args.min_requests, 3 * c))]
+                runs["offline"].setdefault(str(c), []).append(offline_run(engines[c], batch, args.max_tokens))
+                done, wall = asyncio.run(closed_loop(url, batch, c, body_of))
                 runs["closed"].setdefault(str(c), []).append(summarize(done, wall))
                 print(f"repeat {rep + 1}: c={c} done", file=sys.stderr, flush=True)
             top = runs["closed"][str(max(args.concurrency))][-1]
@@ -423,7 +425,13 @@ def parse_args(argv=None):
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--requests", type=int, default=96, help="requests per run")
+    p.add_argument("--requests", type=int, default=96, help="the most requests per run (Poisson: all of them)")
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        default=8,
+        help="closed loop at concurrency c: max(this, 3 c) requests, capped by --requests",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (ignore_eos)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: 0.7 x closed-loop)")
@@ -436,7 +444,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 experts, 12 requests, c 1 4, one repeat")
     args = p.parse_args(argv)
     if args.quick:
-        args.experts, args.requests, args.max_tokens, args.concurrency, args.repeats = 2, 12, 8, [1, 4], 1
+        args.experts, args.requests, args.min_requests, args.max_tokens = 2, 12, 4, 8
+        args.concurrency, args.repeats = [1, 4], 1
     if min(args.concurrency) < 1 or args.requests < max(args.concurrency):
         p.error("--concurrency values must be >= 1 and at most --requests")
     return args

@@ -180,7 +180,10 @@ void bind_experts_and_routing(EngineClass& engine) {
           },
           py::arg("name"), py::arg("pieces"), "pieces: [(layer, module, lora_a [r, in], lora_b [out, r], scale)]")
       .def("remove_expert", &moa::Engine::remove_expert, py::arg("name"), py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("experts", &moa::Engine::experts)
+      // The getters that take the engine's lock release the GIL first: a step holds that lock
+      // for its whole length, and other Python threads must run meanwhile.
+      .def_property_readonly("experts",
+                             py::cpp_function(&moa::Engine::experts, py::call_guard<py::gil_scoped_release>()))
       .def(
           "set_router",
           [](moa::Engine& e, const std::vector<std::string>& domains, const std::vector<at::Tensor>& weights,
@@ -190,7 +193,8 @@ void bind_experts_and_routing(EngineClass& engine) {
             e.set_router(domains, weights, s);
           },
           py::arg("domains"), py::arg("weights"), py::arg("strategy"))
-      .def_property_readonly("router_domains", &moa::Engine::router_domains)
+      .def_property_readonly("router_domains",
+                             py::cpp_function(&moa::Engine::router_domains, py::call_guard<py::gil_scoped_release>()))
       .def(
           "load_moa",
           [](moa::Engine& e, const std::string& moa_dir, const std::string& strategy) {
@@ -228,7 +232,7 @@ void bind_generation(EngineClass& engine) {
       .def("submit", &moa::Engine::submit, py::arg("request"), py::call_guard<py::gil_scoped_release>())
       .def("step", &moa::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("cancel", &moa::Engine::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
-      .def("idle", &moa::Engine::idle);
+      .def("idle", &moa::Engine::idle, py::call_guard<py::gil_scoped_release>());
 }
 
 // The one-off passes: forward (scoring) and route.

@@ -52,8 +52,13 @@ class Server:
 
     def __init__(self, engine, served_model_name, api_key, max_queue, allow_runtime_experts, shutdown_timeout):
         self.engine = engine
+        # The expert list and whether there are routers, kept here: the engine's own getters take
+        # its lock, which a step holds for its whole length (seconds for a long prefill), and the
+        # event loop must never wait on it. Only this app's routes change the experts.
+        self.experts = list(engine.experts)
+        self.routed = bool(engine.router_domains)
         self.name = served_model_name or default_served_name(engine)
-        if self.name == BASE or self.name in engine.experts:
+        if self.name == BASE or self.name in self.experts:
             raise ValueError(
                 f"served model name {self.name!r} clashes with {'base' if self.name == BASE else 'an expert'}"
             )
@@ -78,13 +83,13 @@ class Server:
                 "max_model_len": self.engine.max_seq_len,
             }
 
-        return [card(self.name, None)] + [card(e, self.name) for e in self.engine.experts] + [card(BASE, self.name)]
+        return [card(self.name, None)] + [card(e, self.name) for e in self.experts] + [card(BASE, self.name)]
 
     def domain_of(self, model: str):
         """The engine domain a request's `model` names."""
         if model == self.name:
-            return ROUTE if self.engine.router_domains else BASE
-        if model == BASE or model in self.engine.experts:
+            return ROUTE if self.routed else BASE
+        if model == BASE or model in self.experts:
             return model
         known = ", ".join(repr(m["id"]) for m in self.models())
         raise APIError(
@@ -95,7 +100,7 @@ class Server:
     def jobs_for(self, body, chat: bool) -> tuple[list[Job], list[int]]:
         """One job per choice (prompt-major, as OpenAI orders them) and each prompt's length."""
         domain = self.domain_of(body.model)
-        if body.routing is not None and not self.engine.router_domains:
+        if body.routing is not None and not self.routed:
             raise APIError(400, f"routing={body.routing!r} was given, but the model has no routers", "routing")
         field = "messages" if chat else "prompt"
         try:
@@ -410,20 +415,22 @@ def create_app(
     async def load_lora_adapter(body: LoadAdapterRequest):
         runtime_experts_allowed()
         name = body.lora_name
-        if name in (BASE, server.name) or name in engine.experts:
+        if name in (BASE, server.name) or name in server.experts:
             raise APIError(400, f"the name {name!r} is taken (base, the served name, or a loaded expert)", "lora_name")
         try:
             await asyncio.to_thread(engine.add_expert, name, body.lora_path)
         except (ValueError, OSError) as exc:
             raise APIError(400, f"could not load {body.lora_path!r} as {name!r}: {exc}", "lora_path") from None
+        server.experts.append(name)
         return {"status": "ok", "lora_name": name}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadAdapterRequest):
         runtime_experts_allowed()
-        if body.lora_name not in engine.experts:
-            known = ", ".join(repr(e) for e in engine.experts) or "none"
+        if body.lora_name not in server.experts:
+            known = ", ".join(repr(e) for e in server.experts) or "none"
             raise APIError(404, f"no expert named {body.lora_name!r} is loaded (loaded: {known})", "lora_name")
+        server.experts.remove(body.lora_name)  # first: no new request names it from now on
         await asyncio.to_thread(engine.remove_expert, body.lora_name)
         return {"status": "ok", "lora_name": body.lora_name}
 
