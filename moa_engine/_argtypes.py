@@ -32,3 +32,18 @@ def experts_arg(values):
             raise ValueError(f"--experts: expected one MoA directory or NAME=PEFT_DIR pairs, got {value!r}")
         named[name] = path
     return named
+
+
+def engine_from_args(args):
+    """The Engine that the shared model options of `moa generate` and `moa serve` describe
+    (--model, --experts, --dtype, --max-batch, --max-seq-len, --routing)."""
+    from moa_engine.engine import Engine
+
+    return Engine(
+        args.model,
+        experts=experts_arg(args.experts),
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        routing=args.routing,
+    )

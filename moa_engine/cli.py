@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from moa_engine._argtypes import experts_arg
+from moa_engine._argtypes import engine_from_args
 from moa_engine.data.cli import add_data_subcommand
 from moa_engine.evaluation.cli import add_eval_subcommand
 from moa_engine.serve.cli import add_serve_subcommand
@@ -115,21 +115,14 @@ def _read_prompts(args) -> list[str]:
 def _run_generate(args):
     import json
 
-    from moa_engine.engine import Engine, SamplingParams
+    from moa_engine.engine import SamplingParams
 
     prompts = _read_prompts(args)
     if not prompts:
         print("moa generate: error: no prompt given (arguments, --file or standard input)", file=sys.stderr)
         return 2
     try:
-        engine = Engine(
-            args.model,
-            experts=experts_arg(args.experts),
-            dtype=args.dtype,
-            max_batch=args.max_batch,
-            max_seq_len=args.max_seq_len,
-            routing=args.routing,
-        )
+        engine = engine_from_args(args)
         chat = not args.raw and engine.tokenizer is not None and bool(getattr(engine.tokenizer, "chat_template", None))
         sampling = SamplingParams(
             max_new_tokens=args.max_new_tokens,

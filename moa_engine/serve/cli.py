@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from moa_engine._argtypes import experts_arg, positive_float, positive_int
+from moa_engine._argtypes import engine_from_args, positive_float, positive_int
 from moa_engine.routing import STRATEGIES
 
 
@@ -59,19 +59,11 @@ def add_serve_subcommand(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
-    from moa_engine.engine import Engine
     from moa_engine.serve.runner import run
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOA_API_KEY") or None
     try:
-        engine = Engine(
-            args.model,
-            experts=experts_arg(args.experts),
-            dtype=args.dtype,
-            max_batch=args.max_batch,
-            max_seq_len=args.max_seq_len,
-            routing=args.routing,
-        )
+        engine = engine_from_args(args)
         run(
             engine,
             host=args.host,

@@ -49,7 +49,6 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
     # Set by the loop thread.
     request_id: int | None = None
-    tokens: list[int] = field(default_factory=list)
     served_by: str | None = None  # the expert that served it (base, mixed), from the routing
     routed: bool = False  # the routers chose (the request named no expert, and there are routers)
     layer_domains: list[str] = field(default_factory=list)
@@ -92,10 +91,6 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    @property
-    def waiting(self) -> int:
-        return self._pending
-
     def try_reserve(self, n: int) -> bool:
         """Room for n more waiting jobs under max_queue (taken now, so that clients racing for
         the last places cannot overfill it)."""
@@ -105,16 +100,14 @@ class EngineLoop:
             self._pending += n
             return True
 
-    def submit(self, jobs: list[Job], reserved: bool = True) -> asyncio.Queue:
-        """Queues the jobs for the next step; their updates arrive in the returned queue as
-        (job, Update). reserved: their places were taken by try_reserve. Call from the event loop."""
+    def submit(self, jobs: list[Job]) -> asyncio.Queue:
+        """Queues the jobs, whose places try_reserve took, for the next step; their updates
+        arrive in the returned queue as (job, Update). Call from the event loop."""
         queue = asyncio.Queue()
         with self._cond:
             for job in jobs:
                 job._queue = queue
                 self._inbox.append(("submit", job))
-            if not reserved:
-                self._pending += len(jobs)
             self._cond.notify()
         return queue
 
@@ -226,7 +219,6 @@ class EngineLoop:
                 self.metrics.layer_routing.labels(d, strategy).inc()
 
     def _token(self, job: Job, token: int, now: float) -> None:
-        job.tokens.append(token)
         if job.first_token_at is None:
             job.first_token_at = now
             self.metrics.ttft.observe(now - job.arrival)
