@@ -116,7 +116,12 @@ def extension():
     common = dict(
         name="moa_engine._C",
         sources=cxx
-        + ["csrc/python/module.cpp", "csrc/python/engine_bindings.cpp", "csrc/python/moa_format_bindings.cpp"]
+        + [
+            "csrc/python/module.cpp",
+            "csrc/python/engine_bindings.cpp",
+            "csrc/python/moa_format_bindings.cpp",
+            "csrc/python/quant_bindings.cpp",
+        ]
         + (cu if with_cuda else []),
         include_dirs=[str(CSRC), str(CSRC / "include"), json_include_dir()],
         define_macros=macros,

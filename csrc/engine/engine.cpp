@@ -9,6 +9,7 @@
 
 #include "engine/config.h"
 #include "engine/engine_impl.h"
+#include "engine/gguf.h"
 #include "engine/linear.h"
 #include "engine/moa_dir.h"
 #include "engine/weights.h"
@@ -79,9 +80,17 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   m.options = options;
   check_options(options);
   engine::small_m_limit();  // a bad MOA_ENGINE_SMALL_M fails here, not in the first forward
-  m.config = engine::read_model_config(model_dir);
-  m.dtype = resolve_dtype(options.dtype, m.config, options.device);
-  engine::ModelWeights weights = engine::load_weights(model_dir, m.config, m.dtype, at::Device(options.device));
+  engine::ModelWeights weights;
+  if (engine::is_gguf_path(model_dir)) {
+    const engine::GgufFile file = engine::GgufFile::open(model_dir);
+    m.config = engine::config_from_gguf(file);
+    m.dtype = resolve_dtype(options.dtype, m.config, options.device);
+    weights = engine::load_gguf_weights(file, m.config, m.dtype, at::Device(options.device));
+  } else {
+    m.config = engine::read_model_config(model_dir);
+    m.dtype = resolve_dtype(options.dtype, m.config, options.device);
+    weights = engine::load_weights(model_dir, m.config, m.dtype, at::Device(options.device));
+  }
   m.model = std::make_unique<engine::Model>(m.config, std::move(weights), m.dtype, options.max_seq_len);
   m.cache = m.model->make_cache(options.max_batch, options.max_seq_len);
   m.adapters = std::make_shared<engine::AdapterTable>(m.config, m.dtype);

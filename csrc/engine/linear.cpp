@@ -12,6 +12,7 @@
 #include "engine/dispatch.h"
 #include "kernels/cpu/decode_avx512.h"
 #include "kernels/cpu/grouped_lora_cpu.h"  // native_matmul
+#include "kernels/cpu/quant.h"
 #include "moa/errors.h"
 
 namespace moa::engine {
@@ -69,7 +70,80 @@ void linear_blas(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, 
   }
 }
 
+constexpr int64_t kQuantBlasTile = 128;
+
+// y[:, col0 : col0 + run.rows] = x run^T, x float32 [M, k] contiguous, y float32.
+void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor& y, int64_t col0) {
+  const int64_t M = x.size(0);
+  const int64_t row_bytes = run.data.size(1);
+  const uint8_t* W = run.data.data_ptr<uint8_t>();
+  if (M <= small_m_limit()) {
+    std::vector<const float*> xs(M);
+    std::vector<float*> ys(M);
+    for (int64_t m = 0; m < M; ++m) {
+      xs[m] = x.data_ptr<float>() + m * k;
+      ys[m] = y.data_ptr<float>() + m * y.stride(0) + col0;
+    }
+    // 16-row tiles, at least ~16 KB of quantized W per task.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 16 * row_bytes));
+    at::parallel_for(0, (run.rows + 15) / 16, grain, [&](int64_t t0, int64_t t1) {
+      cpu::quant_linear_rows(run.type, W, row_bytes, k, t0 * 16, std::min(run.rows, t1 * 16), xs.data(), ys.data(), M,
+                             nullptr);
+    });
+    return;
+  }
+  const int64_t tiles = (run.rows + kQuantBlasTile - 1) / kQuantBlasTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor tile = at::empty({kQuantBlasTile, k}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kQuantBlasTile, rows = std::min(kQuantBlasTile, run.rows - r0);
+      cpu::dequantize_rows(run.type, W, row_bytes, k, r0, r0 + rows, tile.data_ptr<float>());
+      y.narrow(1, col0 + r0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
+    }
+  });
+}
+
+at::Tensor linear_quant(const at::Tensor& x, const Matrix& w, const at::Tensor& b) {
+  TORCH_CHECK(x.size(1) == w.k, "moa linear: x has ", x.size(1), " features, the quantized matrix ", w.k);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({x.size(0), w.n}, xf.options());
+  int64_t col = 0;
+  for (const QuantRows& run : w.quant) {
+    quant_run(xf, run, w.k, y, col);
+    col += run.rows;
+  }
+  if (b.defined()) y.add_(b.to(at::kFloat));
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
 }  // namespace
+
+at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& b) {
+  if (!w.quantized()) return linear(x, w.dense, b);
+  if (x.size(0) == 0) return at::empty({0, w.n}, x.options());
+  return linear_quant(x, w, b);
+}
+
+at::Tensor embedding(const Matrix& w, const at::Tensor& ids, at::ScalarType dtype) {
+  if (!w.quantized()) return w.dense.index_select(0, ids);
+  const int64_t N = ids.numel();
+  at::Tensor out = at::empty({N, w.k}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor idc = ids.to(at::kLong).contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    int64_t row = id[i];
+    TORCH_CHECK(row >= 0 && row < w.n, "moa embedding: token id ", row, " is outside the vocabulary [0, ", w.n, ")");
+    for (const QuantRows& run : w.quant) {
+      if (row < run.rows) {
+        cpu::dequantize_rows(run.type, run.data.data_ptr<uint8_t>(), run.data.size(1), w.k, row, row + 1,
+                             out.data_ptr<float>() + i * w.k);
+        break;
+      }
+      row -= run.rows;
+    }
+  }
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
 
 int64_t small_m_limit() {
   static const int64_t limit = read_small_m_limit();

@@ -4,18 +4,64 @@
 //   otherwise:
 //       ATen's BLAS (at::mm / addmm); for bfloat16 / float16 on a CPU without native
 //       instructions for them, in float32 (the same products, rounded once).
+// A quantized W (GGML block types, kernels/cpu/quant.h) is multiplied in float32 with
+// float activations (weight-only: x is never quantized):
+//   M <= small_m_limit(): tiles of 16 rows dequantized into L1, then the SIMD kernel;
+//   otherwise: tiles of 128 rows dequantized, then BLAS.
 // Dimension legend: M rows of x, K input features, N output features.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "kernels/cpu/quant_types.h"
 
 namespace moa::engine {
 
 // x [M, K] (unit column stride), w [N, K] contiguous, b [N] or undefined -> y [M, N], in
 // x's dtype (float32, bfloat16 or float16).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+
+// One run of rows of a quantized matrix, all of one GGML type: data is uint8
+// [rows, row_bytes], contiguous, each row one GGUF row of k elements.
+struct QuantRows {
+  cpu::QType type = cpu::QType::F32;
+  at::Tensor data;
+  int64_t rows = 0;
+};
+
+// A weight matrix [n, k]: dense (`dense`, in the engine's dtype) or quantized (`quant`:
+// runs of rows in order; a fused q/k/v or gate/up matrix may mix types, as Q4_K_M files do).
+struct Matrix {
+  at::Tensor dense;
+  std::vector<QuantRows> quant;
+  int64_t n = 0, k = 0;
+
+  bool defined() const { return dense.defined() || !quant.empty(); }
+  bool quantized() const { return !quant.empty(); }
+  // Held bytes. (Inline, as of(): the loaders use them without linking the kernels.)
+  int64_t bytes() const {
+    int64_t total = dense.defined() ? dense.numel() * static_cast<int64_t>(dense.element_size()) : 0;
+    for (const QuantRows& run : quant) total += run.data.numel();
+    return total;
+  }
+  // A dense matrix (2-D), or an undefined one.
+  static Matrix of(at::Tensor dense) {
+    Matrix m;
+    if (dense.defined() && dense.dim() == 2) m.n = dense.size(0), m.k = dense.size(1);
+    m.dense = std::move(dense);
+    return m;
+  }
+};
+
+// linear() for either kind of W; y is in x's dtype.
+at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& b);
+
+// Rows ids [N] of w as [N, k] in `dtype`: the embedding lookup.
+at::Tensor embedding(const Matrix& w, const at::Tensor& ids, at::ScalarType dtype);
 
 // The most rows for which linear() takes the SIMD kernel: 32, or MOA_ENGINE_SMALL_M=N
 // (an integer >= 0; 0 always takes BLAS), read once per process. Above it BLAS reuses W

@@ -54,7 +54,7 @@ KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
   KvCache cache;
   cache.slots = slots;
   cache.capacity = capacity;
-  const auto opts = weights_.embed.options();
+  const auto opts = weights_.final_norm.options();
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     // Never read before written, so left uninitialised (and untouched pages cost nothing).
     cache.k.push_back(at::empty({slots, config_.num_kv_heads, capacity, config_.head_dim}, opts));
@@ -103,7 +103,7 @@ at::Tensor Model::layer_expert_ids(int64_t layer, const Batch& batch) const {
   return ids;
 }
 
-at::Tensor Model::project(int64_t layer, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+at::Tensor Model::project(int64_t layer, const at::Tensor& x, const Matrix& w, const at::Tensor& b,
                           std::initializer_list<Target> targets, const at::Tensor& ids) const {
   at::Tensor y = linear(x, w, b);
   const int64_t block = y.size(1) / static_cast<int64_t>(targets.size());
@@ -255,12 +255,12 @@ at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
     TORCH_CHECK(row == N, "moa engine: batch sequences cover ", row, " tokens, expected ", N);
   }
   if (loose > 0) {
-    const auto opts = weights_.embed.options();
+    const auto opts = weights_.final_norm.options();
     scratch.k = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
     scratch.v = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
   }
   at::Tensor ids = at::from_blob(const_cast<int64_t*>(batch.tokens.data()), {N}, at::kLong);
-  at::Tensor h = weights_.embed.index_select(0, ids);  // [N, H]
+  at::Tensor h = embedding(weights_.embed, ids, dtype_);  // [N, H]
   for (int64_t l = 0; l < c.num_layers; ++l) {
     at::Tensor ids;  // [N] expert slot per token at this layer, set after routing
     attention_block(l, h, batch, positions, cache, scratch, ids);

@@ -71,7 +71,7 @@ class Model {
   struct Scratch;
   // y = x W^T (+ b), then each target's adapter hook on its block of columns of y.
   // ids: [N] expert slot per token for this layer (undefined: no expert in the batch).
-  at::Tensor project(int64_t layer, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+  at::Tensor project(int64_t layer, const at::Tensor& x, const Matrix& w, const at::Tensor& b,
                      std::initializer_list<Target> targets, const at::Tensor& ids) const;
   // The adapter hook every target linear passes through: the experts' grouped LoRA
   // update, y += scales[e] * (x @ A[e]^T) @ B[e]^T per token, in one op call.

@@ -85,16 +85,16 @@ std::string shape_str(at::IntArrayRef shape) {
 
 at::Tensor& slot(Part part, ModelWeights& w, int64_t layer) {
   switch (part) {
-    case Part::embed: return w.embed;
+    case Part::embed: return w.embed.dense;
     case Part::final_norm: return w.final_norm;
-    case Part::lm_head: return w.lm_head;
+    case Part::lm_head: return w.lm_head.dense;
     case Part::attn_norm: return w.layers[layer].attn_norm;
-    case Part::wqkv: return w.layers[layer].wqkv;
+    case Part::wqkv: return w.layers[layer].wqkv.dense;
     case Part::bqkv: return w.layers[layer].bqkv;
-    case Part::wo: return w.layers[layer].wo;
+    case Part::wo: return w.layers[layer].wo.dense;
     case Part::mlp_norm: return w.layers[layer].mlp_norm;
-    case Part::w_gate_up: return w.layers[layer].w_gate_up;
-    case Part::w_down: return w.layers[layer].w_down;
+    case Part::w_gate_up: return w.layers[layer].w_gate_up.dense;
+    case Part::w_down: return w.layers[layer].w_down.dense;
   }
   throw_error<Error>("unreachable");
 }
@@ -158,11 +158,12 @@ int64_t ModelWeights::bytes() const {
   auto add = [&](const at::Tensor& t) {
     if (t.defined()) total += t.numel() * static_cast<int64_t>(t.element_size());
   };
-  add(embed);
+  total += embed.bytes();
   add(final_norm);
-  if (!lm_head.is_same(embed)) add(lm_head);
+  if (!tied) total += lm_head.bytes();
   for (const auto& l : layers) {
-    add(l.attn_norm), add(l.wqkv), add(l.bqkv), add(l.wo), add(l.mlp_norm), add(l.w_gate_up), add(l.w_down);
+    add(l.attn_norm), add(l.bqkv), add(l.mlp_norm);
+    total += l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes();
   }
   return total;
 }
@@ -178,7 +179,10 @@ ModelWeights load_weights(const std::string& model_dir, const ModelConfig& confi
   for (const auto& spec : kModelTensors) loader.load(spec, 0, w);
   for (int64_t l = 0; l < config.num_layers; ++l)
     for (const auto& spec : kLayerTensors) loader.load(spec, l, w);
-  if (config.tie_word_embeddings) w.lm_head = w.embed;
+  auto shape = [](Matrix& m) { m = Matrix::of(m.dense); };
+  shape(w.embed), shape(w.lm_head);
+  for (auto& l : w.layers) shape(l.wqkv), shape(l.wo), shape(l.w_gate_up), shape(l.w_down);
+  if (config.tie_word_embeddings) w.lm_head = w.embed, w.tied = true;
   return w;
 }
 

@@ -15,31 +15,48 @@
 #include <string>
 #include <vector>
 
+#include "engine/linear.h"
 #include "moa/engine.h"
 
 namespace moa::engine {
 
 struct LayerWeights {
   at::Tensor attn_norm;  // [H]
-  at::Tensor wqkv;       // [Q + 2 KV, H]: rows q, then k, then v
+  Matrix wqkv;           // [Q + 2 KV, H]: rows q, then k, then v
   at::Tensor bqkv;       // [Q + 2 KV], or undefined when the model has no q/k/v bias
-  at::Tensor wo;         // [H, Q]
+  Matrix wo;             // [H, Q]
   at::Tensor mlp_norm;   // [H]
-  at::Tensor w_gate_up;  // [2 I, H]: rows gate, then up
-  at::Tensor w_down;     // [H, I]
+  Matrix w_gate_up;      // [2 I, H]: rows gate, then up
+  Matrix w_down;         // [H, I]
 };
 
 struct ModelWeights {
-  at::Tensor embed;  // [V, H]
+  Matrix embed;  // [V, H]
   std::vector<LayerWeights> layers;
   at::Tensor final_norm;  // [H]
-  at::Tensor lm_head;     // [V, H]; the same tensor as embed when tied
+  Matrix lm_head;         // [V, H]; the same tensors as embed when tied
+  bool tied = false;
   int64_t bytes() const;  // held bytes, a tied matrix counted once
 };
+
+// The matrices above are dense (in the engine's dtype) from an HF checkpoint, and
+// quantized, as the file holds them, from a GGUF file (load_gguf_weights, gguf_weights.cpp).
 
 // Loads model_dir's safetensors into `dtype` on `device`. Throws FormatError naming
 // the tensor for a missing or mis-shaped one, FileNotFound for missing files.
 ModelWeights load_weights(const std::string& model_dir, const ModelConfig& config, at::ScalarType dtype,
                           at::Device device);
+
+class GgufFile;
+
+// Whether `path` names a GGUF file (it ends in .gguf, any case): the engine then reads it
+// with load_gguf_weights instead of as an HF folder.
+bool is_gguf_path(const std::string& path);
+
+// The same from a GGUF file (gguf.h), each matrix kept in the file's GGML type; float
+// matrices, norms and biases in `dtype`. CPU only. Throws FormatError naming the file and
+// the tensor for a missing or mis-shaped one.
+ModelWeights load_gguf_weights(const GgufFile& file, const ModelConfig& config, at::ScalarType dtype,
+                               at::Device device);
 
 }  // namespace moa::engine

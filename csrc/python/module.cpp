@@ -5,6 +5,7 @@
 
 void bind_engine(pybind11::module_& m);      // engine_bindings.cpp
 void bind_moa_format(pybind11::module_& m);  // moa_format_bindings.cpp
+void bind_quant(pybind11::module_& m);       // quant_bindings.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moa_engine's compiled core. The ops are registered as torch.ops.moa.*.";
@@ -20,4 +21,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Whether this build of moa_engine._C compiled the CUDA sources.");
   bind_engine(m);
   bind_moa_format(m);
+  bind_quant(m);
 }

@@ -40,10 +40,16 @@ _DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its c
 
 
 def default_served_name(engine: Engine) -> str:
-    """The MoA directory's folder name, else the model folder's (the default model's name)."""
+    """The MoA directory's folder name, else the model folder's or GGUF file's (the default
+    model's name for its file)."""
     if engine.moa_dir is not None:
         return Path(engine.moa_dir.path).resolve().name
-    name = Path(engine.model_path).name
+    path = Path(engine.model_path)
+    if path.suffix.lower() == ".gguf":
+        from moa_engine.models import DEFAULT_MODEL, default_gguf_path
+
+        return DEFAULT_MODEL if path.resolve() == default_gguf_path().resolve() else path.stem
+    name = path.name
     return name.split("--")[0] if "--" in name else name
 
 

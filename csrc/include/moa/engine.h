@@ -139,6 +139,8 @@ struct StepEvent {
 
 class Engine {
  public:
+  // model_dir: an HF folder (config.json + safetensors), or a .gguf file, whose matrices
+  // are served in their GGML types (weight-only quantized kernels, CPU only).
   explicit Engine(const std::string& model_dir, const EngineOptions& options = {});
   ~Engine();
   Engine(const Engine&) = delete;
