@@ -121,6 +121,7 @@ def extension():
             "csrc/python/engine_bindings.cpp",
             "csrc/python/moa_format_bindings.cpp",
             "csrc/python/quant_bindings.cpp",
+            "csrc/python/gguf_bindings.cpp",
         ]
         + (cu if with_cuda else []),
         include_dirs=[str(CSRC), str(CSRC / "include"), json_include_dir()],

@@ -6,6 +6,7 @@
 void bind_engine(pybind11::module_& m);      // engine_bindings.cpp
 void bind_moa_format(pybind11::module_& m);  // moa_format_bindings.cpp
 void bind_quant(pybind11::module_& m);       // quant_bindings.cpp
+void bind_gguf(pybind11::module_& m);        // gguf_bindings.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moa_engine's compiled core. The ops are registered as torch.ops.moa.*.";
@@ -22,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_engine(m);
   bind_moa_format(m);
   bind_quant(m);
+  bind_gguf(m);
 }

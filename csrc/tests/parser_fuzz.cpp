@@ -4,6 +4,9 @@
 // directory (test_files.h), corrupts one file in one way, and runs the reader over it:
 // the reader must either succeed or throw a moa::Error; any other exception fails the
 // case, and a memory error or undefined behaviour aborts under the sanitizers.
+// Then --gguf-cases more cases corrupt the tiny GGUF model (test_files.h) and run the GGUF
+// reader (engine/gguf.h) and config_from_gguf over it, reading every metadata value and
+// every tensor's bytes.
 //
 // Corruptions: bit flips, truncations, byte splices, lying header-length fields, edits of
 // the JSON (config files and safetensors headers, rewritten with a consistent length):
@@ -11,7 +14,8 @@
 // a Python-only regex, deep nesting), a key removed or added; a file removed or replaced
 // by a folder. The seed is fixed; --case K reruns one case.
 //
-//   moa_parser_fuzz [--cases N] [--seed S] [--case K] [--verbose]
+//   moa_parser_fuzz [--cases N] [--gguf-cases G] [--seed S] [--case K] [--verbose]
+// (--case K reruns safetensors/JSON case K; GGUF case K is --case gguf:K.)
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -26,6 +30,7 @@
 #include <vector>
 
 #include "engine/config.h"
+#include "engine/gguf.h"
 #include "engine/moa_dir.h"
 #include "engine/safetensors.h"
 #include "engine/weights.h"
@@ -242,8 +247,81 @@ std::string run_reader(const std::string& dir, const Target& t, const moa::Model
   return "";
 }
 
+// A GGUF corruption: a byte-level one, or a header field (GgufWriter::fields: a count, a
+// length, a type, a dimension, an offset, a value) set to an awkward number.
+void corrupt_gguf(std::string& b, const moa::test::GgufWriter& w, Rng& rng, std::string& what) {
+  if (pick(rng, 3) == 0) {
+    corrupt_bytes(b, rng, what);
+    return;
+  }
+  const auto& f = pick(rng, w.fields());
+  uint64_t old = 0;
+  std::memcpy(&old, b.data() + f.offset, static_cast<size_t>(f.width));
+  const uint64_t size = b.size();
+  uint64_t v = pick(rng, std::vector<uint64_t>{0,
+                                               1,
+                                               2,
+                                               3,
+                                               4,
+                                               5,
+                                               7,
+                                               8,
+                                               9,
+                                               10,
+                                               12,
+                                               13,
+                                               30,
+                                               31,
+                                               33,
+                                               48,
+                                               255,
+                                               old - 1,
+                                               old + 1,
+                                               old * 2,
+                                               size,
+                                               size - f.offset,
+                                               uint64_t(1) << 31,
+                                               (uint64_t(1) << 32) - 1,
+                                               uint64_t(1) << 32,
+                                               uint64_t(1) << 62,
+                                               uint64_t(1) << 63,
+                                               UINT64_MAX,
+                                               static_cast<uint64_t>(pick(rng, size))});
+  if (f.width == 4) v &= 0xffffffffu;
+  std::memcpy(b.data() + f.offset, &v, static_cast<size_t>(f.width));
+  what = f.what + " " + std::to_string(old) + " -> " + std::to_string(v);
+}
+
+// Opens the file and reads everything the engine would: the config, every metadata value,
+// every tensor's bytes.
+void run_gguf_reader(const std::string& path) {
+  const moa::engine::GgufFile f = moa::engine::GgufFile::open(path);
+  for (const auto& key : f.keys()) {
+    const moa::engine::GgufValue* v = f.find_value(key);
+    if (v->type() == moa::engine::GgufType::ARRAY) {
+      const auto elem = f.array_type(key);
+      if (elem == moa::engine::GgufType::STRING)
+        f.get_string_array(key);
+      else if (elem != moa::engine::GgufType::ARRAY)
+        f.get_float_array(key);
+    }
+  }
+  uint64_t sum = 0;
+  for (const auto& t : f.tensors()) {
+    const uint8_t* p = f.data(t);
+    for (uint64_t i = 0; i < t.nbytes; i += 61) sum += p[i];
+    sum += p[t.nbytes - 1];
+    f.release(t);
+  }
+  volatile uint64_t sink = sum;
+  (void)sink;
+  moa::engine::config_from_gguf(f);
+}
+
 struct Args {
   int64_t cases = 400;
+  int64_t gguf_cases = 150;
+  int64_t only_gguf = -1;
   uint64_t seed = 1;
   int64_t only = -1;
   bool verbose = false;
@@ -256,6 +334,10 @@ Args parse_args(int argc, char** argv) {
     const bool has_value = i + 1 < argc;
     if (flag == "--cases" && has_value)
       a.cases = std::stoll(argv[++i]);
+    else if (flag == "--gguf-cases" && has_value)
+      a.gguf_cases = std::stoll(argv[++i]);
+    else if (flag == "--case" && has_value && std::string(argv[i + 1]).starts_with("gguf:"))
+      a.only_gguf = std::stoll(std::string(argv[++i]).substr(5)), a.cases = 0;
     else if (flag == "--seed" && has_value)
       a.seed = std::stoull(argv[++i]);
     else if (flag == "--case" && has_value)
@@ -263,7 +345,8 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--verbose")
       a.verbose = true;
     else
-      throw std::invalid_argument("usage: moa_parser_fuzz [--cases N] [--seed S] [--case K] [--verbose]");
+      throw std::invalid_argument(
+          "usage: moa_parser_fuzz [--cases N] [--gguf-cases G] [--seed S] [--case K | --case gguf:K] [--verbose]");
   }
   return a;
 }
@@ -317,13 +400,48 @@ int main(int argc, char** argv) {
     std::error_code ec;
     fs::remove_all(dir, ec);
   }
+  // GGUF: the tiny model's bytes, corrupted in memory, written to one file per case.
+  moa::test::GgufWriter gguf = moa::test::tiny_gguf(9, false);
+  const std::string gguf_good = gguf.bytes();
+  const std::string gguf_path = tmp / "case.gguf";
+  moa::test::write_file(gguf_path, gguf_good);
+  run_gguf_reader(gguf_path);  // the uncorrupted file reads
+  int64_t gguf_ran = 0;
+  for (int64_t k = 0; k < (args.only_gguf >= 0 ? args.only_gguf + 1 : args.only >= 0 ? 0 : args.gguf_cases); ++k) {
+    if (args.only_gguf >= 0 && k != args.only_gguf) continue;
+    ++gguf_ran;
+    Rng rng(args.seed * 1000033 + 77 + static_cast<uint64_t>(k));
+    std::string b = gguf_good;
+    std::string what;
+    corrupt_gguf(b, gguf, rng, what);
+    moa::test::write_file(gguf_path, b);
+    std::string outcome, message;
+    try {
+      run_gguf_reader(gguf_path);
+      outcome = "ok";
+    } catch (const moa::FileNotFound& e) {
+      outcome = "FileNotFound", message = e.what();
+    } catch (const moa::FormatError& e) {
+      outcome = "FormatError", message = e.what();
+    } catch (const moa::Error& e) {
+      outcome = "Error", message = e.what();
+    } catch (const std::exception& e) {
+      outcome = "FOREIGN", message = e.what();
+      ++failures;
+    }
+    if (outcome != "ok") ++errors;
+    ++outcomes["model.gguf: " + outcome];
+    if (args.verbose || outcome == "FOREIGN")
+      std::printf("%s gguf case %lld, %s -> %s %s\n", outcome == "FOREIGN" ? "FAIL" : "    ", static_cast<long long>(k),
+                  what.c_str(), outcome.c_str(), message.substr(0, 300).c_str());
+  }
   for (const auto& [key, n] : outcomes) std::printf("%6lld  %s\n", static_cast<long long>(n), key.c_str());
-  const int64_t ran = args.only >= 0 ? 1 : args.cases;
+  const int64_t ran = (args.only >= 0 ? 1 : args.cases) + gguf_ran;
   std::printf("%lld cases: %lld refused with a moa exception, %lld read, %lld failed\n", static_cast<long long>(ran),
               static_cast<long long>(errors), static_cast<long long>(ran - errors - failures),
               static_cast<long long>(failures));
   // A run where (nearly) nothing is refused would mean the corruptions miss the readers.
-  if (args.only < 0 && errors < ran / 2) {
+  if (args.only < 0 && args.only_gguf < 0 && errors < ran / 2) {
     std::printf("FAIL only %lld of %lld corruptions were refused\n", static_cast<long long>(errors),
                 static_cast<long long>(ran));
     return 1;

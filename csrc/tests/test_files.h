@@ -47,4 +47,65 @@ void write_tiny_model(const std::string& dir, uint64_t seed);
 // A MoA directory of two experts and a router for the tiny model.
 void write_tiny_moa_dir(const std::string& dir, uint64_t seed);
 
+// A GGUF file writer (version 3 unless set), for the GGUF reader's tests: metadata and
+// tensors in the order added, tensor data at multiples of the alignment. fields() lists
+// where bytes() put each header field (for targeted corruptions).
+class GgufWriter {
+ public:
+  explicit GgufWriter(uint32_t alignment = 32) : alignment_(alignment) {}
+  void set_version(uint32_t v) { version_ = v; }
+  void add_u32(const std::string& key, uint32_t v);
+  void add_i32(const std::string& key, int32_t v);
+  void add_u64(const std::string& key, uint64_t v);
+  void add_f32(const std::string& key, float v);
+  void add_bool(const std::string& key, bool v);
+  void add_string(const std::string& key, const std::string& v);
+  void add_string_array(const std::string& key, const std::vector<std::string>& v);
+  void add_i32_array(const std::string& key, const std::vector<int32_t>& v);
+  // A metadata pair of any type from its raw value bytes (after the type).
+  void add_raw(const std::string& key, uint32_t type, const std::string& value_bytes);
+  // ne in GGUF order (ne[0] the row length); data must be the tensor's bytes.
+  void add_tensor(const std::string& name, uint32_t ggml_type, const std::vector<int64_t>& ne, const std::string& data);
+  void remove_kv(const std::string& key);
+  void remove_tensor(const std::string& name);
+
+  struct Field {
+    std::string what;  // "version", "kv 3 key length", "tensor blk.0.attn_q.weight type", ...
+    size_t offset;
+    int width;  // 4 or 8
+  };
+  std::string bytes();
+  const std::vector<Field>& fields() const { return fields_; }
+
+ private:
+  struct Kv {
+    std::string key;
+    uint32_t type;
+    std::string value;
+  };
+  struct Tensor {
+    std::string name;
+    uint32_t type;
+    std::vector<int64_t> ne;
+    std::string data;
+  };
+  uint32_t version_ = 3;
+  uint32_t alignment_;
+  std::vector<Kv> kvs_;
+  std::vector<Tensor> tensors_;
+  std::vector<Field> fields_;
+};
+
+// Tensor bytes in GGML types, from float32 values (row after row, rows of ne[0]).
+std::string gguf_f32_bytes(const at::Tensor& t);
+std::string gguf_f16_bytes(const at::Tensor& t);
+std::string gguf_q8_0_bytes(const at::Tensor& t);  // numel % 32 == 0
+
+// A tiny llama GGUF model (the shape of llama.cpp's files): vocab 64, hidden 32,
+// intermediate 64, 2 layers, 4 heads of dim 8, 2 KV heads, context 128, an untied output;
+// F32 norms, F16 token_embd / attn_v, Q8_0 for the other matrices; tokenizer.ggml.tokens
+// and bos 1 / eos 2 / eot 3. qwen2 = true: architecture qwen2 with q/k/v biases.
+constexpr int64_t kGgufVocab = 64, kGgufHidden = 32, kGgufInter = 64, kGgufLayers = 2;
+GgufWriter tiny_gguf(uint64_t seed, bool qwen2 = false);
+
 }  // namespace moa::test

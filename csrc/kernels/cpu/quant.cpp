@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/avx512_util.h"
@@ -148,6 +149,13 @@ void dequantize_row_portable(QType type, const uint8_t* row, int64_t k, float* o
 #if MOA_HAVE_AVX512
 using namespace avx512;
 
+// An fp16 scale field broadcast to 16 floats (vcvtph2ps, AVX-512F).
+MOA_AVX512 inline __m512 fp16x16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
+}
+
 // 16 bytes of nibbles -> (low nibbles, high nibbles) as floats.
 MOA_AVX512 inline void nibbles(const uint8_t* qs, __m512& lo, __m512& hi) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
@@ -159,7 +167,7 @@ MOA_AVX512 void row_avx512(QType type, const uint8_t* row, int64_t k, float* out
   switch (type) {
     case QType::Q8_0:
       for (int64_t b = 0; b < k / 32; ++b, row += 34, out += 32) {
-        const __m512 d = _mm512_set1_ps(fp16(row));
+        const __m512 d = fp16x16(row);
         const __m128i* qs = reinterpret_cast<const __m128i*>(row + 2);
         _mm512_storeu_ps(out, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs)))));
         _mm512_storeu_ps(out + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs + 1)))));
@@ -167,7 +175,7 @@ MOA_AVX512 void row_avx512(QType type, const uint8_t* row, int64_t k, float* out
       return;
     case QType::Q4_0:
       for (int64_t b = 0; b < k / 32; ++b, row += 18, out += 32) {
-        const __m512 d = _mm512_set1_ps(fp16(row)), eight = _mm512_set1_ps(8.0f);
+        const __m512 d = fp16x16(row), eight = _mm512_set1_ps(8.0f);
         __m512 lo, hi;
         nibbles(row + 2, lo, hi);
         _mm512_storeu_ps(out, _mm512_mul_ps(d, _mm512_sub_ps(lo, eight)));
@@ -176,7 +184,7 @@ MOA_AVX512 void row_avx512(QType type, const uint8_t* row, int64_t k, float* out
       return;
     case QType::Q4_1:
       for (int64_t b = 0; b < k / 32; ++b, row += 20, out += 32) {
-        const __m512 d = _mm512_set1_ps(fp16(row)), m = _mm512_set1_ps(fp16(row + 2));
+        const __m512 d = fp16x16(row), m = fp16x16(row + 2);
         __m512 lo, hi;
         nibbles(row + 4, lo, hi);
         _mm512_storeu_ps(out, _mm512_fmadd_ps(d, lo, m));
@@ -194,6 +202,91 @@ MOA_AVX512 void row_avx512(QType type, const uint8_t* row, int64_t k, float* out
       return;
     }
     default: dequantize_row_portable(type, row, k, out);
+  }
+}
+// One 32-element block of row data as two float vectors (elements 0-15, 16-31).
+template <QType Q>
+MOA_AVX512 inline void block32(const uint8_t* b, __m512& lo, __m512& hi) {
+  if constexpr (Q == QType::Q8_0) {
+    const __m512 d = fp16x16(b);
+    const __m128i* qs = reinterpret_cast<const __m128i*>(b + 2);
+    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs))));
+    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs + 1))));
+  } else if constexpr (Q == QType::Q4_0) {
+    const __m512 d = fp16x16(b), m = _mm512_mul_ps(_mm512_set1_ps(-8.0f), fp16x16(b));
+    __m512 ql, qh;
+    nibbles(b + 2, ql, qh);
+    lo = _mm512_fmadd_ps(d, ql, m);
+    hi = _mm512_fmadd_ps(d, qh, m);
+  } else {
+    const __m512 d = fp16x16(b), m = fp16x16(b + 2);
+    __m512 ql, qh;
+    nibbles(b + 4, ql, qh);
+    lo = _mm512_fmadd_ps(d, ql, m);
+    hi = _mm512_fmadd_ps(d, qh, m);
+  }
+}
+
+// ys[q][j + rr] = dot(row j + rr, xs[q]) (+ bias) for rr < RB, q < NT: each block is
+// dequantized in registers and used by all NT tokens, never stored.
+template <QType Q, int RB, int NT>
+MOA_AVX512 inline void fused_tile(const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j, const float* const* xs,
+                                  float* const* ys, const float* bias) {
+  constexpr int64_t kBytes = Q == QType::Q8_0 ? 34 : Q == QType::Q4_0 ? 18 : 20;
+  __m512 acc[RB][NT];
+#pragma GCC unroll 8
+  for (int rr = 0; rr < RB; ++rr)
+#pragma GCC unroll 4
+    for (int q = 0; q < NT; ++q) acc[rr][q] = _mm512_setzero_ps();
+  const uint8_t* rows = W + j * row_bytes;
+  for (int64_t b = 0; b < k / 32; ++b) {
+    __m512 x0[NT], x1[NT];
+#pragma GCC unroll 4
+    for (int q = 0; q < NT; ++q) {
+      x0[q] = _mm512_loadu_ps(xs[q] + 32 * b);
+      x1[q] = _mm512_loadu_ps(xs[q] + 32 * b + 16);
+    }
+#pragma GCC unroll 8
+    for (int rr = 0; rr < RB; ++rr) {
+      __m512 lo, hi;
+      block32<Q>(rows + rr * row_bytes + b * kBytes, lo, hi);
+#pragma GCC unroll 4
+      for (int q = 0; q < NT; ++q) acc[rr][q] = _mm512_fmadd_ps(hi, x1[q], _mm512_fmadd_ps(lo, x0[q], acc[rr][q]));
+    }
+  }
+  for (int q = 0; q < NT; ++q)
+    for (int rr = 0; rr < RB; ++rr)
+      ys[q][j + rr] = _mm512_reduce_add_ps(acc[rr][q]) + (bias != nullptr ? bias[j + rr] : 0.0f);
+}
+
+template <QType Q, int RB>
+MOA_AVX512 void fused_rows(const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j0, int64_t j1,
+                           const float* const* xs, float* const* ys, int64_t m, const float* bias) {
+  int64_t j = j0;
+  auto tokens = [&](auto rb, int64_t jj) {
+    constexpr int R = decltype(rb)::value;
+    int64_t q = 0;
+    for (; q + 4 <= m; q += 4) fused_tile<Q, R, 4>(W, row_bytes, k, jj, xs + q, ys + q, bias);
+    switch (m - q) {
+      case 1: fused_tile<Q, R, 1>(W, row_bytes, k, jj, xs + q, ys + q, bias); break;
+      case 2: fused_tile<Q, R, 2>(W, row_bytes, k, jj, xs + q, ys + q, bias); break;
+      case 3: fused_tile<Q, R, 3>(W, row_bytes, k, jj, xs + q, ys + q, bias); break;
+      default: break;
+    }
+  };
+  for (; j + RB <= j1; j += RB) tokens(std::integral_constant<int, RB>{}, j);
+  for (; j < j1; ++j) tokens(std::integral_constant<int, 1>{}, j);
+}
+
+// The fused kernels take few tokens (they dequantize once per 4 tokens); true when used.
+bool fused_avx512(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
+                  const float* const* xs, float* const* ys, int64_t m, const float* bias) {
+  if (m > 4) return false;
+  switch (type) {
+    case QType::Q8_0: fused_rows<QType::Q8_0, 4>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
+    case QType::Q4_0: fused_rows<QType::Q4_0, 4>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
+    case QType::Q4_1: fused_rows<QType::Q4_1, 4>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
+    default: return false;
   }
 }
 #endif
@@ -254,6 +347,9 @@ void dequantize_rows(QType type, const uint8_t* data, int64_t row_bytes, int64_t
 void quant_linear_rows(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
                        const float* const* xs, float* const* ys, int64_t m, const float* bias) {
   const QuantIsa isa = quant_isa();
+#if MOA_HAVE_AVX512
+  if (isa == QuantIsa::avx512 && fused_avx512(type, W, row_bytes, k, row0, row1, xs, ys, m, bias)) return;
+#endif
   thread_local std::vector<float> tile;
   tile.resize(static_cast<size_t>(kTileRows * k));
   std::vector<float*> shifted(static_cast<size_t>(m));
