@@ -42,12 +42,12 @@ def measure_base(sides, model_path, dtype, workload, args):
 
 def measure_moa(sides, model_path, dtype, workload, args):
     """The moa mode's rows: decode at each batch and number of experts, then routing TTFT."""
-    for batch in args.mode_batches["moa"]:
+    for batch in args.mode_batches[sides.mode]:
         for n_experts in sorted({min(e, batch) for e in args.experts}):  # at most one expert per request
             yield measure_moa_decode(sides, workload.decode_prompts[:batch], n_experts, args)
     sides.ours = sides.peft = None  # free the decode engine and PeftModel before the next engine
     gc.collect()
-    yield measure_routing(model_path, dtype, workload.decode_prompts[:ROUTER_BATCH], args)
+    yield measure_routing(model_path, dtype, workload.decode_prompts[:ROUTER_BATCH], args, sides.engine_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,14 +175,15 @@ def measure_moa_decode(sides, prompts, n_experts, args):
     return flag_noise(row, ("ours", "ours_base", "PEFT"), timings, other_load)
 
 
-def measure_routing(model_path, dtype, prompts, args):
+def measure_routing(model_path, dtype, prompts, args, engine_model=None):
     """Time to first token of a batch of prompts on a MoA directory's engine: domain="base",
-    named experts (round-robin), and routed (domain=None) with each routing strategy."""
+    named experts (round-robin), and routed (domain=None) with each routing strategy.
+    engine_model: what the engine serves instead of model_path (a GGUF file of it)."""
     import moa_engine
 
     moa_dir = ensure_moa_dir(model_path, args.router_experts, args)
     engine = moa_engine.Engine(
-        str(model_path),
+        str(engine_model or model_path),
         experts=moa_dir,
         dtype=dtype,
         device=args.device,
@@ -279,9 +280,11 @@ def add_roofline(rows, copy):
             continue
         bound_ms = row["weight_bytes"] / (copy["gb_per_s"] * 1e9) * 1e3
         row["roofline_step_ms"] = bound_ms
-        for side in ("ours", "HF", "ours_base"):  # ours_base (moa): the base weights alone
+        # ours_base (moa): the base weights alone; ours_f32 (GGUF modes): the file in float32
+        weights = {"ours_base": row.get("base_weight_bytes"), "ours_f32": row.get("f32_weight_bytes")}
+        for side in ("ours", "HF", "ours_base", "ours_f32"):
             step = row.get(side, {}).get("step_ms")
             if step:
-                nbytes = row["base_weight_bytes"] if side == "ours_base" else row["weight_bytes"]
+                nbytes = weights.get(side) or row["weight_bytes"]
                 row[side]["weight_gb_per_s"] = nbytes / (step * 1e-3) / 1e9
                 row[side]["roofline_fraction"] = nbytes / (copy["gb_per_s"] * 1e9) * 1e3 / step

@@ -22,10 +22,11 @@ def _fmt(value, spec, suffix=""):
 
 
 def print_tables(rows, copy, has_hf):
-    base = [r for r in rows if r["mode"] != "moa"]
-    moa = [r for r in rows if r["mode"] == "moa"]
+    base = [r for r in rows if not r["mode"].startswith("moa")]
+    moa = [r for r in rows if r["mode"].startswith("moa")]
     if base:
         print_table(base, copy, has_hf)
+        print_gguf_goals(base)
     if moa:
         print("\n" if base else "", end="")
         print_moa_tables(moa, copy, has_hf)
@@ -173,6 +174,37 @@ def print_goals(rows, has_hf):
             print(f"routing TTFT / named TTFT, {r['dtype']}: {', '.join(parts)}")
 
 
+def print_gguf_goals(rows):
+    """The GGUF modes' goals: ours / llama.cpp, the batch-1 roofline, peak memory."""
+    if __package__:
+        from ._throughput_gguf import GGUF_MODES, GOALS, ROOFLINE_GOAL
+    else:
+        from _throughput_gguf import GGUF_MODES, GOALS, ROOFLINE_GOAL
+    for r in rows:
+        if r["mode"] not in GGUF_MODES:
+            continue
+        name = "prefill" if r["kind"] == "prefill" else f"decode B={r['batch']}"
+        noisy = ", NOISY" if r["noisy"] else ""
+        if name in GOALS:
+            value, goal = r.get("ours_over_llama_cpp"), GOALS[name]
+            verdict = "no llama.cpp" if value is None else ("met" if value >= goal else "NOT met")
+            print(f"goal {r['mode']} {name}: ours/llama.cpp >= {goal:g}x: {_fmt(value, '.2f', 'x')} ({verdict}{noisy})")
+        if r["kind"] == "decode" and r["batch"] == 1:
+            roof = r["ours"].get("roofline_fraction")
+            verdict = "met" if roof is not None and roof >= ROOFLINE_GOAL else "NOT met"
+            print(
+                f"goal {r['mode']} decode B=1: >= {ROOFLINE_GOAL:.0%} of the roofline: {_fmt(roof, '.0%')} ({verdict}{noisy})"
+            )
+        memory = r.get("memory")
+        if memory and "over_file_plus_kv" in memory:
+            verdict = "met" if memory["over_file_plus_kv"] <= memory["goal"] else "NOT met"
+            print(
+                f"goal {r['mode']} peak RSS <= {memory['goal']:g}x (file + KV cache): "
+                f"{memory['engine_rss_bytes'] / 2**20:.0f} MiB above the imports = "
+                f"{memory['over_file_plus_kv']:.2f}x ({verdict})"
+            )
+
+
 def print_table(rows, copy, has_hf):
     headers = [
         "mode",
@@ -187,12 +219,16 @@ def print_table(rows, copy, has_hf):
         "HF ms/step",
         "ours % roof",
         "HF % roof",
+        "f32 tok/s",
+        "ours/f32",
+        "llama.cpp tok/s",
+        "ours/llama.cpp",
         "agree",
         "others",
     ]
     table = []
     for r in rows:
-        ours, hf = r["ours"], r.get("HF", {})
+        ours, hf, f32, lcpp = r["ours"], r.get("HF", {}), r.get("ours_f32", {}), r.get("llama.cpp", {})
         table.append(
             [
                 r["mode"],
@@ -207,6 +243,10 @@ def print_table(rows, copy, has_hf):
                 _fmt(hf.get("step_ms"), ".2f"),
                 _fmt(ours.get("roofline_fraction"), ".0%"),
                 _fmt(hf.get("roofline_fraction"), ".0%"),
+                _fmt(f32.get("tokens_per_s"), ".0f"),
+                _fmt(r.get("ours_over_f32"), ".2f", "x"),
+                _fmt(lcpp.get("tokens_per_s"), ".0f"),
+                _fmt(r.get("ours_over_llama_cpp"), ".2f", "x"),
                 _fmt(r.get("agreement"), ".2f"),
                 _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
             ]
@@ -221,6 +261,10 @@ def print_table(rows, copy, has_hf):
         f"% roof = (weight_bytes / copy bandwidth) / step time; copy bandwidth {copy['gb_per_s']:.1f} GB/s "
         "counts read + write bytes (a copy of X bytes moves 2X); weights counted as read bytes only.\n"
         "agree: mean fraction of each sequence's tokens before ours and HF first differ (greedy).\n"
+        "GGUF modes (q4_1, q8_0): ours serves the file natively; f32 = the engine on its float32 "
+        "conversion, HF = transformers on that; llama.cpp = llama-batched-bench S_TG (decode, -npp the "
+        "mean prompt length) and llama-bench -p (prefill: one sequence of the row's tokens), run "
+        "after each row with the same threads.\n"
         f"others: CPU cores other processes kept busy; NOISY above {NOISY_LOAD_CORES} or when a "
         f"timing's IQR exceeds {NOISY_SPREAD:.0%} of its median: rerun on a quiet machine."
         + ("" if has_hf else "\n--no-hf: HF was not run, so there are no ratios.")
@@ -305,8 +349,8 @@ def write_plot(rows, path, title):
 
     from moa_engine._io import atomic_copy
 
-    base = [r for r in rows if r["mode"] != "moa"]
-    moa = [r for r in rows if r["mode"] == "moa"]
+    base = [r for r in rows if not r["mode"].startswith("moa")]
+    moa = [r for r in rows if r["mode"].startswith("moa")]
     lines = []
     if base:
         lines.append(("base", base, len(_dtypes(base)) + 1))

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,7 +97,7 @@ def forward_batch(ids, batch, length):
 def max_decode_batch(args):
     """The most decode prompts any row of the chosen modes uses."""
     most = max(max(args.mode_batches[mode]) for mode in args.mode)
-    return max(most, ROUTER_BATCH) if "moa" in args.mode else most
+    return max(most, ROUTER_BATCH) if any(m.startswith("moa") for m in args.mode) else most
 
 
 def make_workload(tokenizer, args):
@@ -215,9 +215,10 @@ class Sides:
     ours: OursRunner
     hf: HFRunner | None
     weight_bytes: int  # read once per decode step
+    extra: list = field(default_factory=list)  # more runners timed beside them (GGUF modes: ours_f32)
 
     def runners(self):
-        return [self.ours] + ([self.hf] if self.hf is not None else [])
+        return [self.ours] + self.extra + ([self.hf] if self.hf is not None else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,33 +261,49 @@ class MoASides:
     experts: list  # the experts' names, e0 .. e<max E - 1>: request i gets experts[i % E]
     base_weight_bytes: int  # the base model's weights (Engine.weight_bytes)
     expert_bytes: int  # one expert's LoRA weights as the engine holds them (in its dtype)
+    mode: str = "moa"
+    engine_model: str | None = None  # what the engine serves (moa_q4_1: the Q4_1 file), else model_path
 
 
-def moa_mode(model_path, dtype, workload, args):
-    """The engine with max(--experts) PEFT LoRA experts; PEFT with the same adapters."""
+def quantized_base(args):
+    """The Q4_1 GGUF file that the q4_1 and moa_q4_1 modes serve: --model when it is a .gguf,
+    else the default model's shipped file."""
+    from moa_engine.models import default_gguf_path
+
+    if args.model is not None and str(args.model).lower().endswith(".gguf"):
+        return os.path.abspath(args.model)
+    return str(default_gguf_path())
+
+
+def moa_mode(model_path, dtype, workload, args, mode="moa"):
+    """The engine with max(--experts) PEFT LoRA experts; PEFT (float) with the same adapters.
+    mode moa_q4_1: the engine serves the Q4_1 GGUF file natively, the experts in float."""
     import moa_engine
 
     adapters = ensure_adapters(model_path, max(args.experts), args)  # {name: PEFT folder}
+    engine_model = quantized_base(args) if mode == "moa_q4_1" else str(model_path)
     started = time.perf_counter()
     engine = moa_engine.Engine(
-        str(model_path),
+        engine_model,
         experts=adapters,
         dtype=dtype,
         device=args.device,
-        max_batch=max(args.mode_batches["moa"]),
+        max_batch=max(args.mode_batches[mode]),
         max_seq_len=workload.longest_prompt + max(args.new_tokens, args.peft_new_tokens) + 1,
         max_prefill_tokens=max(4096, sum(map(len, workload.decode_prompts))),
     )
-    print(f"  moa {dtype}: engine with {len(adapters)} experts loaded in {time.perf_counter() - started:.1f} s")
+    print(f"  {mode} {dtype}: engine with {len(adapters)} experts loaded in {time.perf_counter() - started:.1f} s")
     peft = None
     if not args.no_hf:
         started = time.perf_counter()
         model = load_peft_model(model_path, dtype, adapters, args)
         peft = PeftRunner(model, hf_pad_id(model, engine))
-        print(f"  moa {dtype}: PeftModel with {len(adapters)} adapters loaded in {time.perf_counter() - started:.1f} s")
+        print(
+            f"  {mode} {dtype}: PeftModel with {len(adapters)} adapters loaded in {time.perf_counter() - started:.1f} s"
+        )
     element = torch.empty((), dtype=DTYPES[dtype]).element_size()
     expert_bytes = lora_parameters(next(iter(adapters.values()))) * element
-    return MoASides(OursRunner(engine), peft, list(adapters), engine.weight_bytes, expert_bytes)
+    return MoASides(OursRunner(engine), peft, list(adapters), engine.weight_bytes, expert_bytes, mode, engine_model)
 
 
 def load_peft_model(model_path, dtype, adapters, args):

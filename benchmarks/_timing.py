@@ -304,6 +304,8 @@ def environment(device):
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_matmul_features": cpu_matmul_features(),
+        "cpu_flags": cpu_simd_flags(),
+        "quant_isa": _quant_isa(),
         # Other load on the machine at the start (1, 5, 15 min); compare it with the thread count.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -313,6 +315,30 @@ def environment(device):
     else:
         info["device_name"] = info["cpu"]
     return info
+
+
+def cpu_simd_flags():
+    """The SIMD and matrix flags of /proc/cpuinfo (avx2, avx512*, amx*, ...): what the kernels
+    could choose from on this machine."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = ("avx", "fma", "f16c", "amx", "vnni", "bf16")
+                    return sorted({x for x in flags if x.startswith(keep) or any(k in x for k in keep[4:])})
+    except OSError:
+        pass
+    return None
+
+
+def _quant_isa():
+    try:
+        from moa_engine import _C
+
+        return _C._quant_isa()
+    except (ImportError, AttributeError):
+        return None
 
 
 def write_json_atomic(path, payload):

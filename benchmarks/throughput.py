@@ -76,6 +76,7 @@ are marked NOISY: rerun them on a quiet machine.
 # variants interleaved) and _throughput_report.py (the tables, the JSON and the plot).
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -86,11 +87,13 @@ import torch
 
 if __package__:
     from . import _timing as timing
+    from ._throughput_gguf import GGUF_MODES, LlamaCpp, gguf_mode, measure_gguf
     from ._throughput_measure import MIN_REPEATS, add_roofline, measure_base, measure_moa
     from ._throughput_report import build_payload, plot_title, print_tables, write_plot
     from ._throughput_sides import DTYPES, base_mode, make_workload, moa_mode
 else:
     import _timing as timing
+    from _throughput_gguf import GGUF_MODES, LlamaCpp, gguf_mode, measure_gguf
     from _throughput_measure import MIN_REPEATS, add_roofline, measure_base, measure_moa
     from _throughput_report import build_payload, plot_title, print_tables, write_plot
     from _throughput_sides import DTYPES, base_mode, make_workload, moa_mode
@@ -108,7 +111,13 @@ FULL = dict(
 QUICK = dict(
     new_tokens=8, repeats=1, dtype=["float32"], prefill_tokens=256, experts=[1, 4], peft_new_tokens=4, router_experts=4
 )
-MODE_BATCHES = {"base": ([1, 8, 32], [1, 8]), "moa": ([16, 32], [16])}  # default --batches: (full, quick)
+MODE_BATCHES = {  # default --batches: (full, quick)
+    "base": ([1, 8, 32], [1, 8]),
+    "moa": ([16, 32], [16]),
+    "q4_1": ([1, 8, 32], [1, 8]),
+    "q8_0": ([1, 32], [1]),
+    "moa_q4_1": ([16, 32], [16]),
+}
 
 
 @dataclass
@@ -117,7 +126,13 @@ class Mode:
     measure: object  # (sides, model_path, dtype, workload, args) -> JSON-ready rows, one at a time
 
 
-MODES = {"base": Mode(base_mode, measure_base), "moa": Mode(moa_mode, measure_moa)}
+MODES = {
+    "base": Mode(base_mode, measure_base),
+    "moa": Mode(moa_mode, measure_moa),
+    **{q: Mode(gguf_mode(q), measure_gguf) for q in GGUF_MODES},
+    "moa_q4_1": Mode(functools.partial(moa_mode, mode="moa_q4_1"), measure_moa),
+}
+FLOAT32_ONLY = (*GGUF_MODES, "moa_q4_1")  # quantized weights with float32 activations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +142,9 @@ MODES = {"base": Mode(base_mode, measure_base), "moa": Mode(moa_mode, measure_mo
 
 def run_mode(mode, dtype, model_path, workload, args):
     """Every row of one mode and dtype, each printed as it is taken; the models are freed afterwards."""
+    if mode in FLOAT32_ONLY and dtype != "float32":
+        print(f"  {mode} {dtype}: skipped (the quantized kernels take float32 activations)", flush=True)
+        return []
     started = time.perf_counter()
     sides = MODES[mode].build(model_path, dtype, workload, args)
     rows = []
@@ -174,7 +192,9 @@ def parse_args(argv=None):
         nargs="+",
         choices=list(MODES),
         default=list(MODES),
-        help="what the engine serves: base (the plain model), moa (LoRA experts); default both",
+        help="what the engine serves: base (the plain model), moa (LoRA experts), q4_1 / q8_0 (a GGUF "
+        "file natively, against the float32 engine, HF and llama.cpp), moa_q4_1 (LoRA experts on the "
+        "Q4_1 file); default all",
     )
     add("--dtype", nargs="+", choices=list(DTYPES), default=None, help="default: both (--quick: float32)")
     add(
@@ -225,6 +245,13 @@ def parse_args(argv=None):
         help="moa: folder of the cached random PEFT adapters and MoA dirs (default results/adapters)",
     )
     add("--no-hf", action="store_true", help="skip the HF and PEFT baselines (no ratios to them)")
+    add(
+        "--llama-cpp",
+        metavar="DIR",
+        default=None,
+        help="folder of llama.cpp's llama-bench and llama-batched-bench for the GGUF modes "
+        "(default: $LLAMA_CPP_BIN_DIR, then PATH; its rows are skipped when neither has them)",
+    )
     add("--model", default=None, help="a model folder or .gguf (default: the default model)")
     add("--device", choices=["cpu", "cuda"], default="cpu")
     add("--out", default=None, help="JSON path (default results/throughput-<device>.json); plot: .png beside")
@@ -262,6 +289,15 @@ def main(argv=None):
     workload = make_workload(load_tokenizer(model_path), args)
     env = timing.environment(args.device)
     print(f"torch {env['torch']}, {env['threads']} threads, {env['device_name']}, model {model_path}")
+    print(f"CPU flags: {' '.join(env['cpu_flags'] or [])}; quantized kernels: {env['quant_isa']}")
+    if any(mode in GGUF_MODES for mode in args.mode):
+        llama = LlamaCpp.find(args)
+        env["llama_cpp"] = None if llama is None else {"bench": llama.bench, "version": llama.version()}
+        print(
+            f"llama.cpp: {llama.bench} ({env['llama_cpp']['version']})"
+            if llama
+            else "llama.cpp: not found, its figures are skipped"
+        )
     copy_repeats = 5 if args.quick else 10
     copy_start = timing.copy_ceiling(args.device, repeats=copy_repeats)
     print(f"copy bandwidth (start): {copy_start['gb_per_s']:.1f} GB/s (read + write)", flush=True)

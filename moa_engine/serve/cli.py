@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from moa_engine._argtypes import engine_from_args, positive_float, positive_int
+from moa_engine._argtypes import QUANTIZATION_CHOICES, QUANTIZATION_HELP, engine_from_args, positive_float, positive_int
 from moa_engine.routing import STRATEGIES
 
 
@@ -42,6 +42,7 @@ def add_serve_subcommand(subparsers) -> None:
     )
     p.add_argument("--routing", choices=STRATEGIES, help="routing strategy (default: the MoA directory's)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="auto", help=QUANTIZATION_HELP)
     p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-seq-len", type=positive_int, default=2048, help="prompt + generated tokens per sequence")
     p.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting for a slot before 429")

@@ -125,6 +125,10 @@ struct EngineOptions {
   int64_t max_batch = 16;             // KV-cache slots: sequences decoded together
   int64_t max_seq_len = 2048;         // prompt + generated tokens, per sequence
   int64_t max_prefill_tokens = 4096;  // prompt tokens admitted in one step (at least one prompt)
+  // Quantize the float matrices on load: "q8_0", "q4_0", "q4_1" or "q4_k" (the layers'
+  // projections in that type, the embedding and LM head in Q8_0; CPU only), or "" to
+  // keep them as loaded. A GGUF file's quantized matrices keep their types either way.
+  std::string quantization;
 };
 
 // One scheduler event: a token generated for a request, or its end.

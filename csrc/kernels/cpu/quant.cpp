@@ -130,16 +130,17 @@ void dequantize_row_portable(QType type, const uint8_t* row, int64_t k, float* o
     default: break;
   }
   void (*block)(const uint8_t*, float*) = nullptr;
-  int64_t elems = 32, bytes = 0;
   switch (type) {
-    case QType::Q8_0: block = block_q8_0, bytes = 34; break;
-    case QType::Q4_0: block = block_q4_0, bytes = 18; break;
-    case QType::Q4_1: block = block_q4_1, bytes = 20; break;
-    case QType::Q4_K: block = block_q4_k, elems = 256, bytes = 144; break;
-    case QType::Q5_K: block = block_q5_k, elems = 256, bytes = 176; break;
-    case QType::Q6_K: block = block_q6_k, elems = 256, bytes = 210; break;
+    case QType::Q8_0: block = block_q8_0; break;
+    case QType::Q4_0: block = block_q4_0; break;
+    case QType::Q4_1: block = block_q4_1; break;
+    case QType::Q4_K: block = block_q4_k; break;
+    case QType::Q5_K: block = block_q5_k; break;
+    case QType::Q6_K: block = block_q6_k; break;
     default: throw_error<InvalidArgument>("dequantize: unsupported type id ", static_cast<uint32_t>(type));
   }
+  const QTypeInfo info = *qtype_info(static_cast<uint32_t>(type));
+  const int64_t elems = info.block_elems, bytes = info.block_bytes;
   for (int64_t b = 0; b < k / elems; ++b) block(row + b * bytes, out + b * elems);
 }
 
