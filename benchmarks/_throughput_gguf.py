@@ -177,8 +177,9 @@ class LlamaCpp:
         return None
 
     def version(self):
-        done = subprocess.run([self.bench, "--version"], capture_output=True, text=True, timeout=60)
-        return (done.stdout + done.stderr).strip().splitlines()[-1] if done.returncode == 0 else None
+        done = subprocess.run([self.batched, "--version"], capture_output=True, text=True, timeout=60)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("version")]
+        return lines[0] if done.returncode == 0 and lines else None
 
     def prefill(self, path, tokens, args):
         cmd = [self.bench, "-m", path, "-t", str(args.threads), "-p", str(tokens), "-n", "0"]

@@ -75,3 +75,22 @@ def test_the_cuda_event_clock_times_gpu_work():
     ).values()
     assert len(small.samples) == len(big.samples) == 5
     assert 0 < small.median < big.median
+
+
+BATCHED_BENCH = """
+main: n_kv_max = 8192, n_batch = 2048, n_ubatch = 512, flash_attn = -1, is_pp_shared = 0, n_gpu_layers = -1
+
+|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
+|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|
+|    32 |     32 |   32 |   2048 |    8.401 |   121.90 |   15.394 |    66.52 |   23.795 |    86.07 |
+
+llama_perf_context_print:        load time =     123.45 ms
+"""
+
+
+def test_llama_batched_bench_table_is_read():
+    import _throughput_gguf as g
+
+    assert g.parse_batched_bench(BATCHED_BENCH) == pytest.approx(66.52)
+    with pytest.raises(RuntimeError, match="no S_TG row"):
+        g.parse_batched_bench("error: failed to load model\n")

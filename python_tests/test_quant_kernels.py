@@ -23,7 +23,8 @@ FP16_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q4_K: [0, 2], Q.Q5_K:
 
 
 def isas():
-    """The kernel paths this CPU runs: portable always, avx512 where the CPU has it."""
+    """The weight-only kernel paths this CPU runs: portable always, avx512 where the CPU has it
+    (the int8 path, avx512_vnni, has its own tests below)."""
     previous = _C._quant_isa()
     found = ["portable"]
     try:
@@ -119,5 +120,93 @@ def test_bad_input_is_named(gen):
         _C._dequantize(raw, Q.Q8_0.value, 48)
     with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
         _C._quant_linear(torch.randn(2, 63), raw, Q.Q8_0.value, k)
-    with pytest.raises(ValueError, match="must be 'auto', 'portable' or 'avx512', got 'avx9'"):
+    with pytest.raises(
+        ValueError, match="must be 'auto', 'portable', 'avx512', 'avx512_vnni' or 'weight_only', got 'avx9'"
+    ):
         _C._set_quant_isa("avx9")
+
+
+# ---------------------------------------------------------------------------------------------
+# The int8 path (AVX512-VNNI): activations quantized per block of 32, integer dot products
+# ---------------------------------------------------------------------------------------------
+
+INT8_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
+
+
+def has_vnni():
+    previous = _C._quant_isa()
+    try:
+        _C._set_quant_isa("avx512_vnni")
+        return True
+    except ValueError:
+        return False
+    finally:
+        _C._set_quant_isa(previous)
+
+
+@pytest.fixture
+def vnni():
+    if not has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI: the int8 path cannot run here")
+    previous = _C._quant_isa()
+    _C._set_quant_isa("avx512_vnni")
+    yield
+    _C._set_quant_isa(previous)
+
+
+def roundf(v):
+    """C's roundf: half away from zero."""
+    return np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
+
+
+def int8_reference(x, raw, qtype, k):
+    """float64 [m, n]: the int8 path's arithmetic, written out in numpy: x quantized per block
+    of 32 (d = max|x| / 127 in float32, q = roundf(x / d)), exact integer block dots with the
+    weight blocks, scaled by d_w * d_x; Q4_1's minimum times the block's float sum of x."""
+    m, nb = x.shape[0], k // 32
+    xb = x.numpy().astype(np.float32).reshape(m, nb, 32)
+    dx = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.where(dx == 0, np.float32(0), np.float32(1) / np.where(dx == 0, 1, dx)).astype(np.float32)
+    qx = roundf(xb * inv[..., None]).astype(np.int64)
+    blocks = raw.numpy().reshape(raw.shape[0], nb, -1)
+    dw = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    if qtype == Q.Q8_0:
+        qw = blocks[..., 2:34].copy().view(np.int8).astype(np.int64)
+    else:
+        qs = blocks[..., (2 if qtype == Q.Q4_0 else 4) :].astype(np.int64)
+        qw = np.concatenate([qs & 15, qs >> 4], axis=-1) - (8 if qtype == Q.Q4_0 else 0)
+    dots = np.einsum("mbi,nbi->mnb", qx, qw).astype(np.float64)
+    y = np.einsum("mnb,nb,mb->mn", dots, dw, dx.astype(np.float64))
+    if qtype == Q.Q4_1:
+        mw = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        y += np.einsum("nb,mb->mn", mw, xb.astype(np.float64).sum(-1))
+    return torch.from_numpy(y)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8])
+def test_int8_path_equals_its_arithmetic(qtype, m, vnni, gen):
+    n, blocks = 67, 7
+    raw, k = random_rows(qtype, n, blocks, gen)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4
+    x[0, :32] = 0.0  # an all-zero block: d = 0
+    bias = torch.randn(n, generator=gen)
+    ref = int8_reference(x, raw, qtype, k) + bias.double()
+    got = _C._quant_linear(x, raw, qtype.value, k, bias)
+    scale = ref.abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 2e-6 * scale
+    # Against the weight-only result: the activations' rounding alone (|x - x_q| <= d / 2).
+    w = reference(raw, qtype).double()
+    exact = x.double() @ w.T + bias.double()
+    assert (got.double() - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
+
+
+def test_int8_path_covers_only_its_types_and_sizes(vnni, gen):
+    """Q4_K and friends, and m above MOA_ENGINE_INT8_M (8), keep the float kernels: their
+    results equal x @ dequantize(W)^T to float rounding."""
+    for qtype, m in ((Q.Q4_K, 3), (Q.Q6_K, 1), (Q.Q8_0, 9), (Q.Q4_1, 33), (Q.F16, 2)):
+        raw, k = random_rows(qtype, 40, 2, gen)
+        x = torch.randn(m, k, generator=gen)
+        ref = x.double() @ reference(raw, qtype).double().T
+        got = _C._quant_linear(x, raw, qtype.value, k)
+        assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), (qtype, m)

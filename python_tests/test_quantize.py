@@ -202,6 +202,36 @@ def test_quantize_on_load_with_experts_in_a_mixed_batch(quant_dirs, tmp_path, ge
     assert rel(quant.forward(ids, domain="e1"), ref.forward(ids, domain="e1")) <= TOL
 
 
+@pytest.mark.parametrize("strategy", ["per_layer", "last", "vote"])
+def test_routing_on_a_quantized_base(quant_dirs, tmp_path, strategy, gen):
+    """A MoA directory (3 experts, random routers) on the Q4_0 base: every routing decision,
+    router probability and token equals the float32 engine's on the dequantized weights."""
+    from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig
+    from moa_engine.testing import make_random_peft_adapter
+
+    folder = quant_dirs[("qwen2_bias", "fits")]
+    deq_dir = tmp_path / "dequantized"
+    hf_dequantized(folder, Q.Q4_0).save_pretrained(str(deq_dir))
+    experts = {
+        f"d{i}": make_random_peft_adapter(folder, tmp_path / f"d{i}", r=4, seed=i, init_scale=0.2) for i in range(3)
+    }
+    config = MoAConfig(base_model=str(folder), domains=list(experts), router=RouterConfig(strategy=strategy))
+    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    router = [torch.randn(3, hidden, generator=gen) for _ in range(2)]
+    moa = MoADir.save(tmp_path / "moa", config, experts=experts, router=router)
+    quant = Engine(folder, quantization="q4_0", experts=moa, max_batch=4, max_seq_len=64)
+    ref = Engine(deq_dir, experts=moa, max_batch=4, max_seq_len=64)
+    vocab = quant.config["vocab_size"]
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (6, 11, 3, 9)]
+    a = quant.generate(prompts, max_new_tokens=6, domain=None, ignore_eos=True)
+    b = ref.generate(prompts, max_new_tokens=6, domain=None, ignore_eos=True)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.domain for c in a] == [c.domain for c in b]
+    assert len({c.domain for c in a}) >= 1
+    for x, y in zip(a, b):
+        assert torch.allclose(torch.as_tensor(x.router_probs), torch.as_tensor(y.router_probs), atol=1e-4)
+
+
 def test_bad_quantization_names_the_choices(quant_dirs):
     with pytest.raises(ValueError, match="quantization must be one of .*'q4_k', got 'q5_k'"):
         Engine(quant_dirs[("llama_gqa", "fits")], quantization="q5_k")
@@ -376,3 +406,60 @@ def test_llama_cpp_generates_our_greedy_text_from_the_exported_file(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     ours = Engine(out, max_batch=1, max_seq_len=64).generate([prompt], max_new_tokens=24)[0].text
     assert done.stdout.strip() == (prompt + ours).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# The int8 path in the engine (AVX512-VNNI CPUs: decode rows of Q8_0 / Q4_0 / Q4_1 matrices)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def int8_kernels():
+    previous = _C._quant_isa()
+    try:
+        _C._set_quant_isa("avx512_vnni")
+    except ValueError:
+        pytest.skip("this CPU has no AVX512-VNNI: the int8 path cannot run here")
+    yield
+    _C._set_quant_isa(previous)
+
+
+def test_int8_path_on_the_default_model(int8_kernels, gen):
+    """Rows of up to MOA_ENGINE_INT8_M (8) tokens take the int8 kernels: a 6-token forward's
+    logits differ from the weight-only ones (the activations' rounding: up to ~11% of the
+    largest logit on this model, whose first positions carry outlier activations) but mostly
+    pick the same next token; 9 tokens and more are weight-only, to float rounding. (Greedy
+    decoding on the int8 path no longer answers the README's question with Paris: one
+    reason the path is opt-in.)"""
+    engine = Engine(max_batch=2, max_seq_len=128)
+    short = torch.randint(0, 49152, (1, 6), generator=gen)
+    long = torch.randint(0, 49152, (1, 9), generator=gen)
+    int8_short, int8_long = engine.forward(short), engine.forward(long)
+    _C._set_quant_isa("weight_only")
+    float_short, float_long = engine.forward(short), engine.forward(long)
+    _C._set_quant_isa("avx512_vnni")
+    assert 0 < rel(int8_short, float_short) <= 0.25
+    assert (int8_short.argmax(-1) == float_short.argmax(-1)).float().mean() >= 0.5
+    assert rel(int8_long, float_long) <= TOL
+
+
+def test_int8_path_with_experts_in_a_mixed_batch(quant_dirs, tmp_path, int8_kernels, gen):
+    """LoRA experts on a base served by the int8 kernels: each request's logits stay within 10%
+    of the weight-only engine's (the activations' rounding), with its own expert."""
+    from moa_engine.testing import make_random_peft_adapter
+
+    folder = quant_dirs[("llama_gqa", "fits")]
+    experts = {
+        f"e{i}": make_random_peft_adapter(folder, tmp_path / f"e{i}", r=8, seed=i, init_scale=0.2) for i in range(2)
+    }
+    engine = Engine(folder, quantization="q4_0", experts=experts, max_batch=4, max_seq_len=64)
+    ids = torch.randint(0, engine.config["vocab_size"], (3, 2), generator=gen)  # 6 rows <= MOA_ENGINE_INT8_M
+    domains = ["e0", "base", "e1"]
+    got = engine.forward(ids, domain=domains)
+    _C._set_quant_isa("weight_only")
+    ref = engine.forward(ids, domain=domains)
+    _C._set_quant_isa("avx512_vnni")
+    assert 0 < rel(got, ref) <= 0.1
+    for b, d in enumerate(domains):  # each row carries its own expert: not the others'
+        other = engine.forward(ids[b : b + 1], domain="e1" if d != "e1" else "e0")
+        assert rel(got[b : b + 1], other) > 2 * rel(got[b : b + 1], ref[b : b + 1])

@@ -80,7 +80,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   m.model_dir = model_dir;
   m.options = options;
   check_options(options);
-  engine::small_m_limit();  // a bad MOA_ENGINE_SMALL_M fails here, not in the first forward
+  engine::small_m_limit();  // a bad MOA_ENGINE_SMALL_M or MOA_ENGINE_INT8_M fails here, not in the first forward
+  engine::int8_m_limit();
   engine::ModelWeights weights;
   if (engine::is_gguf_path(model_dir)) {
     const engine::GgufFile file = engine::GgufFile::open(model_dir);

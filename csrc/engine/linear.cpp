@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <optional>
 #include <vector>
 
 #include "engine/dispatch.h"
@@ -19,16 +20,17 @@ namespace moa::engine {
 namespace {
 
 constexpr int64_t kDefaultSmallM = 32;
+constexpr int64_t kDefaultInt8M = 8;
 
-int64_t read_small_m_limit() {
-  constexpr const char* kName = "MOA_ENGINE_SMALL_M";
-  const char* value = std::getenv(kName);
-  if (value == nullptr || *value == '\0') return kDefaultSmallM;
+// The integer >= 0 in environment variable `name`, or `fallback` when it is unset.
+int64_t read_limit(const char* name, int64_t fallback, const char* zero_means) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
   char* end = nullptr;
   errno = 0;
   const long long parsed = std::strtoll(value, &end, 10);
   if (end == value || *end != '\0' || errno == ERANGE || parsed < 0)
-    throw_error<InvalidArgument>(kName, " must be an integer >= 0 (0: always BLAS), got '", value, "'");
+    throw_error<InvalidArgument>(name, " must be an integer >= 0 (0: ", zero_means, "), got '", value, "'");
   return parsed;
 }
 
@@ -72,8 +74,10 @@ void linear_blas(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, 
 
 constexpr int64_t kQuantBlasTile = 128;
 
-// y[:, col0 : col0 + run.rows] = x run^T, x float32 [M, k] contiguous, y float32.
-void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor& y, int64_t col0) {
+// y[:, col0 : col0 + run.rows] = x run^T, x float32 [M, k] contiguous, y float32. acts:
+// x quantized for the int8 kernels, made on first use and shared by the matrix's runs.
+void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor& y, int64_t col0,
+               std::optional<cpu::Int8Rows>& acts) {
   const int64_t M = x.size(0);
   const int64_t row_bytes = run.data.size(1);
   const uint8_t* W = run.data.data_ptr<uint8_t>();
@@ -86,6 +90,14 @@ void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor&
     }
     // 16-row tiles, at least ~16 KB of quantized W per task.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 16 * row_bytes));
+    if (M <= int8_m_limit() && cpu::int8_kernel(run.type, k)) {
+      if (!acts) cpu::quantize_activations(xs.data(), M, k, acts.emplace());
+      at::parallel_for(0, (run.rows + 15) / 16, grain, [&](int64_t t0, int64_t t1) {
+        cpu::quant_linear_rows_int8(run.type, W, row_bytes, k, t0 * 16, std::min(run.rows, t1 * 16), *acts, ys.data(),
+                                    nullptr);
+      });
+      return;
+    }
     at::parallel_for(0, (run.rows + 15) / 16, grain, [&](int64_t t0, int64_t t1) {
       cpu::quant_linear_rows(run.type, W, row_bytes, k, t0 * 16, std::min(run.rows, t1 * 16), xs.data(), ys.data(), M,
                              nullptr);
@@ -108,8 +120,9 @@ at::Tensor linear_quant(const at::Tensor& x, const Matrix& w, const at::Tensor& 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({x.size(0), w.n}, xf.options());
   int64_t col = 0;
+  std::optional<cpu::Int8Rows> acts;
   for (const QuantRows& run : w.quant) {
-    quant_run(xf, run, w.k, y, col);
+    quant_run(xf, run, w.k, y, col, acts);
     col += run.rows;
   }
   if (b.defined()) y.add_(b.to(at::kFloat));
@@ -146,7 +159,12 @@ at::Tensor embedding(const Matrix& w, const at::Tensor& ids, at::ScalarType dtyp
 }
 
 int64_t small_m_limit() {
-  static const int64_t limit = read_small_m_limit();
+  static const int64_t limit = read_limit("MOA_ENGINE_SMALL_M", kDefaultSmallM, "always BLAS");
+  return limit;
+}
+
+int64_t int8_m_limit() {
+  static const int64_t limit = read_limit("MOA_ENGINE_INT8_M", kDefaultInt8M, "never the int8 kernels");
   return limit;
 }
 

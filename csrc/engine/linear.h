@@ -6,8 +6,12 @@
 //       instructions for them, in float32 (the same products, rounded once).
 // A quantized W (GGML block types, kernels/cpu/quant.h) is multiplied in float32 with
 // float activations (weight-only: x is never quantized):
-//   M <= small_m_limit(): tiles of 16 rows dequantized into L1, then the SIMD kernel;
-//   otherwise: tiles of 128 rows dequantized, then BLAS.
+//   M <= small_m_limit(): tiles of 16 rows dequantized into L1, then the SIMD kernel (Q8_0,
+//       Q4_0, Q4_1: dequantized in registers for up to 4 rows);
+//   otherwise: tiles of 128 rows dequantized, then BLAS;
+// except that with the int8 kernels chosen (cpu::quant_isa() == avx512_vnni, opt-in),
+// Q8_0 / Q4_0 / Q4_1 at M <= int8_m_limit() take them: x quantized per block of 32 as
+// llama.cpp does, integer dot products.
 // Dimension legend: M rows of x, K input features, N output features.
 #pragma once
 
@@ -68,5 +72,11 @@ at::Tensor embedding(const Matrix& w, const at::Tensor& ids, at::ScalarType dtyp
 // across more rows than the kernel's 4-row tiles. A bad value throws InvalidArgument
 // naming the variable, the value and what is expected.
 int64_t small_m_limit();
+
+// The most rows for which a Q8_0 / Q4_0 / Q4_1 matrix takes the int8 kernels
+// (cpu::quant_linear_rows_int8: activations quantized per block of 32) when they are the
+// kernels in use (cpu::quant_isa() == avx512_vnni); at most small_m_limit() rows take them. 8 (above it the float kernels are faster: they reuse each dequantized tile
+// across more rows), or MOA_ENGINE_INT8_M=N (0: never), read once per process.
+int64_t int8_m_limit();
 
 }  // namespace moa::engine

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -290,17 +291,156 @@ bool fused_avx512(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, in
     default: return false;
   }
 }
+
+// ---------------------------------------------------------------------------
+// The int8 path (AVX512-VNNI on 256-bit vectors): one block of 32 weights is one ymm of
+// bytes, and vpdpbusd multiplies it with a token's 32 int8 activations in one instruction.
+
+#define MOA_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+MOA_VNNI inline float fp16_scalar(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// A Q4 block's 16 bytes of nibbles as 32 bytes 0..15 in element order (lo nibbles, then hi).
+MOA_VNNI inline __m256i nibbles_u8(const uint8_t* qs) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+MOA_VNNI inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// ys[q0 + t][j + rr] for rr < RB, t < NT: each weight block is unpacked once into bytes and
+// used by all NT tokens.
+template <QType Q, int RB, int NT>
+MOA_VNNI inline void int8_tile(const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j, const Int8Rows& a, int64_t q0,
+                               float* const* ys, const float* bias) {
+  constexpr int64_t kBytes = Q == QType::Q8_0 ? 34 : Q == QType::Q4_0 ? 18 : 20;
+  const int64_t nb = k / 32;
+  __m256 acc[RB][NT];
+  float extra[RB][NT];  // Q4_0: -8 d_w d_x sum(q_x); Q4_1: m_w sum(x)
+#pragma GCC unroll 8
+  for (int rr = 0; rr < RB; ++rr)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) acc[rr][t] = _mm256_setzero_ps(), extra[rr][t] = 0.0f;
+  const uint8_t* rows = W + j * row_bytes;
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i qx[NT];
+    float dx[NT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+      qx[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (q0 + t) * k + 32 * b));
+      dx[t] = a.d[(q0 + t) * nb + b];
+    }
+#pragma GCC unroll 8
+    for (int rr = 0; rr < RB; ++rr) {
+      const uint8_t* blk = rows + rr * row_bytes + b * kBytes;
+      const float dw = fp16_scalar(blk);
+      if constexpr (Q == QType::Q8_0) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        const __m256i aw = _mm256_abs_epi8(w);  // |w| as unsigned (|-128| = 128); the sign moves to x
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) {
+          const __m256i dot = _mm256_dpbusd_epi32(zero, aw, _mm256_sign_epi8(qx[t], w));
+          acc[rr][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * dx[t]), acc[rr][t]);
+        }
+      } else {
+        const __m256i w = nibbles_u8(blk + (Q == QType::Q4_0 ? 2 : 4));
+        const float mw = Q == QType::Q4_1 ? fp16_scalar(blk + 2) : 0.0f;
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) {
+          const __m256i dot = _mm256_dpbusd_epi32(zero, w, qx[t]);
+          const float s = dw * dx[t];
+          acc[rr][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s), acc[rr][t]);
+          if constexpr (Q == QType::Q4_0)
+            extra[rr][t] -= 8.0f * s * static_cast<float>(a.qsum[(q0 + t) * nb + b]);
+          else
+            extra[rr][t] += mw * a.xsum[(q0 + t) * nb + b];
+        }
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int rr = 0; rr < RB; ++rr)
+      ys[q0 + t][j + rr] = hsum8(acc[rr][t]) + extra[rr][t] + (bias != nullptr ? bias[j + rr] : 0.0f);
+}
+
+template <QType Q>
+MOA_VNNI void int8_rows(const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j0, int64_t j1, const Int8Rows& a,
+                        float* const* ys, const float* bias) {
+  constexpr int RB = 4;
+  auto tokens = [&](auto rb, int64_t jj) {
+    constexpr int R = decltype(rb)::value;
+    int64_t q = 0;
+    for (; q + 4 <= a.m; q += 4) int8_tile<Q, R, 4>(W, row_bytes, k, jj, a, q, ys, bias);
+    switch (a.m - q) {
+      case 1: int8_tile<Q, R, 1>(W, row_bytes, k, jj, a, q, ys, bias); break;
+      case 2: int8_tile<Q, R, 2>(W, row_bytes, k, jj, a, q, ys, bias); break;
+      case 3: int8_tile<Q, R, 3>(W, row_bytes, k, jj, a, q, ys, bias); break;
+      default: break;
+    }
+  };
+  int64_t j = j0;
+  for (; j + RB <= j1; j += RB) tokens(std::integral_constant<int, RB>{}, j);
+  for (; j < j1; ++j) tokens(std::integral_constant<int, 1>{}, j);
+}
+
+// Round half away from zero, as roundf and the gguf package's Q8_0 quantizer.
+MOA_VNNI inline __m512i round_away(__m512 v, __m512 scale) {
+  const __m512 s = _mm512_mul_ps(v, scale);
+  const __m512 h = _mm512_or_ps(_mm512_set1_ps(0.5f), _mm512_and_ps(_mm512_set1_ps(-0.0f), s));
+  return _mm512_cvttps_epi32(_mm512_add_ps(s, h));
+}
+
+MOA_VNNI void quantize_activations_vnni(const float* const* xs, int64_t m, int64_t k, Int8Rows& out) {
+  const int64_t nb = k / 32;
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t q = 0; q < m; ++q)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = xs[q] + 32 * b;
+      const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi)));
+      const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+      const __m512 vid = _mm512_set1_ps(id);
+      const __m512i qlo = round_away(lo, vid), qhi = round_away(hi, vid);
+      int8_t* dst = out.q.data() + q * k + 32 * b;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(qlo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(qhi));
+      out.d[q * nb + b] = d;
+      out.qsum[q * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+      out.xsum[q * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+}
 #endif
 
 void dequantize_row(QuantIsa isa, QType type, const uint8_t* row, int64_t k, float* out) {
 #if MOA_HAVE_AVX512
-  if (isa == QuantIsa::avx512) return row_avx512(type, row, k, out);
+  if (isa != QuantIsa::portable) return row_avx512(type, row, k, out);
 #endif
   dequantize_row_portable(type, row, k, out);
 }
 
+bool vnni_available() {
+#if MOA_HAVE_AVX512
+  static const bool ok = decode_avx512_available() && __builtin_cpu_supports("avx512vnni") &&
+                         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 QuantIsa best_isa() {
 #if MOA_HAVE_AVX512
+  if (vnni_available()) return QuantIsa::avx512_vnni;
   if (decode_avx512_available()) return QuantIsa::avx512;
 #endif
   return QuantIsa::portable;
@@ -308,14 +448,23 @@ QuantIsa best_isa() {
 
 QuantIsa parse_isa(const std::string& name, const char* what) {
   const QuantIsa best = best_isa();
-  if (name == "auto" || name.empty()) return best;
+  // The default: the best weight-only kernels. The int8 path quantizes activations, which
+  // costs held-out perplexity (benchmarks/quant_quality.py), so it is opt-in.
+  if (name == "auto" || name.empty() || name == "weight_only")
+    return best == QuantIsa::portable ? best : QuantIsa::avx512;
   if (name == "portable") return QuantIsa::portable;
   if (name == "avx512") {
-    if (best != QuantIsa::avx512)
+    if (best == QuantIsa::portable)
       throw_error<InvalidArgument>(what, "='avx512', but this CPU (or build) has no AVX-512 F/BW/VL/DQ");
     return QuantIsa::avx512;
   }
-  throw_error<InvalidArgument>(what, " must be 'auto', 'portable' or 'avx512', got '", name, "'");
+  if (name == "avx512_vnni") {
+    if (best != QuantIsa::avx512_vnni)
+      throw_error<InvalidArgument>(what, "='avx512_vnni', but this CPU (or build) has no AVX512-VNNI");
+    return QuantIsa::avx512_vnni;
+  }
+  throw_error<InvalidArgument>(what, " must be 'auto', 'portable', 'avx512', 'avx512_vnni' or 'weight_only', got '",
+                               name, "'");
 }
 
 std::atomic<int>& isa_state() {
@@ -332,7 +481,9 @@ constexpr int64_t kTileRows = 16;
 
 QuantIsa quant_isa() { return static_cast<QuantIsa>(isa_state().load(std::memory_order_relaxed)); }
 
-const char* quant_isa_name(QuantIsa isa) { return isa == QuantIsa::avx512 ? "avx512" : "portable"; }
+const char* quant_isa_name(QuantIsa isa) {
+  return isa == QuantIsa::avx512_vnni ? "avx512_vnni" : isa == QuantIsa::avx512 ? "avx512" : "portable";
+}
 
 std::string set_quant_isa(const std::string& name) {
   isa_state().store(static_cast<int>(parse_isa(name, "quant ISA")));
@@ -349,7 +500,7 @@ void quant_linear_rows(QType type, const uint8_t* W, int64_t row_bytes, int64_t 
                        const float* const* xs, float* const* ys, int64_t m, const float* bias) {
   const QuantIsa isa = quant_isa();
 #if MOA_HAVE_AVX512
-  if (isa == QuantIsa::avx512 && fused_avx512(type, W, row_bytes, k, row0, row1, xs, ys, m, bias)) return;
+  if (isa != QuantIsa::portable && fused_avx512(type, W, row_bytes, k, row0, row1, xs, ys, m, bias)) return;
 #endif
   thread_local std::vector<float> tile;
   tile.resize(static_cast<size_t>(kTileRows * k));
@@ -359,7 +510,7 @@ void quant_linear_rows(QType type, const uint8_t* W, int64_t row_bytes, int64_t 
     for (int64_t r = 0; r < rows; ++r) dequantize_row(isa, type, W + (j0 + r) * row_bytes, k, tile.data() + r * k);
     for (int64_t q = 0; q < m; ++q) shifted[q] = ys[q] + j0;
     const float* b = bias != nullptr ? bias + j0 : nullptr;
-    if (isa == QuantIsa::avx512) {
+    if (isa != QuantIsa::portable) {
       linear_rows_avx512<float>(tile.data(), k, 0, rows, xs, shifted.data(), m, b);
       continue;
     }
@@ -371,6 +522,55 @@ void quant_linear_rows(QType type, const uint8_t* W, int64_t row_bytes, int64_t 
         shifted[q][r] = acc + (b != nullptr ? b[r] : 0.0f);
       }
   }
+}
+
+bool int8_kernel(QType type, int64_t k) {
+  if (quant_isa() != QuantIsa::avx512_vnni || k % 32 != 0) return false;
+  return type == QType::Q8_0 || type == QType::Q4_0 || type == QType::Q4_1;
+}
+
+void quantize_activations(const float* const* xs, int64_t m, int64_t k, Int8Rows& out) {
+  if (k % 32 != 0) throw_error<InvalidArgument>("quantize_activations: k must be a multiple of 32, got ", k);
+  out.m = m, out.k = k;
+  out.q.resize(static_cast<size_t>(m * k));
+  out.d.resize(static_cast<size_t>(m * k / 32));
+  out.qsum.resize(out.d.size());
+  out.xsum.resize(out.d.size());
+#if MOA_HAVE_AVX512
+  if (vnni_available()) return quantize_activations_vnni(xs, m, k, out);
+#endif
+  const int64_t nb = k / 32;  // the same arithmetic in scalar code
+  for (int64_t q = 0; q < m; ++q)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = xs[q] + 32 * b;
+      float amax = 0.0f, xsum = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i])), xsum += x[i];
+      const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+      int32_t qsum = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int v = static_cast<int>(std::round(x[i] * id));
+        out.q[q * k + 32 * b + i] = static_cast<int8_t>(v);
+        qsum += v;
+      }
+      out.d[q * nb + b] = d, out.qsum[q * nb + b] = qsum, out.xsum[q * nb + b] = xsum;
+    }
+}
+
+void quant_linear_rows_int8(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
+                            const Int8Rows& acts, float* const* ys, const float* bias) {
+#if MOA_HAVE_AVX512
+  if (int8_kernel(type, k) && acts.k == k) {
+    switch (type) {
+      case QType::Q8_0: return int8_rows<QType::Q8_0>(W, row_bytes, k, row0, row1, acts, ys, bias);
+      case QType::Q4_0: return int8_rows<QType::Q4_0>(W, row_bytes, k, row0, row1, acts, ys, bias);
+      case QType::Q4_1: return int8_rows<QType::Q4_1>(W, row_bytes, k, row0, row1, acts, ys, bias);
+      default: break;
+    }
+  }
+#endif
+  throw_error<InvalidArgument>("quant_linear_rows_int8: no int8 kernel for ",
+                               ggml_type_name(static_cast<uint32_t>(type)), " with k=", k, " on the kernels in use (",
+                               quant_isa_name(quant_isa()), ")");
 }
 
 }  // namespace moa::cpu

@@ -7,28 +7,57 @@
 //
 // Kernels by instruction set, chosen once at run time (quant_isa()): AVX-512 for the
 // 32-element block types (Q8_0, Q4_0, Q4_1) and the float ones, the portable C++ for the
-// rest and on every other CPU. MOA_ENGINE_QUANT_ISA=portable forces the portable code
-// (tests run both); set_quant_isa() does the same at run time.
+// rest and on every other CPU. Opt-in on AVX512-VNNI CPUs, the int8 path below
+// (activations quantized per block of 32, as llama.cpp does; it costs held-out perplexity).
+// MOA_ENGINE_QUANT_ISA (portable, avx512, avx512_vnni, weight_only, auto) sets the choice
+// (tests run every path the CPU has); set_quant_isa() does the same at run time.
 // Kernels tier (csrc/kernels/README.md): arithmetic only, no model knowledge.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/cpu/quant_types.h"
 
 namespace moa::cpu {
 
-enum class QuantIsa { portable, avx512 };
+enum class QuantIsa { portable, avx512, avx512_vnni };
 
 // The kernels in use: the best this CPU runs, capped by MOA_ENGINE_QUANT_ISA
 // ("portable" or "avx512"; read once) or set_quant_isa().
 QuantIsa quant_isa();
 const char* quant_isa_name(QuantIsa isa);
-// Caps the kernels at `name` ("portable", "avx512", or "auto": the best this CPU has);
-// returns the name now in use. Throws InvalidArgument for another name. Not thread-safe
-// against running kernels: for tests and benchmarks.
+// Sets the kernels to `name` ("portable", "avx512", "avx512_vnni" (opt-in: the int8 path),
+// or "auto" / "weight_only": the best this CPU has with float activations, the default);
+// returns the name now in use. Throws InvalidArgument for another name or one this CPU
+// lacks. Not thread-safe against running kernels: for tests and benchmarks.
 std::string set_quant_isa(const std::string& name);
+
+// The int8 path (QuantIsa::avx512_vnni, AVX512-VNNI): activations quantized as ggml's Q8_0
+// quantizes them, per token and block of 32 (d = max|x| / 127 in float, q = round(x / d)),
+// then integer dot products with the weight blocks (vpdpbusd), each block's result scaled by
+// d_w * d_x in float. Q4_1's minimum multiplies the block's exact float sum of x.
+struct Int8Rows {
+  int64_t m = 0, k = 0;
+  std::vector<int8_t> q;      // [m, k]
+  std::vector<float> d;       // [m, k / 32]
+  std::vector<int32_t> qsum;  // [m, k / 32]: sum of the block's q
+  std::vector<float> xsum;    // [m, k / 32]: sum of the block's x
+};
+
+// Whether quant_linear_rows_int8 runs `type` with the kernels in use (avx512_vnni; Q8_0,
+// Q4_0, Q4_1; k a multiple of 32).
+bool int8_kernel(QType type, int64_t k);
+
+// xs[q][0 .. k) for q < m into `out` (k a multiple of 32).
+void quantize_activations(const float* const* xs, int64_t m, int64_t k, Int8Rows& out);
+
+// ys[q][j] = sum over blocks of d_w d_x (w_q . x_q) (Q4_0: minus 8 d_w d_x sum(x_q);
+// Q4_1: plus m_w sum(x)) (+ bias[j]), for j in [row0, row1), q < acts.m. Requires
+// int8_kernel(type, k).
+void quant_linear_rows_int8(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
+                            const Int8Rows& acts, float* const* ys, const float* bias);
 
 // Rows [row0, row1) of a [*, k] matrix of `type` (k a multiple of its block size) whose
 // rows are `row_bytes` apart, dequantized into out (row1 - row0 rows of k floats).
