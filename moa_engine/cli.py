@@ -6,6 +6,7 @@ import sys
 from moa_engine._argtypes import QUANTIZATION_CHOICES, QUANTIZATION_HELP, engine_from_args
 from moa_engine.data.cli import add_data_subcommand
 from moa_engine.evaluation.cli import add_eval_subcommand
+from moa_engine.gguf_export import EXPORT_TYPES
 from moa_engine.serve.cli import add_serve_subcommand
 from moa_engine.training.cli import add_add_domain_subcommand, add_train_subcommands
 
@@ -55,8 +56,8 @@ def _add_convert(subparsers):
     p.add_argument(
         "--quantize",
         metavar="TYPE",
-        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k"],
-        help="write a GGUF file of TYPE: f32, f16, bf16, q8_0, q4_0, q4_1 or q4_k",
+        choices=EXPORT_TYPES,
+        help=f"write a GGUF file of TYPE: {', '.join(EXPORT_TYPES)}",
     )
     p.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
     p.set_defaults(func=lambda args: _run_convert(args))

@@ -31,7 +31,6 @@ from pathlib import Path
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k")
 _ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_PERMUTES_QK = ("llama",)
 
 
 def _ggml_types():
@@ -67,7 +66,7 @@ def export_gguf(model, out_path, qtype: str = "q8_0", progress: bool = True) -> 
     from transformers import AutoConfig
 
     from moa_engine import _C
-    from moa_engine.models import resolve_model
+    from moa_engine.models import _GGUF_PERMUTES_QK, resolve_model
 
     if qtype not in EXPORT_TYPES:
         raise ValueError(f"quantize type must be one of {', '.join(EXPORT_TYPES)}, got {qtype!r}")
@@ -124,7 +123,7 @@ def export_gguf(model, out_path, qtype: str = "q8_0", progress: bool = True) -> 
                     raise ValueError(f"{weights_file}: no GGUF name for the tensor {hf_name}")
                 gguf_name = f"{gguf_base}.{suffix}"
                 w = f.get_tensor(hf_name).to(torch.float32)
-                if arch in _PERMUTES_QK and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
+                if arch in _GGUF_PERMUTES_QK and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
                     w = _permute_qk(w, heads if ".attn_q." in gguf_name else kv_heads)
                 if w.dim() != 2:
                     writer.add_tensor(gguf_name, w.contiguous().numpy())
@@ -210,7 +209,9 @@ def _add_tokenizer(writer, folder: Path, config) -> None:
 
 def _source_gguf(folder: Path) -> Path | None:
     """The GGUF file a converted folder came from (its .complete marker), if it still exists."""
-    marker = folder / ".complete"
+    from moa_engine.models import COMPLETE_MARKER
+
+    marker = folder / COMPLETE_MARKER
     try:
         source = Path(json.loads(marker.read_text())["source"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -75,8 +75,9 @@ int64_t small_m_limit();
 
 // The most rows for which a Q8_0 / Q4_0 / Q4_1 matrix takes the int8 kernels
 // (cpu::quant_linear_rows_int8: activations quantized per block of 32) when they are the
-// kernels in use (cpu::quant_isa() == avx512_vnni); at most small_m_limit() rows take them. 8 (above it the float kernels are faster: they reuse each dequantized tile
-// across more rows), or MOA_ENGINE_INT8_M=N (0: never), read once per process.
+// kernels in use (cpu::quant_isa() == avx512_vnni); at most small_m_limit() rows take them.
+// 8 (above it the float kernels are faster: they reuse each dequantized tile across more
+// rows), or MOA_ENGINE_INT8_M=N (0: never), read once per process.
 int64_t int8_m_limit();
 
 }  // namespace moa::engine

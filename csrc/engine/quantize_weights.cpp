@@ -24,22 +24,25 @@ void quantize_matrix(Matrix& w, QType wanted) {
   if (!w.defined() || w.quantized()) return;  // a GGUF file's quantized matrices keep their types
   const auto type = fitting_type(wanted, w.k);
   if (!type) return;
-  const at::Tensor src = w.dense.to(at::kFloat).contiguous();
-  const int64_t row_bytes = cpu::qtype_row_bytes(*cpu::qtype_info(static_cast<uint32_t>(*type)), w.k);
-  at::Tensor data = at::empty({w.n, row_bytes}, at::TensorOptions().dtype(at::kByte));
-  const float* s = src.data_ptr<float>();
-  uint8_t* o = data.data_ptr<uint8_t>();
-  const int64_t k = w.k;
-  at::parallel_for(0, w.n, 16, [&](int64_t r0, int64_t r1) {
-    cpu::quantize_rows(*type, s + r0 * k, r1 - r0, k, o + r0 * row_bytes);
-  });
   Matrix q;
   q.n = w.n, q.k = w.k;
-  q.quant.push_back(QuantRows{*type, std::move(data), w.n});
+  q.quant.push_back(QuantRows{*type, quantize_dense(w.dense, *type), w.n});
   w = std::move(q);
 }
 
 }  // namespace
+
+at::Tensor quantize_dense(const at::Tensor& x, cpu::QType type) {
+  const at::Tensor src = x.to(at::kFloat).contiguous();
+  const int64_t n = src.size(0), k = src.size(1);
+  const int64_t row_bytes = cpu::qtype_row_bytes(*cpu::qtype_info(static_cast<uint32_t>(type)), k);
+  at::Tensor out = at::empty({n, row_bytes}, at::TensorOptions().dtype(at::kByte));
+  const float* s = src.data_ptr<float>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(
+      0, n, 16, [&](int64_t r0, int64_t r1) { cpu::quantize_rows(type, s + r0 * k, r1 - r0, k, o + r0 * row_bytes); });
+  return out;
+}
 
 std::optional<cpu::QType> parse_quantization(const std::string& name) {
   if (name.empty()) return std::nullopt;

@@ -71,4 +71,8 @@ std::optional<cpu::QType> parse_quantization(const std::string& name);
 // their types. CPU only.
 void quantize_weights(ModelWeights& weights, cpu::QType type);
 
+// x [n, k] (any float dtype, CPU) as uint8 [n, row bytes] of `type`, rows split over the
+// intra-op pool. k must fit the type's blocks (cpu::quantize_rows throws otherwise).
+at::Tensor quantize_dense(const at::Tensor& x, cpu::QType type);
+
 }  // namespace moa::engine

@@ -1,9 +1,9 @@
 // moa_engine._C's quantized-kernel entry points, for tests and benchmarks: the engine's
 // own linear over a quantized matrix, the dequantizers, and the kernel choice.
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "engine/linear.h"
+#include "engine/weights.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/quantize.h"
 #include "moa/errors.h"
@@ -63,16 +63,8 @@ void bind_quant(py::module_& m) {
         if (k <= 0 || k % info.block_elems != 0)
           moa::throw_error<moa::InvalidArgument>(info.name, " needs rows of a multiple of ", info.block_elems,
                                                  " elements, got ", k);
-        const at::Tensor src = x.to(at::kFloat).contiguous();
-        const int64_t row_bytes = moa::cpu::qtype_row_bytes(info, k);
-        at::Tensor out = at::empty({x.size(0), row_bytes}, at::TensorOptions().dtype(at::kByte));
         py::gil_scoped_release nogil;
-        const float* s = src.data_ptr<float>();
-        uint8_t* o = out.data_ptr<uint8_t>();
-        at::parallel_for(0, src.size(0), 16, [&](int64_t r0, int64_t r1) {
-          moa::cpu::quantize_rows(type, s + r0 * k, r1 - r0, k, o + r0 * row_bytes);
-        });
-        return out;
+        return moa::engine::quantize_dense(x, type);
       },
       py::arg("x"), py::arg("type_id"),
       "float rows [n, k] as GGML blocks of type_id (uint8 [n, row_bytes]), as ggml's reference quantizers "

@@ -24,8 +24,8 @@ namespace moa::cpu {
 
 enum class QuantIsa { portable, avx512, avx512_vnni };
 
-// The kernels in use: the best this CPU runs, capped by MOA_ENGINE_QUANT_ISA
-// ("portable" or "avx512"; read once) or set_quant_isa().
+// The kernels in use: the best weight-only ones this CPU runs unless MOA_ENGINE_QUANT_ISA
+// (read once) or set_quant_isa() chose others.
 QuantIsa quant_isa();
 const char* quant_isa_name(QuantIsa isa);
 // Sets the kernels to `name` ("portable", "avx512", "avx512_vnni" (opt-in: the int8 path),
