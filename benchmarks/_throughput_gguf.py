@@ -1,13 +1,13 @@
 """benchmarks/throughput.py: the GGUF modes. The engine serving a GGUF file natively (weight-only
-quantized kernels) against, in the same run:
-  ours_f32   the engine on the same file dequantized to float32 (Engine(file, quantization=None)),
-  HF         transformers float32 on those dequantized weights,
+quantized kernels, or the file's bfloat16 matrices as they are) against, in the same run:
+  ours_f32   the float32 engine on the same file dequantized (Engine(file, quantization=None)),
+  HF         transformers on those dequantized weights, in the mode's dtype,
   llama.cpp  on the same file with the same thread count, when its tools are found
              (--llama-cpp DIR, $LLAMA_CPP_BIN_DIR, or llama-bench / llama-batched-bench on PATH).
 
 Modes: q4_1 (the default model's shipped file, or --model when it is a .gguf) and q8_0 (the float
-weights written by `moa convert --quantize q8_0`, cached in $MOA_ENGINE_CACHE/gguf). float32
-activations only: the other dtypes are skipped.
+weights written by `moa convert --quantize q8_0`, cached in $MOA_ENGINE_CACHE/gguf), in float32
+activations; bf16 (`moa convert --quantize bf16`), served in bfloat16. Other dtypes are skipped.
 
 llama.cpp's figures. It has no generate call that takes our prompts, so its own benchmarks run
 right after each of our rows (not interleaved round by round):
@@ -36,9 +36,17 @@ else:
     from _throughput_measure import measure_decode, measure_prefill, ratio
     from _throughput_sides import DTYPES, HFRunner, OursRunner, Sides, hf_pad_id, quantized_base
 
-GGUF_MODES = ("q4_1", "q8_0")
+GGUF_MODES = ("q4_1", "q8_0", "bf16")
 MEMORY_GOAL = 1.3  # peak RSS <= this x (file size + KV cache)
-GOALS = {"decode B=1": 1.5, "decode B=32": 2.0, "prefill": 1.0}  # ours / llama.cpp
+GOALS = {"decode B=1": 1.5, "decode B=32": 2.0, "prefill": 1.0}  # ours / llama.cpp, quantized files
+BF16_GOALS = {"decode B=1": 1.0, "decode B=32": 1.0}  # ours / llama.cpp on the BF16 file
+
+
+def goals(mode):
+    """ours / llama.cpp goals of a GGUF mode's rows, by row name."""
+    return BF16_GOALS if mode == "bf16" else GOALS
+
+
 ROOFLINE_GOAL = 0.70  # batch-1 decode, of the memory roofline
 
 
@@ -78,7 +86,7 @@ def gguf_mode(qtype):
             max_prefill_tokens=max(4096, sum(map(len, workload.decode_prompts + workload.prefill_prompts))),
         )
         engine = moa_engine.Engine(path, **options)
-        f32 = moa_engine.Engine(path, quantization=None, **options)
+        f32 = moa_engine.Engine(path, quantization=None, **dict(options, dtype="float32"))
         hf = None
         if not args.no_hf:
             from transformers import AutoModelForCausalLM
@@ -97,7 +105,7 @@ def gguf_mode(qtype):
 
 def measure_gguf(sides, model_path, dtype, workload, args):
     """Decode at each batch and prefill, each with llama.cpp's figure beside it; memory first."""
-    memory = peak_memory(sides.gguf_path, args)
+    memory = peak_memory(sides.gguf_path, dtype, args)
     for index, batch in enumerate(args.mode_batches[sides.mode]):
         prompts = workload.decode_prompts[:batch]
         row = measure_decode(sides, prompts, args.new_tokens, args)
@@ -120,9 +128,9 @@ def measure_gguf(sides, model_path, dtype, workload, args):
     yield row
 
 
-def peak_memory(path, args):
-    """Peak RSS of a fresh process serving `path` (one slot of 2048 tokens, one forward), above
-    its RSS once torch and moa_engine are imported, against the goal."""
+def peak_memory(path, dtype, args):
+    """Peak RSS of a fresh process serving `path` in `dtype` (one slot of 2048 tokens, one
+    forward), above its RSS once torch and moa_engine are imported, against the goal."""
     code = (
         "import re, sys, torch\n"
         "def status(key):\n"
@@ -131,13 +139,13 @@ def peak_memory(path, args):
         f"torch.set_num_threads({args.threads})\n"
         "from moa_engine import Engine\n"
         "baseline = status('VmRSS')\n"
-        "e = Engine(sys.argv[1], max_batch=1, max_seq_len=2048)\n"
+        "e = Engine(sys.argv[1], dtype=sys.argv[2], max_batch=1, max_seq_len=2048)\n"
         "e.forward(torch.tensor([[1, 2, 3]]))\n"
         "c = e.config\n"
-        "kv = 2 * c['num_layers'] * c['num_kv_heads'] * c['head_dim'] * 2048 * 4\n"
+        "kv = 2 * c['num_layers'] * c['num_kv_heads'] * c['head_dim'] * 2048 * torch.finfo(getattr(torch, sys.argv[2])).bits // 8\n"
         "print(status('VmHWM'), baseline, kv, e.weight_bytes)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code, path, dtype], capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         return {"error": done.stderr[-500:]}
     peak, baseline, kv, weights = map(int, done.stdout.split()[-4:])

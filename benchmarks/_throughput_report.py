@@ -177,16 +177,16 @@ def print_goals(rows, has_hf):
 def print_gguf_goals(rows):
     """The GGUF modes' goals: ours / llama.cpp, the batch-1 roofline, peak memory."""
     if __package__:
-        from ._throughput_gguf import GGUF_MODES, GOALS, ROOFLINE_GOAL
+        from ._throughput_gguf import GGUF_MODES, ROOFLINE_GOAL, goals
     else:
-        from _throughput_gguf import GGUF_MODES, GOALS, ROOFLINE_GOAL
+        from _throughput_gguf import GGUF_MODES, ROOFLINE_GOAL, goals
     for r in rows:
         if r["mode"] not in GGUF_MODES:
             continue
         name = "prefill" if r["kind"] == "prefill" else f"decode B={r['batch']}"
         noisy = ", NOISY" if r["noisy"] else ""
-        if name in GOALS:
-            value, goal = r.get("ours_over_llama_cpp"), GOALS[name]
+        if name in goals(r["mode"]):
+            value, goal = r.get("ours_over_llama_cpp"), goals(r["mode"])[name]
             verdict = "no llama.cpp" if value is None else ("met" if value >= goal else "NOT met")
             print(f"goal {r['mode']} {name}: ours/llama.cpp >= {goal:g}x: {_fmt(value, '.2f', 'x')} ({verdict}{noisy})")
         if r["kind"] == "decode" and r["batch"] == 1:
@@ -261,8 +261,8 @@ def print_table(rows, copy, has_hf):
         f"% roof = (weight_bytes / copy bandwidth) / step time; copy bandwidth {copy['gb_per_s']:.1f} GB/s "
         "counts read + write bytes (a copy of X bytes moves 2X); weights counted as read bytes only.\n"
         "agree: mean fraction of each sequence's tokens before ours and HF first differ (greedy).\n"
-        "GGUF modes (q4_1, q8_0): ours serves the file natively; f32 = the engine on its float32 "
-        "conversion, HF = transformers on that; llama.cpp = llama-batched-bench S_TG (decode, -npp the "
+        "GGUF modes (q4_1, q8_0, bf16): ours serves the file natively; f32 = the float32 engine on its "
+        "float32 conversion, HF = transformers on that in the row's dtype; llama.cpp = llama-batched-bench S_TG (decode, -npp the "
         "mean prompt length) and llama-bench -p (prefill: one sequence of the row's tokens), run "
         "after each row with the same threads.\n"
         f"others: CPU cores other processes kept busy; NOISY above {NOISY_LOAD_CORES} or when a "

@@ -116,6 +116,7 @@ MODE_BATCHES = {  # default --batches: (full, quick)
     "moa": ([16, 32], [16]),
     "q4_1": ([1, 8, 32], [1, 8]),
     "q8_0": ([1, 32], [1]),
+    "bf16": ([1, 32], [1]),
     "moa_q4_1": ([16, 32], [16]),
 }
 
@@ -132,7 +133,9 @@ MODES = {
     **{q: Mode(gguf_mode(q), measure_gguf) for q in GGUF_MODES},
     "moa_q4_1": Mode(functools.partial(moa_mode, mode="moa_q4_1"), measure_moa),
 }
-FLOAT32_ONLY = (*GGUF_MODES, "moa_q4_1")  # quantized weights with float32 activations
+# The one activation dtype of the modes that serve a GGUF file: float32 for the quantized
+# kernels (weight-only, float32 activations), bfloat16 for the BF16 file.
+MODE_DTYPE = {"q4_1": "float32", "q8_0": "float32", "moa_q4_1": "float32", "bf16": "bfloat16"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +145,8 @@ FLOAT32_ONLY = (*GGUF_MODES, "moa_q4_1")  # quantized weights with float32 activ
 
 def run_mode(mode, dtype, model_path, workload, args):
     """Every row of one mode and dtype, each printed as it is taken; the models are freed afterwards."""
-    if mode in FLOAT32_ONLY and dtype != "float32":
-        print(f"  {mode} {dtype}: skipped (the quantized kernels take float32 activations)", flush=True)
+    if MODE_DTYPE.get(mode, dtype) != dtype:
+        print(f"  {mode} {dtype}: skipped (the mode runs in {MODE_DTYPE[mode]} only)", flush=True)
         return []
     started = time.perf_counter()
     sides = MODES[mode].build(model_path, dtype, workload, args)
@@ -192,9 +195,9 @@ def parse_args(argv=None):
         nargs="+",
         choices=list(MODES),
         default=list(MODES),
-        help="what the engine serves: base (the plain model), moa (LoRA experts), q4_1 / q8_0 (a GGUF "
-        "file natively, against the float32 engine, HF and llama.cpp), moa_q4_1 (LoRA experts on the "
-        "Q4_1 file); default all",
+        help="what the engine serves: base (the plain model), moa (LoRA experts), q4_1 / q8_0 / bf16 (a "
+        "GGUF file natively, against the float32 engine, HF and llama.cpp; bf16 in bfloat16, the others "
+        "in float32), moa_q4_1 (LoRA experts on the Q4_1 file); default all",
     )
     add("--dtype", nargs="+", choices=list(DTYPES), default=None, help="default: both (--quick: float32)")
     add(

@@ -8,7 +8,9 @@ subprocess with the environment knobs that force each path (read once per proces
   and run as GEMMs (the default on CPUs without AVX-512, or with AMX);
 - MOA_ENGINE_CPU_AVX512=0: the portable SIMD kernel instead of the AVX-512 one;
 - MOA_ENGINE_CPU_MIN_RUN=1000000: no token takes the GEMM-on-runs path, so long runs go
-  through the small-group kernel in chunks.
+  through the small-group kernel in chunks;
+- MOA_ENGINE_BF16_ISA=avx512: bfloat16 rows widened to float, not multiplied by vdpbf16ps
+  (the default where the CPU has AVX512-BF16).
 """
 
 import os
@@ -45,6 +47,7 @@ def run_pytest_subset(env_overrides):
         {"MOA_ENGINE_CPU_AVX512": "0"},
         {"MOA_ENGINE_CPU_AVX512": "0", "MOA_ENGINE_CPU_MIN_GATHER": "1000000"},
         {"MOA_ENGINE_CPU_MIN_RUN": "1000000"},
+        {"MOA_ENGINE_BF16_ISA": "avx512"},
     ],
     ids=lambda env: ",".join(f"{k}={v}" for k, v in env.items()),
 )

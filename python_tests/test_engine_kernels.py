@@ -41,6 +41,62 @@ def test_linear_matches_float64(dtype, M, K, N, bias):
     assert err <= 2 * torch_err + TOL[dtype] * scale, (err, torch_err)
 
 
+def bf16_isas():
+    """The bfloat16 decode paths this CPU runs: avx512 (widened to float) always, avx512_bf16
+    (vdpbf16ps) where the CPU has AVX512-BF16."""
+    found = ["avx512"]
+    previous = _C._bf16_isa()
+    try:
+        found.append(_C._set_bf16_isa("avx512_bf16"))
+    except ValueError:
+        pass
+    finally:
+        _C._set_bf16_isa(previous)
+    return found
+
+
+@pytest.fixture(params=bf16_isas())
+def bf16_isa(request):
+    previous = _C._set_bf16_isa(request.param)
+    assert previous == request.param
+    yield request.param
+    _C._set_bf16_isa("auto")
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 32])
+@pytest.mark.parametrize("K,N", [(576, 1536), (17, 9), (33, 70), (64, 8), (1000, 23)])
+def test_bf16_linear_accumulates_in_float_and_rounds_once(bf16_isa, M, K, N):
+    """Every bfloat16 path: exact products, float sums, one rounding to bfloat16. So against
+    the float64 product of the same bfloat16 values, each output is off by at most half a
+    bfloat16 ulp plus the float summation error (K * 2^-24 of sum |x w|)."""
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(torch.bfloat16)
+    b = torch.randn(N, generator=g).to(torch.bfloat16)
+    got = _C._linear(x, w, b).double()
+    want = x.double() @ w.double().T + b.double()
+    magnitude = x.double().abs() @ w.double().abs().T + b.double().abs()
+    bound = 2.0**-8 * want.abs() * 1.001 + (K + 1) * 2.0**-24 * magnitude * 1.01
+    excess = ((got - want).abs() - bound).max().item()
+    assert excess <= 0, (bf16_isa, excess)
+
+
+def test_bf16_isa_knob_names_the_bad_value():
+    with pytest.raises(ValueError, match="bfloat16 ISA must be 'auto', 'avx512' or 'avx512_bf16', got 'avx9'"):
+        _C._set_bf16_isa("avx9")
+    if "avx512_bf16" not in bf16_isas():
+        with pytest.raises(ValueError, match="no AVX512-BF16"):
+            _C._set_bf16_isa("avx512_bf16")
+    code = "import moa_engine, torch\nfrom moa_engine import _C\nprint(_C._bf16_isa())\n"
+    env = dict(os.environ, MOA_ENGINE_BF16_ISA="avx9")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "MOA_ENGINE_BF16_ISA must be 'auto', 'avx512' or 'avx512_bf16', got 'avx9'" in result.stderr
+    env["MOA_ENGINE_BF16_ISA"] = "avx512"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "avx512", result.stderr[-2000:]
+
+
 def test_linear_strided_rows():
     # Rows of x with a stride (a column block of a fused projection).
     g = torch.Generator().manual_seed(7)

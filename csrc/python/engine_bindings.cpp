@@ -11,6 +11,7 @@
 #include <string>
 
 #include "engine/linear.h"
+#include "kernels/cpu/decode_avx512.h"
 #include "moa/engine.h"
 
 namespace py = pybind11;
@@ -300,6 +301,11 @@ void bind_internals(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::call_guard<py::gil_scoped_release>(),
       "Internal (tests, benchmarks): the engine's dense linear, x [M, K] @ w [N, K]^T (+ b).");
+  m.def(
+      "_bf16_isa", []() { return std::string(moa::cpu::bf16_isa_name(moa::cpu::bf16_isa())); },
+      "How the decode kernels multiply bfloat16: 'avx512_bf16' (vdpbf16ps) or 'avx512' (widened to float).");
+  m.def("_set_bf16_isa", &moa::cpu::set_bf16_isa, py::arg("name"),
+        "Sets the bfloat16 decode kernels to 'avx512', 'avx512_bf16' or 'auto'; returns the choice now in use.");
 }
 
 }  // namespace

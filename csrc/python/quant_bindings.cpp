@@ -87,7 +87,8 @@ void bind_quant(py::module_& m) {
       py::arg("raw"), py::arg("type_id"), py::arg("k"), py::arg("ids"));
   m.def(
       "_quant_isa", []() { return std::string(moa::cpu::quant_isa_name(moa::cpu::quant_isa())); },
-      "The quantized kernels in use: 'avx512' or 'portable'.");
+      "The quantized kernels in use: 'avx512_vnni' (the int8 path), 'avx512' or 'portable'.");
   m.def("_set_quant_isa", &moa::cpu::set_quant_isa, py::arg("name"),
-        "Caps the quantized kernels at 'portable', 'avx512' or 'auto'; returns the choice now in use.");
+        "Sets the quantized kernels to 'portable', 'avx512', 'avx512_vnni' or 'auto' / 'weight_only'; "
+        "returns the choice now in use.");
 }

@@ -13,6 +13,8 @@
 #include <immintrin.h>
 #define MOA_HAVE_AVX512 1
 #define MOA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+// Also AVX512-BF16 (vdpbf16ps): only for functions reached after a run-time check.
+#define MOA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #else
 #define MOA_HAVE_AVX512 0
 #endif
@@ -35,6 +37,9 @@ namespace avx512 {
 constexpr __mmask16 kAll = 0xffff;
 
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? kAll : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
+inline __mmask32 first_n32(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1u);
+}
 
 MOA_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 MOA_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {

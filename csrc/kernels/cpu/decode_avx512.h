@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <string>
 
 namespace moa::cpu {
 
@@ -17,6 +18,17 @@ constexpr int64_t kDecodeAvx512MaxRank = 256;
 
 // True when this CPU has AVX-512 F/BW/VL/DQ and the build has the kernels.
 bool decode_avx512_available();
+
+// How bfloat16 rows are multiplied: avx512 widens both operands to float and uses FMA;
+// avx512_bf16 multiplies bfloat16 pairs by vdpbf16ps (AVX512-BF16: twice the products per
+// instruction, no widening), accumulating in float either way. Chosen once: the best this
+// CPU has, unless MOA_ENGINE_BF16_ISA ("auto", "avx512", "avx512_bf16") says otherwise;
+// set_bf16_isa() sets it at run time (tests and benchmarks; not thread-safe against running
+// kernels) and returns the name in use. Naming a level this CPU lacks is InvalidArgument.
+enum class Bf16Isa { avx512, avx512_bf16 };
+Bf16Isa bf16_isa();
+const char* bf16_isa_name(Bf16Isa isa);
+std::string set_bf16_isa(const std::string& name);
 
 // A dense linear for a few tokens (decode): for q < m and rows j in [row0, row1) of
 // W [*, k]: ys[q][j] = sum_i W[j * k + i] * xs[q][i] (+ bias[j] when bias is not null),
