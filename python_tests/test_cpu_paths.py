@@ -6,7 +6,9 @@ subprocess with the environment knobs that force each path (read once per proces
 
 - MOA_ENGINE_CPU_MIN_GATHER=16: an expert's scattered tokens, 16 or more, are gathered
   and run as GEMMs (the default on CPUs without AVX-512, or with AMX);
-- MOA_ENGINE_CPU_AVX512=0: the portable SIMD kernel instead of the AVX-512 one;
+- MOA_ENGINE_CPU_AVX512=0: the portable SIMD kernel instead of the AVX-512 one, and the
+  portable attention, RMSNorm, RoPE and SiLU kernels (their checks are the engine's
+  against HF transformers, test_engine.py);
 - MOA_ENGINE_CPU_MIN_RUN=1000000: no token takes the GEMM-on-runs path, so long runs go
   through the small-group kernel in chunks;
 - MOA_ENGINE_BF16_ISA=avx512: bfloat16 rows widened to float, not multiplied by vdpbf16ps
@@ -56,6 +58,17 @@ def test_forced_path_matches_reference(env):
     result = run_pytest_subset(env)
     tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
     assert result.returncode == 0, f"checks failed with {env}:\n{tail}"
+    assert " passed" in result.stdout and " failed" not in result.stdout, tail
+
+
+@pytest.mark.slow
+def test_portable_transformer_kernels_match_hf():
+    env = dict(os.environ, MOA_ENGINE_CPU_AVX512="0")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "matches_hf or close_to_hf"]
+    cmd.append(str(ROOT / "python_tests" / "test_engine.py"))
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+    assert result.returncode == 0, f"engine checks failed with MOA_ENGINE_CPU_AVX512=0:\n{tail}"
     assert " passed" in result.stdout and " failed" not in result.stdout, tail
 
 

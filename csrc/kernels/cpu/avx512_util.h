@@ -51,28 +51,31 @@ MOA_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
 }
 
 MOA_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-MOA_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  // Round to nearest even; NaN stays a (quiet) NaN.
+// v rounded to bfloat16, to nearest even, in the upper 16 bits of each lane (the lower ones
+// are left over); NaN stays a (quiet) NaN.
+MOA_AVX512 inline __m512i bf16_rounded(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+}
+MOA_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_rounded(v), 16)));
 }
 MOA_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// Rounds v through T and back (what storing to T and reloading gives).
+// Rounds v through T and back (what storing to T and reloading gives), in registers.
 template <typename T>
 MOA_AVX512 inline __m512 round_through(__m512 v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_and_si512(bf16_rounded(v), _mm512_set1_epi32(int(0xffff0000u))));
   } else {
-    alignas(64) T tmp[16];
-    store16(tmp, v, kAll);
-    return load16(tmp, kAll);
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 }
 

@@ -213,7 +213,16 @@ template <int RB, bool DP, typename T>
 MOA_AVX512 void rows_times_tokens(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs, T* const* ys,
                                   int64_t m, const T* bias) {
   int64_t j = row0;
-  for (; j + RB <= row1; j += RB) tile_tokens<RB, DP>(W, k, j, xs, ys, m, bias);
+  const int64_t block_bytes = RB * k * int64_t(sizeof(T));
+  for (; j + RB <= row1; j += RB) {
+    // The next block of rows into L2 while this one serves every token: the block's rows,
+    // read side by side, are short streams that the hardware prefetcher starts late.
+    if (j + 2 * RB <= row1) {
+      const char* next = reinterpret_cast<const char*>(W + (j + RB) * k);
+      for (int64_t b = 0; b < block_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
+    }
+    tile_tokens<RB, DP>(W, k, j, xs, ys, m, bias);
+  }
   for (; j < row1; ++j) tile_tokens<1, DP>(W, k, j, xs, ys, m, bias);
 }
 

@@ -142,11 +142,6 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value = 1) {
   return parsed;
 }
 
-bool use_avx512_kernels() {
-  static const bool use = decode_avx512_available() && env_int("MOA_ENGINE_CPU_AVX512", 1, 0) != 0;
-  return use;
-}
-
 // ---------------------------------------------------------------------------
 // SIMD kernel for small groups (decode). Work items are (group, slice of rows of
 // the expert's weight); each item reads its slice once per block of 4 tokens.
@@ -292,6 +287,11 @@ void run_small_groups(SmallArgs<T> a) {
 }
 
 }  // namespace
+
+bool use_avx512_kernels() {
+  static const bool use = decode_avx512_available() && env_int("MOA_ENGINE_CPU_AVX512", 1, 0) != 0;
+  return use;
+}
 
 // ---------------------------------------------------------------------------
 // Planning: runs, then a counting sort of the remaining tokens by expert.

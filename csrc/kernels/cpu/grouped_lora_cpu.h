@@ -22,7 +22,8 @@
 // kernels, scattered tokens of any count take the SIMD path (no gather), unless the CPU
 // multiplies T natively (AMX / AVX512-BF16 / AVX512-FP16), where GEMMs win.
 // Environment overrides, read once per process (tuning and tests):
-//   MOA_ENGINE_CPU_AVX512=0      use the portable SIMD kernels even on AVX-512 CPUs
+//   MOA_ENGINE_CPU_AVX512=0      use the portable SIMD kernels even on AVX-512 CPUs (and
+//                                the portable attention and elementwise kernels)
 //   MOA_ENGINE_CPU_MIN_RUN=N     min_run
 //   MOA_ENGINE_CPU_MIN_GATHER=N  min_gemm_group
 // Tokens with expert id -1 are on no path: their rows of V are not written and their
@@ -62,6 +63,10 @@ struct Plan {
   std::vector<Group> small_groups;
   std::vector<int64_t> perm;  // scattered tokens, grouped by expert, ascending within one
 };
+
+// Whether the AVX-512 kernels run: the CPU has them and MOA_ENGINE_CPU_AVX512 is not 0
+// (read once). Also the choice of the attention and elementwise kernels (transformer_cpu).
+bool use_avx512_kernels();
 
 // Whether this CPU multiplies T natively (AMX, AVX512-BF16 / -FP16): then BLAS GEMMs
 // beat the FMA kernels. Always false for float and double.

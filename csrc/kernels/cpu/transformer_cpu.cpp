@@ -1,6 +1,6 @@
 // CPU kernels for the engine's transformer forward (see transformer_cpu.h).
 // Attention has an AVX-512 path (16 keys' scores reduced at once, a vectorised exp)
-// and a portable one; the elementwise kernels are plain loops.
+// and a portable one; so do the elementwise kernels (RMSNorm, RoPE, SiLU-and-multiply).
 // Kernels tier (csrc/kernels/README.md): arithmetic only, no Python, no model knowledge;
 // CPU kernels may use ATen's BLAS and at::parallel_for.
 #include "kernels/cpu/transformer_cpu.h"
@@ -14,6 +14,7 @@
 
 #include "kernels/cpu/avx512_util.h"
 #include "kernels/cpu/decode_avx512.h"
+#include "kernels/cpu/grouped_lora_cpu.h"  // use_avx512_kernels
 
 namespace moa::cpu {
 namespace {
@@ -115,11 +116,71 @@ MOA_AVX512 void attend_avx512(const T* qh, const T* k, const T* v, int64_t lo, i
 }
 #endif
 
+// The elementwise kernels on AVX-512: the portable loops' arithmetic, 16 lanes at a time.
+// Each rounding to T that the portable loop makes (round_to) is made here too
+// (round_through), so bfloat16 results agree; float sums (rms_norm) are added in another
+// order, and silu's exp is exp16 (within 2 ulp of std::exp).
+
+template <typename T>
+MOA_AVX512 void rms_norm_row_avx512(const T* x, const T* w, T* y, int64_t H, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = first_n(H - i);
+    const __m512 v = load16(x + i, m);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(H) + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = first_n(H - i);
+    const __m512 normed = round_through<T>(_mm512_mul_ps(load16(x + i, m), rstd));
+    store16(y + i, _mm512_mul_ps(load16(w + i, m), normed), m);
+  }
+}
+
+template <typename T>
+MOA_AVX512 void rope_head_avx512(T* xh, const float* cs, int64_t half) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 m = first_n(half - i);
+    const __m512 c = round_through<T>(_mm512_maskz_loadu_ps(m, cs + i));
+    const __m512 s = round_through<T>(_mm512_maskz_loadu_ps(m, cs + half + i));
+    const __m512 a = load16(xh + i, m), b = load16(xh + half + i, m);
+    store16(xh + i, _mm512_sub_ps(round_through<T>(_mm512_mul_ps(a, c)), round_through<T>(_mm512_mul_ps(b, s))), m);
+    store16(xh + half + i, _mm512_add_ps(round_through<T>(_mm512_mul_ps(b, c)), round_through<T>(_mm512_mul_ps(a, s))),
+            m);
+  }
+}
+
+template <typename T>
+MOA_AVX512 void silu_mul_row_avx512(const T* g, const T* u, T* o, int64_t I) {
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512 overflow = _mm512_set1_ps(88.72283f);  // exp16's clamp: std::exp is inf above
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 m = first_n(I - i);
+    const __m512 gv = load16(g + i, m);
+    const __m512 neg = _mm512_sub_ps(zero, gv);
+    // exp(-g) as std::exp gives it past the clamp (inf), so g / (1 + e) is -0 there and NaN
+    // at g = -inf, as in the portable loop.
+    const __m512 e = _mm512_mask_mov_ps(exp16(neg), _mm512_cmp_ps_mask(neg, overflow, _CMP_GT_OQ), inf);
+    const __m512 act = round_through<T>(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
+    store16(o + i, _mm512_mul_ps(act, load16(u + i, m)), m);
+  }
+}
+
 bool attention_avx512(int64_t head_dim) {
 #if MOA_HAVE_AVX512
-  return decode_avx512_available() && head_dim <= 16 * kMaxChunks;
+  return use_avx512_kernels() && head_dim <= 16 * kMaxChunks;
 #else
   (void)head_dim;
+  return false;
+#endif
+}
+
+// True when the elementwise kernels take their AVX-512 rows (MOA_ENGINE_CPU_AVX512=0: never).
+bool elementwise_avx512() {
+#if MOA_HAVE_AVX512
+  return use_avx512_kernels();
+#else
   return false;
 #endif
 }
@@ -128,8 +189,15 @@ bool attention_avx512(int64_t head_dim) {
 
 template <typename T>
 void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t rows, int64_t H, float eps) {
+  const bool fast = elementwise_avx512();
   at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+#if MOA_HAVE_AVX512
+      if (fast) {
+        rms_norm_row_avx512(x + r * ldx, w, y + r * ldy, H, eps);
+        continue;
+      }
+#endif
       const T* xr = x + r * ldx;
       T* yr = y + r * ldy;
       float ss = 0.0f;
@@ -149,11 +217,18 @@ void rms_norm(const T* x, int64_t ldx, const T* w, T* y, int64_t ldy, int64_t ro
 template <typename T>
 void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64_t* positions, const float* table) {
   const int64_t half = D / 2;
+  const bool fast = elementwise_avx512();
   at::parallel_for(0, rows, row_grain(heads * D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* cs = table + positions[r] * D;
       for (int64_t h = 0; h < heads; ++h) {
         T* xh = x + r * ldx + h * D;
+#if MOA_HAVE_AVX512
+        if (fast) {
+          rope_head_avx512(xh, cs, half);
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < half; ++i) {
           const float c = round_to<T>(cs[i]);
           const float s = round_to<T>(cs[half + i]);
@@ -169,11 +244,18 @@ void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64
 
 template <typename T>
 void silu_mul(const T* gu, int64_t ldgu, T* out, int64_t ldo, int64_t rows, int64_t I) {
+  const bool fast = elementwise_avx512();
   at::parallel_for(0, rows, row_grain(I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = gu + r * ldgu;
       const T* u = g + I;
       T* o = out + r * ldo;
+#if MOA_HAVE_AVX512
+      if (fast) {
+        silu_mul_row_avx512(g, u, o, I);
+        continue;
+      }
+#endif
       for (int64_t i = 0; i < I; ++i) {
         const float gv = static_cast<float>(g[i]);
         const float act = round_to<T>(gv / (1.0f + std::exp(-gv)));
