@@ -149,7 +149,11 @@ class Engine:
             file's quantized matrices keep their types. The default model is its Q4_1 file
             ("auto") or that file's float32 conversion (None).
         dtype: "auto" (the checkpoint's), "float32" or "bfloat16" ("float16" on CUDA).
-        device: "cpu".
+        device: "cpu", or "cuda" / "cuda:N" in a build with CUDA.
+        backend: where the forward runs. "auto" (MOA_ENGINE_BACKEND when set, else "cpu"
+            on the CPU, "cuda" on a GPU), "cpu" (the CPU kernels, chosen by instruction
+            set), "reference" (ATen ops alone on any device: slow, the plain forward the
+            others are tested against) or "cuda".
         max_batch: KV-cache slots, i.e. sequences decoded together. More prompts than
             slots are queued and take a slot as soon as one frees (continuous batching).
         max_seq_len: the longest prompt + generation, per sequence.
@@ -168,6 +172,7 @@ class Engine:
         max_prefill_tokens: int = 4096,
         routing: str | None = None,
         quantization: str | None = "auto",
+        backend: str = "auto",
     ):
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(map(repr, QUANTIZATIONS))}, got {quantization!r}")
@@ -190,6 +195,7 @@ class Engine:
             max_seq_len=max_seq_len,
             max_prefill_tokens=max_prefill_tokens,
             quantization="" if quantization in ("auto", None) else quantization,
+            backend=backend,
         )
         self.quantized = native or quantization not in ("auto", None)
         self._tokenizer = None
@@ -254,6 +260,15 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, self._core.dtype)
+
+    @property
+    def backend(self) -> str:
+        """Where the forward runs: "cpu", "reference" or "cuda"."""
+        return self._core.backend
+
+    @property
+    def device(self) -> str:
+        return self._core.device
 
     @property
     def max_batch(self) -> int:

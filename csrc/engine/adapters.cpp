@@ -9,8 +9,8 @@ const char* target_name(Target t) {
   return names[static_cast<int>(t)];
 }
 
-AdapterTable::AdapterTable(const ModelConfig& config, at::ScalarType dtype)
-    : config_(config), dtype_(dtype), stacks_(static_cast<size_t>(config.num_layers)) {}
+AdapterTable::AdapterTable(const ModelConfig& config, at::ScalarType dtype, at::Device device)
+    : config_(config), dtype_(dtype), device_(device), stacks_(static_cast<size_t>(config.num_layers)) {}
 
 std::pair<int64_t, int64_t> AdapterTable::dims(Target t) const {
   const ModelConfig& c = config_;
@@ -97,9 +97,9 @@ void AdapterTable::write_slot(int64_t layer, Target t, int64_t slot, const LoraP
   const int64_t old_r = s.a.defined() ? s.a.size(1) : 0;
   const int64_t r = std::max(old_r, piece != nullptr ? piece->a.size(0) : 0);
   if (old_e != E || old_r != r) {  // grow: new slot and/or larger rank, zero-padded
-    const auto opts = at::TensorOptions().dtype(dtype_);
+    const auto opts = at::TensorOptions().dtype(dtype_).device(device_);
     Stack grown{at::zeros({E, r, in}, opts), at::zeros({E, out, r}, opts),
-                at::zeros({E}, at::TensorOptions().dtype(at::kFloat))};
+                at::zeros({E}, at::TensorOptions().dtype(at::kFloat).device(device_))};
     if (old_e > 0) {
       grown.a.narrow(0, 0, old_e).narrow(1, 0, old_r).copy_(s.a);
       grown.b.narrow(0, 0, old_e).narrow(2, 0, old_r).copy_(s.b);

@@ -44,7 +44,8 @@ class AdapterTable {
     at::Tensor a, b, scales;  // [E, r, in], [E, out, r], [E]; undefined when no expert has it
   };
 
-  AdapterTable(const ModelConfig& config, at::ScalarType dtype);
+  // The stacks are held in `dtype` on `device` (the model's).
+  AdapterTable(const ModelConfig& config, at::ScalarType dtype, at::Device device = at::kCPU);
 
   // A new table with `name` in a free slot (or a new one). Checks every piece against
   // the model (layer range, shapes); throws InvalidArgument naming the piece.
@@ -72,6 +73,7 @@ class AdapterTable {
   void write_slot(int64_t layer, Target t, int64_t slot, const LoraPiece* piece);
   ModelConfig config_;
   at::ScalarType dtype_;
+  at::Device device_;
   std::vector<std::string> names_;
   std::vector<std::array<Stack, kNumTargets>> stacks_;  // [layer][target]
 };

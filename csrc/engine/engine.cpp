@@ -6,7 +6,9 @@
 
 #include <cmath>
 #include <map>
+#include <optional>
 
+#include "engine/backend.h"
 #include "engine/config.h"
 #include "engine/engine_impl.h"
 #include "engine/gguf.h"
@@ -28,9 +30,35 @@ const char* to_string(FinishReason reason) {
 
 namespace {
 
+// options.device as a device this build can serve on: "cpu", or "cuda" / "cuda:N" where
+// moa_engine was built with CUDA and the device is there.
+at::Device engine_device(const std::string& name) {
+  std::optional<at::Device> device;
+  try {
+    device = at::Device(name);
+  } catch (const c10::Error&) {
+    throw_error<InvalidArgument>("device '", name, "' is not a device (expected 'cpu', 'cuda' or 'cuda:N')");
+  }
+  if (device->is_cpu()) return *device;
+#ifdef MOA_WITH_CUDA
+  if (device->is_cuda()) {
+    if (!at::globalContext().hasCUDA())
+      throw_error<InvalidArgument>("device '", name, "': no CUDA device is visible to this process");
+    return *device;
+  }
+  throw_error<InvalidArgument>("device '", name, "' is not supported (supported: cpu, cuda)");
+#else
+  throw_error<InvalidArgument>("device '", name,
+                               "' is not supported by this build (supported: cpu; CUDA needs a build with "
+                               "MOA_ENGINE_CUDA=1)");
+#endif
+}
+
 void check_options(const EngineOptions& options) {
-  if (options.device != "cpu")
-    throw_error<InvalidArgument>("device '", options.device, "' is not supported by this build (supported: cpu)");
+  const at::Device device = engine_device(options.device);
+  if (!device.is_cpu() && !options.quantization.empty())
+    throw_error<InvalidArgument>("quantization '", options.quantization, "' runs on the CPU only, not on device '",
+                                 options.device, "'");
   if (options.max_batch <= 0) throw_error<InvalidArgument>("max_batch must be > 0, got ", options.max_batch);
   if (options.max_seq_len <= 1) throw_error<InvalidArgument>("max_seq_len must be > 1, got ", options.max_seq_len);
   if (options.max_prefill_tokens <= 0)
@@ -82,21 +110,24 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   check_options(options);
   engine::small_m_limit();  // a bad MOA_ENGINE_SMALL_M or MOA_ENGINE_INT8_M fails here, not in the first forward
   engine::int8_m_limit();
+  const at::Device device = engine_device(options.device);
+  std::shared_ptr<const engine::Backend> backend = engine::make_backend(options.backend, device);
   engine::ModelWeights weights;
   if (engine::is_gguf_path(model_dir)) {
     const engine::GgufFile file = engine::GgufFile::open(model_dir);
     m.config = engine::config_from_gguf(file);
     m.dtype = resolve_dtype(options.dtype, m.config, options.device);
-    weights = engine::load_gguf_weights(file, m.config, m.dtype, at::Device(options.device));
+    weights = engine::load_gguf_weights(file, m.config, m.dtype, device);
   } else {
     m.config = engine::read_model_config(model_dir);
     m.dtype = resolve_dtype(options.dtype, m.config, options.device);
-    weights = engine::load_weights(model_dir, m.config, m.dtype, at::Device(options.device));
+    weights = engine::load_weights(model_dir, m.config, m.dtype, device);
   }
   if (const auto type = engine::parse_quantization(options.quantization)) engine::quantize_weights(weights, *type);
-  m.model = std::make_unique<engine::Model>(m.config, std::move(weights), m.dtype, options.max_seq_len);
+  m.model =
+      std::make_unique<engine::Model>(m.config, std::move(weights), m.dtype, options.max_seq_len, std::move(backend));
   m.cache = m.model->make_cache(options.max_batch, options.max_seq_len);
-  m.adapters = std::make_shared<engine::AdapterTable>(m.config, m.dtype);
+  m.adapters = std::make_shared<engine::AdapterTable>(m.config, m.dtype, device);
   m.model->set_adapters(m.adapters);
   m.slots.resize(options.max_batch);
 }
@@ -107,6 +138,7 @@ const ModelConfig& Engine::config() const { return impl_->config; }
 const EngineOptions& Engine::options() const { return impl_->options; }
 at::ScalarType Engine::dtype() const { return impl_->dtype; }
 int64_t Engine::weight_bytes() const { return impl_->model->weights().bytes(); }
+std::string Engine::backend_name() const { return impl_->model->backend().name(); }
 
 // -----------------------------------------------------------------------------------------
 // Experts

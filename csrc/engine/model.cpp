@@ -9,13 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
-#include "engine/dispatch.h"
-#include "engine/linear.h"
-#include "kernels/cpu/transformer_cpu.h"
-#include "moa/ops.h"
 
 namespace moa::engine {
 
@@ -41,11 +36,15 @@ at::Tensor make_rope_table(const ModelConfig& c, int64_t max_positions) {
   return at::cat({freqs.cos(), freqs.sin()}, 1).contiguous();
 }
 
-Model::Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions)
+Model::Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions,
+             std::shared_ptr<const Backend> backend)
     : config_(std::move(config)), weights_(std::move(weights)), dtype_(dtype), max_positions_(max_positions),
-      rope_table_(make_rope_table(config_, max_positions)), adapters_(std::make_shared<AdapterTable>(config_, dtype)) {}
+      rope_table_(make_rope_table(config_, max_positions).to(weights_.final_norm.device())),
+      adapters_(std::make_shared<AdapterTable>(config_, dtype, weights_.final_norm.device())),
+      backend_(std::move(backend)) {}
 
 void Model::set_router(std::vector<at::Tensor> router, std::vector<int64_t> domain_slots) {
+  for (at::Tensor& r : router) r = r.to(device());
   router_ = std::move(router);
   router_slots_ = std::move(domain_slots);
 }
@@ -67,7 +66,7 @@ void Model::adapt(int64_t layer, Target target, const at::Tensor& x, const at::T
   if (!ids.defined()) return;
   const AdapterTable::Stack& s = adapters_->stack(layer, target);
   if (!s.a.defined()) return;
-  moa::grouped_lora_add_(y, x, s.a, s.b, ids, s.scales);
+  backend_->lora_add_(y, x, s.a, s.b, ids, s.scales);
 }
 
 void Model::route(int64_t layer, const at::Tensor& xn, const Batch& batch) const {
@@ -78,7 +77,8 @@ void Model::route(int64_t layer, const at::Tensor& xn, const Batch& batch) const
       // The mean of the sequence's normed layer input, scored by this layer's router.
       const int64_t n = sq.route_len > 0 ? std::min(sq.route_len, sq.len) : sq.len;
       const at::Tensor pooled = xn.narrow(0, row, n).to(at::kFloat).mean(0);                 // [H]
-      const at::Tensor probs = at::softmax(at::mv(router_[layer], pooled), 0).contiguous();  // [D]
+      // The one read back to the host per routed layer: the domain probabilities.
+      const at::Tensor probs = at::softmax(at::mv(router_[layer], pooled), 0).to(at::kCPU).contiguous();  // [D]
       const float* p = probs.data_ptr<float>();
       int64_t best = -1;
       for (int64_t d = 0; d < D; ++d)
@@ -100,12 +100,12 @@ at::Tensor Model::layer_expert_ids(int64_t layer, const Batch& batch) const {
     const int64_t e = sq.experts != nullptr ? sq.experts[layer] : -1;
     p = std::fill_n(p, sq.len, e);
   }
-  return ids;
+  return ids.to(device());
 }
 
 at::Tensor Model::project(int64_t layer, const at::Tensor& x, const Matrix& w, const at::Tensor& b,
                           std::initializer_list<Target> targets, const at::Tensor& ids) const {
-  at::Tensor y = linear(x, w, b);
+  at::Tensor y = backend_->linear(x, w, b);
   const int64_t block = y.size(1) / static_cast<int64_t>(targets.size());
   int64_t offset = 0;
   for (Target t : targets) {
@@ -119,126 +119,41 @@ at::Tensor Model::project(int64_t layer, const at::Tensor& x, const Matrix& w, c
   return y;
 }
 
-// Keys and values of the sequences that have no slot (scoring): [S, nkv, T, D] per layer.
-struct Model::Scratch {
-  at::Tensor k, v;
-  std::vector<int64_t> index;  // sequence -> row of k / v, or -1
-};
-
 void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
-                            KvCache* cache, Scratch& scratch, at::Tensor& ids) const {
+                            const std::vector<SeqSpan>& spans, const KvStores& stores, at::Tensor& ids) const {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[layer];
-  const int64_t N = h.size(0), H = c.hidden_size, D = c.head_dim;
-  const int64_t Q = c.num_heads * D;
-  at::Tensor xn = at::empty_like(h);
-  at::Tensor qkv;
-  MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_attn", [&] {
-    using T = scalar_t;
-    cpu::rms_norm<T>(h.data_ptr<T>(), H, w.attn_norm.data_ptr<T>(), xn.data_ptr<T>(), H, N, H,
-                     static_cast<float>(c.rms_norm_eps));
-    if (has_router()) route(layer, xn, batch);
-    ids = layer_expert_ids(layer, batch);
-    qkv = project(layer, xn, w.wqkv, w.bqkv, {Target::q, Target::k, Target::v}, ids);  // [N, Q + 2 KV]
-    T* q = qkv.data_ptr<T>();
-    const int64_t ld = qkv.stride(0);
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    cpu::rope<T>(q, ld, N, c.num_heads, D, pos, rope_table_.data_ptr<float>());
-    cpu::rope<T>(q + Q, ld, N, c.num_kv_heads, D, pos, rope_table_.data_ptr<float>());
-    // Store the new keys and values, then attend over each sequence's store.
-    const std::vector<cpu::AttentionSeq<T>> seqs = store_kv<T>(layer, q, ld, batch, cache, scratch);
-    at::Tensor attn = at::empty({N, Q}, h.options());
-    attend<T>(layer, q, ld, seqs, batch, cache, scratch, attn.data_ptr<T>());
-    h.add_(project(layer, attn, w.wo, at::Tensor(), {Target::o}, ids));
-  });
-}
-
-template <typename T>
-std::vector<cpu::AttentionSeq<T>> Model::store_kv(int64_t layer, const T* qkv, int64_t ld, const Batch& batch,
-                                                  KvCache* cache, Scratch& scratch) const {
-  const ModelConfig& c = config_;
-  const int64_t D = c.head_dim, Q = c.num_heads * D, KV = c.num_kv_heads * D;
-  std::vector<cpu::AttentionSeq<T>> seqs(batch.seqs.size());
-  int64_t row = 0;
-  for (size_t s = 0; s < batch.seqs.size(); ++s) {
-    const Batch::Seq& sq = batch.seqs[s];
-    T *kbase, *vbase;
-    int64_t head_stride, pos_stride;
-    if (sq.slot >= 0) {
-      const at::Tensor& kc = cache->k[layer];
-      kbase = kc.data_ptr<T>() + sq.slot * kc.stride(0);
-      vbase = cache->v[layer].data_ptr<T>() + sq.slot * kc.stride(0);
-      head_stride = kc.stride(1), pos_stride = kc.stride(2);
-    } else {
-      const int64_t r = scratch.index[s];
-      kbase = scratch.k.data_ptr<T>() + r * scratch.k.stride(0);
-      vbase = scratch.v.data_ptr<T>() + r * scratch.k.stride(0);
-      head_stride = scratch.k.stride(1), pos_stride = scratch.k.stride(2);
-    }
-    for (int64_t i = 0; i < sq.len; ++i) {
-      const T* src = qkv + (row + i) * ld;
-      for (int64_t g = 0; g < c.num_kv_heads; ++g) {
-        const int64_t off = g * head_stride + (sq.start + i) * pos_stride;
-        std::memcpy(kbase + off, src + Q + g * D, D * sizeof(T));
-        std::memcpy(vbase + off, src + Q + KV + g * D, D * sizeof(T));
-      }
-    }
-    seqs[s] = {row, sq.len, sq.start, kbase, vbase};
-    row += sq.len;
-  }
-  return seqs;
-}
-
-template <typename T>
-void Model::attend(int64_t layer, const T* q, int64_t ld, const std::vector<cpu::AttentionSeq<T>>& seqs,
-                   const Batch& batch, const KvCache* cache, const Scratch& scratch, T* out) const {
-  const ModelConfig& c = config_;
-  const int64_t D = c.head_dim, Q = c.num_heads * D;
-  cpu::AttentionShape shape;
-  shape.n_heads = c.num_heads;
-  shape.n_kv_heads = c.num_kv_heads;
-  shape.head_dim = D;
-  shape.kv_pos_stride = D;
-  shape.window = c.sliding_window;
-  shape.scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // Slots and scratch share the [.., nkv, capacity, D] layout but not the capacity:
-  // attend in two calls when a batch mixes them.
-  std::vector<cpu::AttentionSeq<T>> cached, loose;
-  for (size_t s = 0; s < seqs.size(); ++s) (batch.seqs[s].slot >= 0 ? cached : loose).push_back(seqs[s]);
-  if (!cached.empty()) {
-    shape.kv_head_stride = cache->k[layer].stride(1);
-    cpu::attention<T>(q, ld, out, Q, cached.data(), cached.size(), shape);
-  }
-  if (!loose.empty()) {
-    shape.kv_head_stride = scratch.k.stride(1);
-    cpu::attention<T>(q, ld, out, Q, loose.data(), loose.size(), shape);
-  }
+  const Backend& be = *backend_;
+  const at::Tensor xn = be.rms_norm(h, w.attn_norm, static_cast<float>(c.rms_norm_eps));
+  if (has_router()) route(layer, xn, batch);
+  ids = layer_expert_ids(layer, batch);
+  const at::Tensor qkv = project(layer, xn, w.wqkv, w.bqkv, {Target::q, Target::k, Target::v}, ids);  // [N, Q + 2 KV]
+  const AttentionDims dims{c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window};
+  be.rope_qk(qkv, dims, positions, rope_table_);
+  // Store the new keys and values, then attend over each sequence's store.
+  be.store_kv(qkv, dims, spans, stores);
+  const at::Tensor attn = be.attention(qkv, dims, spans, stores);  // [N, Q]
+  h.add_(project(layer, attn, w.wo, at::Tensor(), {Target::o}, ids));
 }
 
 void Model::mlp_block(int64_t layer, at::Tensor& h, const at::Tensor& ids) const {
-  const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[layer];
-  const int64_t N = h.size(0), H = c.hidden_size, I = c.intermediate_size;
-  at::Tensor xn = at::empty_like(h);
-  at::Tensor act = at::empty({N, I}, h.options());
-  MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_mlp", [&] {
-    using T = scalar_t;
-    cpu::rms_norm<T>(h.data_ptr<T>(), H, w.mlp_norm.data_ptr<T>(), xn.data_ptr<T>(), H, N, H,
-                     static_cast<float>(c.rms_norm_eps));
-    at::Tensor gu = project(layer, xn, w.w_gate_up, at::Tensor(), {Target::gate, Target::up}, ids);
-    cpu::silu_mul<T>(gu.data_ptr<T>(), gu.stride(0), act.data_ptr<T>(), I, N, I);
-  });
+  const Backend& be = *backend_;
+  const at::Tensor xn = be.rms_norm(h, w.mlp_norm, static_cast<float>(config_.rms_norm_eps));
+  const at::Tensor gu = project(layer, xn, w.w_gate_up, at::Tensor(), {Target::gate, Target::up}, ids);
+  const at::Tensor act = be.silu_mul(gu);  // [N, I]
   h.add_(project(layer, act, w.w_down, at::Tensor(), {Target::down}, ids));
 }
 
 at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
   const ModelConfig& c = config_;
+  const at::Device dev = device();
   const int64_t N = static_cast<int64_t>(batch.tokens.size());
   const int64_t S = static_cast<int64_t>(batch.seqs.size());
-  // Positions of the packed tokens, and the scratch stores of slot-less sequences.
+  // Positions of the packed tokens; each sequence's span (its rows and its store: a
+  // cache slot, or a scratch row for one without a slot), fixed for every layer.
   at::Tensor positions = at::empty({N}, at::kLong);
-  Scratch scratch;
-  scratch.index.assign(S, -1);
+  std::vector<SeqSpan> spans(S);
   int64_t loose = 0, longest = 0;
   {
     int64_t* p = positions.data_ptr<int64_t>();
@@ -246,24 +161,27 @@ at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
     for (int64_t s = 0; s < S; ++s) {
       const Batch::Seq& sq = batch.seqs[s];
       TORCH_CHECK(sq.start + sq.len <= max_positions_, "moa engine: position out of range");
+      const bool scratch = sq.slot < 0;
+      spans[s] = {row, sq.len, sq.start, scratch, scratch ? loose++ : sq.slot};
+      if (scratch) longest = std::max(longest, sq.start + sq.len);
       for (int64_t i = 0; i < sq.len; ++i) p[row++] = sq.start + i;
-      if (sq.slot < 0) {
-        scratch.index[s] = loose++;
-        longest = std::max(longest, sq.start + sq.len);
-      }
     }
     TORCH_CHECK(row == N, "moa engine: batch sequences cover ", row, " tokens, expected ", N);
   }
+  positions = positions.to(dev);
+  at::Tensor scratch_k, scratch_v;
   if (loose > 0) {
     const auto opts = weights_.final_norm.options();
-    scratch.k = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
-    scratch.v = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
+    scratch_k = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
+    scratch_v = at::empty({loose, c.num_kv_heads, longest, c.head_dim}, opts);
   }
-  at::Tensor ids = at::from_blob(const_cast<int64_t*>(batch.tokens.data()), {N}, at::kLong);
-  at::Tensor h = embedding(weights_.embed, ids, dtype_);  // [N, H]
+  const at::Tensor tokens = at::from_blob(const_cast<int64_t*>(batch.tokens.data()), {N}, at::kLong).to(dev);
+  at::Tensor h = backend_->embedding(weights_.embed, tokens, dtype_);  // [N, H]
   for (int64_t l = 0; l < c.num_layers; ++l) {
+    KvStores stores{cache != nullptr ? cache->k[l] : at::Tensor(), cache != nullptr ? cache->v[l] : at::Tensor(),
+                    scratch_k, scratch_v};
     at::Tensor ids;  // [N] expert slot per token at this layer, set after routing
-    attention_block(l, h, batch, positions, cache, scratch, ids);
+    attention_block(l, h, batch, positions, spans, stores, ids);
     mlp_block(l, h, ids);
   }
   if (!batch.want_logits) return at::Tensor();
@@ -271,20 +189,12 @@ at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
   at::Tensor rows = h;
   if (!batch.all_logits) {
     std::vector<int64_t> last(S);
-    int64_t row = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      row += batch.seqs[s].len;
-      last[s] = row - 1;
-    }
-    rows = h.index_select(0, at::tensor(last, at::kLong));
+    for (int64_t s = 0; s < S; ++s) last[s] = spans[s].row + spans[s].len - 1;
+    rows = h.index_select(0, at::tensor(last, at::kLong).to(dev));
   }
-  at::Tensor normed = at::empty_like(rows);
-  MOA_DISPATCH_ENGINE_TYPES(h.scalar_type(), "moa_final", [&] {
-    using T = scalar_t;
-    cpu::rms_norm<T>(rows.data_ptr<T>(), rows.stride(0), weights_.final_norm.data_ptr<T>(), normed.data_ptr<T>(),
-                     c.hidden_size, rows.size(0), c.hidden_size, static_cast<float>(c.rms_norm_eps));
-  });
-  return linear(normed, weights_.lm_head, at::Tensor()).to(at::kFloat);
+  const at::Tensor normed = backend_->rms_norm(rows, weights_.final_norm, static_cast<float>(c.rms_norm_eps));
+  // The logits go to the host's sampler.
+  return backend_->linear(normed, weights_.lm_head, at::Tensor()).to(at::kFloat).to(at::kCPU);
 }
 
 }  // namespace moa::engine

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "engine/adapters.h"
+#include "engine/backend.h"
 #include "engine/weights.h"
-#include "kernels/cpu/transformer_cpu.h"
 #include "moa/engine.h"
 
 namespace moa::engine {
@@ -47,7 +47,9 @@ struct Batch {
 
 class Model {
  public:
-  Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions);
+  // backend: where the forward runs (backend.h); the weights are on its device.
+  Model(ModelConfig config, ModelWeights weights, at::ScalarType dtype, int64_t max_positions,
+        std::shared_ptr<const Backend> backend);
 
   // Logits, float32: [N, V] with all_logits, else [S, V]. Writes the new tokens' K and V
   // into their slots.
@@ -66,31 +68,22 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
   at::ScalarType dtype() const { return dtype_; }
+  const Backend& backend() const { return *backend_; }
+  at::Device device() const { return weights_.final_norm.device(); }
 
  private:
-  struct Scratch;
   // y = x W^T (+ b), then each target's adapter hook on its block of columns of y.
   // ids: [N] expert slot per token for this layer (undefined: no expert in the batch).
   at::Tensor project(int64_t layer, const at::Tensor& x, const Matrix& w, const at::Tensor& b,
                      std::initializer_list<Target> targets, const at::Tensor& ids) const;
   // The adapter hook every target linear passes through: the experts' grouped LoRA
-  // update, y += scales[e] * (x @ A[e]^T) @ B[e]^T per token, in one op call.
+  // update, y += scales[e] * (x @ A[e]^T) @ B[e]^T per token, in one backend call.
   void adapt(int64_t layer, Target target, const at::Tensor& x, const at::Tensor& y, const at::Tensor& ids) const;
   // Chooses the experts of routed sequences at this layer from xn: [N, H].
   void route(int64_t layer, const at::Tensor& xn, const Batch& batch) const;
   at::Tensor layer_expert_ids(int64_t layer, const Batch& batch) const;
-  void attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions, KvCache* cache,
-                       Scratch& scratch, at::Tensor& ids) const;
-  // Writes the new tokens' keys and values (from qkv [N, Q + 2 KV], row stride ld) into
-  // each sequence's store, its KV-cache slot or its scratch row; returns where they are.
-  template <typename T>
-  std::vector<cpu::AttentionSeq<T>> store_kv(int64_t layer, const T* qkv, int64_t ld, const Batch& batch,
-                                             KvCache* cache, Scratch& scratch) const;
-  // Attention of the new tokens' queries (q: qkv's first Q columns) over their sequences'
-  // stores, into out [N, Q].
-  template <typename T>
-  void attend(int64_t layer, const T* q, int64_t ld, const std::vector<cpu::AttentionSeq<T>>& seqs, const Batch& batch,
-              const KvCache* cache, const Scratch& scratch, T* out) const;
+  void attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
+                       const std::vector<SeqSpan>& spans, const KvStores& stores, at::Tensor& ids) const;
   void mlp_block(int64_t layer, at::Tensor& h, const at::Tensor& ids) const;
 
   ModelConfig config_;
@@ -101,6 +94,7 @@ class Model {
   std::shared_ptr<const AdapterTable> adapters_;
   std::vector<at::Tensor> router_;  // [num_layers] x [n_domains, H] float32
   std::vector<int64_t> router_slots_;
+  std::shared_ptr<const Backend> backend_;
 };
 
 // rope_table_ as transformers computes it (float32, llama3 scaling when configured).

@@ -154,7 +154,7 @@ void bind_loading(EngineClass& engine) {
   engine
       .def(py::init([](const std::string& model_dir, const std::string& dtype, const std::string& device,
                        int64_t max_batch, int64_t max_seq_len, int64_t max_prefill_tokens,
-                       const std::string& quantization) {
+                       const std::string& quantization, const std::string& backend) {
              moa::EngineOptions o;
              o.dtype = dtype;
              o.device = device;
@@ -162,15 +162,18 @@ void bind_loading(EngineClass& engine) {
              o.max_seq_len = max_seq_len;
              o.max_prefill_tokens = max_prefill_tokens;
              o.quantization = quantization;
+             o.backend = backend;
              return std::make_unique<moa::Engine>(model_dir, o);
            }),
            py::arg("model_dir"), py::arg("dtype") = "auto", py::arg("device") = "cpu", py::arg("max_batch") = 16,
            py::arg("max_seq_len") = 2048, py::arg("max_prefill_tokens") = 4096, py::arg("quantization") = "",
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("backend") = "auto", py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("config", [](const moa::Engine& e) { return model_config_dict(e.config()); })
       .def_property_readonly("dtype",
                              [](const moa::Engine& e) { return std::string(c10::getDtypeNames(e.dtype()).first); })
       .def_property_readonly("weight_bytes", &moa::Engine::weight_bytes)
+      .def_property_readonly("backend", &moa::Engine::backend_name)
+      .def_property_readonly("device", [](const moa::Engine& e) { return e.options().device; })
       .def_property_readonly("max_batch", [](const moa::Engine& e) { return e.options().max_batch; })
       .def_property_readonly("max_seq_len", [](const moa::Engine& e) { return e.options().max_seq_len; });
 }

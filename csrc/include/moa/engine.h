@@ -121,7 +121,11 @@ struct LoraWeights {
 
 struct EngineOptions {
   std::string dtype = "auto";  // "auto" (the checkpoint's), "float32", "bfloat16", "float16"
-  std::string device = "cpu";
+  std::string device = "cpu";  // "cpu", or "cuda" / "cuda:N" in a build with CUDA
+  // Where the forward runs: "auto" (MOA_ENGINE_BACKEND when set, else "cpu" on the CPU
+  // and "cuda" on a CUDA device), "cpu" (the CPU kernels), "reference" (ATen ops alone,
+  // any device: the slow, plain forward the others are tested against) or "cuda".
+  std::string backend = "auto";
   int64_t max_batch = 16;             // KV-cache slots: sequences decoded together
   int64_t max_seq_len = 2048;         // prompt + generated tokens, per sequence
   int64_t max_prefill_tokens = 4096;  // prompt tokens admitted in one step (at least one prompt)
@@ -154,6 +158,7 @@ class Engine {
   const EngineOptions& options() const;
   at::ScalarType dtype() const;
   int64_t weight_bytes() const;  // bytes of the weights as held in memory
+  std::string backend_name() const;  // where the forward runs: "cpu", "reference" or "cuda"
 
   // Called with (index into requests, token id) as each token is generated; return
   // false to finish that request now (finish reason "stop").
