@@ -21,8 +21,8 @@ class CpuBackend final : public Backend {
     const int64_t N = x.size(0), H = x.size(1);
     at::Tensor y = at::empty({N, H}, x.options());
     MOA_DISPATCH_ENGINE_TYPES(x.scalar_type(), "moa_rms_norm", [&] {
-      cpu::rms_norm<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), H,
-                              N, H, eps);
+      cpu::rms_norm<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), H, N,
+                              H, eps);
     });
     return y;
   }

@@ -55,43 +55,49 @@ void ReferenceBackend::rope_qk(const at::Tensor& qkv, const AttentionDims& d, co
   }
 }
 
-void ReferenceBackend::store_kv(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
-                                const KvStores& stores) const {
+void ReferenceBackend::store(const at::Tensor& qkv, const AttentionDims& d, const SeqSpan& s,
+                             const KvStores& stores) const {
   const int64_t D = d.head_dim, Q = d.n_heads * D, KV = d.n_kv_heads * D;
-  for (const SeqSpan& s : seqs) {
-    const at::Tensor& k = s.scratch ? stores.scratch_k : stores.cache_k;
-    const at::Tensor& v = s.scratch ? stores.scratch_v : stores.cache_v;
-    k.select(0, s.index).narrow(1, s.start, s.len).copy_(heads_of(qkv, s.row, s.len, Q, d.n_kv_heads, D));
-    v.select(0, s.index).narrow(1, s.start, s.len).copy_(heads_of(qkv, s.row, s.len, Q + KV, d.n_kv_heads, D));
-  }
+  const at::Tensor& k = s.scratch ? stores.scratch_k : stores.cache_k;
+  const at::Tensor& v = s.scratch ? stores.scratch_v : stores.cache_v;
+  k.select(0, s.index).narrow(1, s.start, s.len).copy_(heads_of(qkv, s.row, s.len, Q, d.n_kv_heads, D));
+  v.select(0, s.index).narrow(1, s.start, s.len).copy_(heads_of(qkv, s.row, s.len, Q + KV, d.n_kv_heads, D));
 }
 
-at::Tensor ReferenceBackend::attention(const at::Tensor& qkv, const AttentionDims& d,
-                                       const std::vector<SeqSpan>& seqs, const KvStores& stores) const {
+void ReferenceBackend::store_kv(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
+                                const KvStores& stores) const {
+  for (const SeqSpan& s : seqs) store(qkv, d, s, stores);
+}
+
+void ReferenceBackend::attend(const at::Tensor& qkv, const AttentionDims& d, const SeqSpan& s, const KvStores& stores,
+                              const at::Tensor& out) const {
   // Scaled dot-product attention in float32, the causal (and sliding-window) mask built
-  // from positions, one sequence at a time.
-  const int64_t N = qkv.size(0), D = d.head_dim, Q = d.n_heads * D;
+  // from positions.
+  const int64_t D = d.head_dim, Q = d.n_heads * D;
   const int64_t group = d.n_heads / d.n_kv_heads;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const auto longs = at::TensorOptions().dtype(at::kLong).device(qkv.device());
-  at::Tensor out = at::empty({N, Q}, qkv.options());
-  for (const SeqSpan& s : seqs) {
-    const at::Tensor& ks = s.scratch ? stores.scratch_k : stores.cache_k;
-    const at::Tensor& vs = s.scratch ? stores.scratch_v : stores.cache_v;
-    const int64_t L = s.start + s.len;
-    at::Tensor k = ks.select(0, s.index).narrow(1, 0, L).to(at::kFloat);  // [nkv, L, D]
-    at::Tensor v = vs.select(0, s.index).narrow(1, 0, L).to(at::kFloat);
-    if (group > 1) k = k.repeat_interleave(group, 0), v = v.repeat_interleave(group, 0);
-    const at::Tensor q = heads_of(qkv, s.row, s.len, 0, d.n_heads, D).to(at::kFloat);  // [nh, len, D]
-    at::Tensor scores = at::matmul(q, k.transpose(1, 2)) * scale;                      // [nh, len, L]
-    const at::Tensor pos_q = at::arange(s.start, L, longs).unsqueeze(1);
-    const at::Tensor pos_k = at::arange(0, L, longs).unsqueeze(0);
-    at::Tensor allowed = pos_k <= pos_q;
-    if (d.window > 0) allowed = allowed & (pos_k > pos_q - d.window);
-    scores.masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity());
-    const at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [nh, len, D]
-    out.narrow(0, s.row, s.len).copy_(o.transpose(0, 1).reshape({s.len, Q}));
-  }
+  const at::Tensor& ks = s.scratch ? stores.scratch_k : stores.cache_k;
+  const at::Tensor& vs = s.scratch ? stores.scratch_v : stores.cache_v;
+  const int64_t L = s.start + s.len;
+  at::Tensor k = ks.select(0, s.index).narrow(1, 0, L).to(at::kFloat);  // [nkv, L, D]
+  at::Tensor v = vs.select(0, s.index).narrow(1, 0, L).to(at::kFloat);
+  if (group > 1) k = k.repeat_interleave(group, 0), v = v.repeat_interleave(group, 0);
+  const at::Tensor q = heads_of(qkv, s.row, s.len, 0, d.n_heads, D).to(at::kFloat);  // [nh, len, D]
+  at::Tensor scores = at::matmul(q, k.transpose(1, 2)) * scale;                      // [nh, len, L]
+  const at::Tensor pos_q = at::arange(s.start, L, longs).unsqueeze(1);
+  const at::Tensor pos_k = at::arange(0, L, longs).unsqueeze(0);
+  at::Tensor allowed = pos_k <= pos_q;
+  if (d.window > 0) allowed = allowed & (pos_k > pos_q - d.window);
+  scores.masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+  const at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [nh, len, D]
+  out.narrow(0, s.row, s.len).copy_(o.transpose(0, 1).reshape({s.len, Q}));
+}
+
+at::Tensor ReferenceBackend::attention(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
+                                       const KvStores& stores) const {
+  at::Tensor out = at::empty({qkv.size(0), d.n_heads * d.head_dim}, qkv.options());
+  for (const SeqSpan& s : seqs) attend(qkv, d, s, stores, out);
   return out;
 }
 
@@ -135,7 +141,8 @@ std::string resolve_backend_name(const std::string& name, const at::Device& devi
     const std::string chosen = env;
     if (chosen != "auto") {
       if (chosen != "cpu" && chosen != "reference" && chosen != "cuda")
-        throw_error<InvalidArgument>("MOA_ENGINE_BACKEND='", chosen, "' is not a backend (expected auto, cpu, reference or cuda)");
+        throw_error<InvalidArgument>("MOA_ENGINE_BACKEND='", chosen,
+                                     "' is not a backend (expected auto, cpu, reference or cuda)");
       return chosen;
     }
   }
@@ -151,12 +158,12 @@ std::shared_ptr<const Backend> make_backend(const std::string& requested, const 
     return make_cpu_backend();
   }
   if (name == "cuda") {
-    if (!device.is_cuda())
-      throw_error<InvalidArgument>("backend 'cuda' needs a CUDA device, not '", device.str(), "'");
+    if (!device.is_cuda()) throw_error<InvalidArgument>("backend 'cuda' needs a CUDA device, not '", device.str(), "'");
 #ifdef MOA_WITH_CUDA
     return make_cuda_backend();
 #else
-    throw_error<InvalidArgument>("backend 'cuda': this build of moa_engine has no CUDA (rebuild with MOA_ENGINE_CUDA=1)");
+    throw_error<InvalidArgument>(
+        "backend 'cuda': this build of moa_engine has no CUDA (rebuild with MOA_ENGINE_CUDA=1)");
 #endif
   }
   throw_error<InvalidArgument>("backend '", name, "' is not a backend (expected auto, cpu, reference or cuda)");

@@ -26,6 +26,13 @@ class ReferenceBackend : public Backend {
   void lora_add_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor& ids, const at::Tensor& scales) const override;
   at::Tensor embedding(const Matrix& w, const at::Tensor& ids, at::ScalarType dtype) const override;
+
+ protected:
+  // attention() for one sequence: its rows of out [N, Q].
+  void attend(const at::Tensor& qkv, const AttentionDims& dims, const SeqSpan& seq, const KvStores& stores,
+              const at::Tensor& out) const;
+  // store_kv() for one sequence.
+  void store(const at::Tensor& qkv, const AttentionDims& dims, const SeqSpan& seq, const KvStores& stores) const;
 };
 
 }  // namespace moa::engine

@@ -11,7 +11,6 @@
 #include <cmath>
 #include <vector>
 
-
 namespace moa::engine {
 
 at::Tensor make_rope_table(const ModelConfig& c, int64_t max_positions) {
@@ -76,7 +75,7 @@ void Model::route(int64_t layer, const at::Tensor& xn, const Batch& batch) const
     if (sq.route && sq.experts != nullptr) {
       // The mean of the sequence's normed layer input, scored by this layer's router.
       const int64_t n = sq.route_len > 0 ? std::min(sq.route_len, sq.len) : sq.len;
-      const at::Tensor pooled = xn.narrow(0, row, n).to(at::kFloat).mean(0);                 // [H]
+      const at::Tensor pooled = xn.narrow(0, row, n).to(at::kFloat).mean(0);  // [H]
       // The one read back to the host per routed layer: the domain probabilities.
       const at::Tensor probs = at::softmax(at::mv(router_[layer], pooled), 0).to(at::kCPU).contiguous();  // [D]
       const float* p = probs.data_ptr<float>();

@@ -157,7 +157,7 @@ class Engine {
   const ModelConfig& config() const;
   const EngineOptions& options() const;
   at::ScalarType dtype() const;
-  int64_t weight_bytes() const;  // bytes of the weights as held in memory
+  int64_t weight_bytes() const;      // bytes of the weights as held in memory
   std::string backend_name() const;  // where the forward runs: "cpu", "reference" or "cuda"
 
   // Called with (index into requests, token id) as each token is generated; return
