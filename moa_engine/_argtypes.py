@@ -41,9 +41,24 @@ QUANTIZATION_HELP = (
 )
 
 
+BACKEND_CHOICES = ("auto", "cpu", "reference", "cuda")
+
+
+def add_device_args(p):
+    """--device and --backend, shared by `moa generate` and `moa serve`."""
+    p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N in a build with CUDA")
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="where the forward runs: auto ($MOA_ENGINE_BACKEND, else the device's), cpu, reference (ATen only), cuda",
+    )
+
+
 def engine_from_args(args):
     """The Engine that the shared model options of `moa generate` and `moa serve` describe
-    (--model, --experts, --dtype, --quantization, --max-batch, --max-seq-len, --routing)."""
+    (--model, --experts, --dtype, --quantization, --device, --backend, --max-batch,
+    --max-seq-len, --routing)."""
     from moa_engine.engine import Engine
 
     quantization = getattr(args, "quantization", "auto")
@@ -52,6 +67,8 @@ def engine_from_args(args):
         quantization=None if quantization == "none" else quantization,
         experts=experts_arg(args.experts),
         dtype=args.dtype,
+        device=getattr(args, "device", "cpu"),
+        backend=getattr(args, "backend", "auto"),
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
         routing=args.routing,

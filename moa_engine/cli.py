@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from moa_engine._argtypes import QUANTIZATION_CHOICES, QUANTIZATION_HELP, engine_from_args
+from moa_engine._argtypes import QUANTIZATION_CHOICES, QUANTIZATION_HELP, add_device_args, engine_from_args
 from moa_engine.data.cli import add_data_subcommand
 from moa_engine.evaluation.cli import add_eval_subcommand
 from moa_engine.gguf_export import EXPORT_TYPES
@@ -103,7 +103,10 @@ def _add_generate(subparsers):
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts")
     p.add_argument("--file", metavar="FILE", help="read prompts from FILE, one per line")
     p.add_argument("--model", metavar="PATH", help="model folder or .gguf file (default: the embedded default model)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="float16: CUDA only"
+    )
+    add_device_args(p)
     p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="auto", help=QUANTIZATION_HELP)
     p.add_argument(
         "--experts",

@@ -6,7 +6,14 @@ import argparse
 import os
 import sys
 
-from moa_engine._argtypes import QUANTIZATION_CHOICES, QUANTIZATION_HELP, engine_from_args, positive_float, positive_int
+from moa_engine._argtypes import (
+    QUANTIZATION_CHOICES,
+    QUANTIZATION_HELP,
+    add_device_args,
+    engine_from_args,
+    positive_float,
+    positive_int,
+)
 from moa_engine.routing import STRATEGIES
 
 
@@ -41,7 +48,10 @@ def add_serve_subcommand(subparsers) -> None:
         help="the routed model's name (default: the MoA dir's or model's folder name)",
     )
     p.add_argument("--routing", choices=STRATEGIES, help="routing strategy (default: the MoA directory's)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="float16: CUDA only"
+    )
+    add_device_args(p)
     p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="auto", help=QUANTIZATION_HELP)
     p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-seq-len", type=positive_int, default=2048, help="prompt + generated tokens per sequence")
