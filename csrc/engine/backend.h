@@ -54,10 +54,24 @@ struct AttentionDims {
   int64_t window = 0;  // 0: full causal; else each query sees its last `window` positions
 };
 
+// What a backend derives once per forward from the batch's spans and reuses at every layer
+// (the CUDA backend: the device index arrays of its store and attention kernels). Opaque.
+struct ForwardPlan {
+  virtual ~ForwardPlan() = default;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
+
+  // The plan of a forward over these spans; `stores` are layer 0's (every layer's stores
+  // share their shapes and strides). Null: the backend needs none. store_kv and attention
+  // then receive it at every layer.
+  virtual std::unique_ptr<ForwardPlan> plan(const std::vector<SeqSpan>& seqs, const KvStores& stores) const {
+    (void)seqs, (void)stores;
+    return nullptr;
+  }
 
   // y = w * rms_norm(x) for rows of x [N, H] (row stride any, unit column stride) -> [N, H].
   virtual at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, float eps) const = 0;
@@ -67,11 +81,11 @@ class Backend {
                        const at::Tensor& table) const = 0;
   // Writes each sequence's new keys and values (qkv's k and v columns) into its store.
   virtual void store_kv(const at::Tensor& qkv, const AttentionDims& dims, const std::vector<SeqSpan>& seqs,
-                        const KvStores& stores) const = 0;
+                        const KvStores& stores, const ForwardPlan* plan) const = 0;
   // Causal attention of qkv's queries over their sequences' stores (written by store_kv
   // for these tokens) -> [N, Q]. GQA: head h reads kv head h / (nh / nkv).
   virtual at::Tensor attention(const at::Tensor& qkv, const AttentionDims& dims, const std::vector<SeqSpan>& seqs,
-                               const KvStores& stores) const = 0;
+                               const KvStores& stores, const ForwardPlan* plan) const = 0;
   // gu [N, 2I] (gate, then up) -> silu(gate) * up [N, I].
   virtual at::Tensor silu_mul(const at::Tensor& gu) const = 0;
   // y = x W^T (+ b) in x's dtype.

@@ -39,8 +39,8 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void store_kv(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
-                const KvStores& stores) const override {
+  void store_kv(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs, const KvStores& stores,
+                const ForwardPlan*) const override {
     const int64_t D = d.head_dim, Q = d.n_heads * D, KV = d.n_kv_heads * D, ld = qkv.stride(0);
     const int64_t bytes = D * static_cast<int64_t>(qkv.element_size());
     const auto* base = static_cast<const char*>(qkv.data_ptr());
@@ -62,7 +62,7 @@ class CpuBackend final : public Backend {
   }
 
   at::Tensor attention(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
-                       const KvStores& stores) const override {
+                       const KvStores& stores, const ForwardPlan*) const override {
     const int64_t N = qkv.size(0), D = d.head_dim, Q = d.n_heads * D;
     at::Tensor out = at::empty({N, Q}, qkv.options());
     cpu::AttentionShape shape;

@@ -5,8 +5,8 @@
 // attention and scratch (scoring) stores take the reference's ATen path. Compiled in
 // CUDA builds only (MOA_WITH_CUDA).
 //
-// Host traffic per forward: each layer's store and attention calls copy their small
-// index arrays (a few int64 per sequence) to the device; nothing is read back here.
+// Host traffic per forward: one copy of the forward's index arrays to the device (plan(),
+// a few int64 per token and sequence), shared by every layer; nothing is read back here.
 #ifdef MOA_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -49,6 +49,15 @@ at::Tensor device_longs(const std::vector<int64_t>& v, const at::Device& device)
 constexpr int64_t kMaxKernelHeadDim = 256;  // the decode-attention kernel's register tile
 constexpr int64_t kSplitKeys = 512;         // keys per split-K block
 
+// The forward's device index arrays: index = [dst (rows) | decode rows | bases | lengths].
+struct Plan final : ForwardPlan {
+  at::Tensor index;
+  int64_t rows = 0;        // N
+  int64_t decode = 0;      // sequences that take the decode-attention kernel
+  int64_t longest = 0;     // their longest context
+  bool any_cache = false;  // rows stored in the cache (by the store kernel)
+};
+
 class CudaBackend final : public ReferenceBackend {
  public:
   const char* name() const override { return "cuda"; }
@@ -78,52 +87,61 @@ class CudaBackend final : public ReferenceBackend {
     });
   }
 
-  void store_kv(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
-                const KvStores& stores) const override {
-    const c10::cuda::CUDAGuard guard(qkv.device());
-    // Cache rows in one launch (dst: each row's element offset, -1 for the others);
-    // scratch rows through the reference.
-    const int64_t N = qkv.size(0), D = d.head_dim, Q = d.n_heads * D, KV = d.n_kv_heads * D;
-    std::vector<int64_t> dst(N, -1);
-    bool any = false;
+  // One host-to-device copy per forward: every cache row's store offset, and the decode
+  // sequences' query rows, store offsets and lengths.
+  std::unique_ptr<ForwardPlan> plan(const std::vector<SeqSpan>& seqs, const KvStores& stores) const override {
+    auto p = std::make_unique<Plan>();
+    int64_t N = 0;
+    for (const SeqSpan& s : seqs) N = std::max(N, s.row + s.len);
+    p->rows = N;
+    std::vector<int64_t> dst(N, -1), rows, base, lens;
     for (const SeqSpan& s : seqs) {
-      if (s.scratch) {
-        store(qkv, d, s, stores);
-        continue;
-      }
+      if (s.scratch) continue;
       const at::Tensor& k = stores.cache_k;
       for (int64_t i = 0; i < s.len; ++i) dst[s.row + i] = s.index * k.stride(0) + (s.start + i) * k.stride(2);
-      any = true;
+      p->any_cache = true;
+      if (s.len == 1) {
+        rows.push_back(s.row);
+        base.push_back(s.index * k.stride(0));
+        lens.push_back(s.start + 1);
+        p->longest = std::max(p->longest, s.start + 1);
+      }
     }
-    if (!any) return;
-    const at::Tensor dev_dst = device_longs(dst, qkv.device());
+    p->decode = static_cast<int64_t>(rows.size());
+    dst.insert(dst.end(), rows.begin(), rows.end());
+    dst.insert(dst.end(), base.begin(), base.end());
+    dst.insert(dst.end(), lens.begin(), lens.end());
+    if (!dst.empty()) p->index = device_longs(dst, stores.cache_k.defined() ? stores.cache_k.device() : at::kCPU);
+    return p;
+  }
+
+  void store_kv(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs, const KvStores& stores,
+                const ForwardPlan* plan) const override {
+    const c10::cuda::CUDAGuard guard(qkv.device());
+    const Plan& p = *static_cast<const Plan*>(plan);
+    for (const SeqSpan& s : seqs)  // scoring's scratch stores: the reference's copies
+      if (s.scratch) store(qkv, d, s, stores);
+    if (!p.any_cache) return;
+    const int64_t N = qkv.size(0), D = d.head_dim, Q = d.n_heads * D, KV = d.n_kv_heads * D;
     dispatch(qkv.scalar_type(), "store_kv", [&](auto* tag) {
       using K = std::remove_pointer_t<decltype(tag)>;
-      cuda::store_kv<K>(ptr<K>(qkv), qkv.stride(0), N, Q, Q + KV, d.n_kv_heads, D, dev_dst.data_ptr<int64_t>(),
+      cuda::store_kv<K>(ptr<K>(qkv), qkv.stride(0), N, Q, Q + KV, d.n_kv_heads, D, p.index.data_ptr<int64_t>(),
                         stores.cache_k.stride(1), ptr<K>(stores.cache_k), ptr<K>(stores.cache_v), stream());
     });
   }
 
   at::Tensor attention(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
-                       const KvStores& stores) const override {
+                       const KvStores& stores, const ForwardPlan* plan) const override {
     const c10::cuda::CUDAGuard guard(qkv.device());
+    const Plan& p = *static_cast<const Plan*>(plan);
     at::Tensor out = at::empty({qkv.size(0), d.n_heads * d.head_dim}, qkv.options());
     // Decode rows (one new token in a cache slot) in one launch; the rest (prefill,
     // scoring) through the reference.
-    std::vector<int64_t> rows, base, lens;
-    int64_t longest = 0;
-    for (const SeqSpan& s : seqs) {
-      if (s.len == 1 && !s.scratch && d.head_dim <= kMaxKernelHeadDim) {
-        rows.push_back(s.row);
-        base.push_back(s.index * stores.cache_k.stride(0));
-        lens.push_back(s.start + 1);
-        longest = std::max(longest, s.start + 1);
-      } else {
-        attend(qkv, d, s, stores, out);
-      }
-    }
-    if (rows.empty()) return out;
-    const int64_t S = static_cast<int64_t>(rows.size());
+    const bool kernel = p.decode > 0 && d.head_dim <= kMaxKernelHeadDim;
+    for (const SeqSpan& s : seqs)
+      if (!kernel || s.len != 1 || s.scratch) attend(qkv, d, s, stores, out);
+    if (!kernel) return out;
+    const int64_t S = p.decode;
     cuda::DecodeAttention shape;
     shape.n_heads = d.n_heads;
     shape.n_kv_heads = d.n_kv_heads;
@@ -132,21 +150,16 @@ class CudaBackend final : public ReferenceBackend {
     shape.window = d.window;
     shape.scale = 1.0f / std::sqrt(static_cast<float>(d.head_dim));
     shape.chunk = kSplitKeys;
-    shape.n_chunks = (longest + kSplitKeys - 1) / kSplitKeys;
+    shape.n_chunks = (p.longest + kSplitKeys - 1) / kSplitKeys;
     at::Tensor partials;
     if (shape.n_chunks > 1) {
       partials = at::empty({S, d.n_heads, shape.n_chunks, d.head_dim + 2}, qkv.options().dtype(at::kFloat));
       shape.partials = partials.data_ptr<float>();
     }
-    // One host-to-device copy for the three index arrays.
-    std::vector<int64_t> packed(rows);
-    packed.insert(packed.end(), base.begin(), base.end());
-    packed.insert(packed.end(), lens.begin(), lens.end());
-    const at::Tensor idx = device_longs(packed, qkv.device());
-    const int64_t* p = idx.data_ptr<int64_t>();
+    const int64_t* idx = p.index.data_ptr<int64_t>() + p.rows;  // rows, base, lens
     dispatch(qkv.scalar_type(), "attention", [&](auto* tag) {
       using K = std::remove_pointer_t<decltype(tag)>;
-      cuda::decode_attention<K>(ptr<K>(qkv), qkv.stride(0), ptr<K>(out), out.stride(0), p, p + S, p + 2 * S, S,
+      cuda::decode_attention<K>(ptr<K>(qkv), qkv.stride(0), ptr<K>(out), out.stride(0), idx, idx + S, idx + 2 * S, S,
                                 ptr<K>(stores.cache_k), ptr<K>(stores.cache_v), shape, stream());
     });
     return out;

@@ -65,7 +65,7 @@ void ReferenceBackend::store(const at::Tensor& qkv, const AttentionDims& d, cons
 }
 
 void ReferenceBackend::store_kv(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
-                                const KvStores& stores) const {
+                                const KvStores& stores, const ForwardPlan*) const {
   for (const SeqSpan& s : seqs) store(qkv, d, s, stores);
 }
 
@@ -95,7 +95,7 @@ void ReferenceBackend::attend(const at::Tensor& qkv, const AttentionDims& d, con
 }
 
 at::Tensor ReferenceBackend::attention(const at::Tensor& qkv, const AttentionDims& d, const std::vector<SeqSpan>& seqs,
-                                       const KvStores& stores) const {
+                                       const KvStores& stores, const ForwardPlan*) const {
   at::Tensor out = at::empty({qkv.size(0), d.n_heads * d.head_dim}, qkv.options());
   for (const SeqSpan& s : seqs) attend(qkv, d, s, stores, out);
   return out;

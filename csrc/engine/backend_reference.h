@@ -18,9 +18,9 @@ class ReferenceBackend : public Backend {
   void rope_qk(const at::Tensor& qkv, const AttentionDims& dims, const at::Tensor& positions,
                const at::Tensor& table) const override;
   void store_kv(const at::Tensor& qkv, const AttentionDims& dims, const std::vector<SeqSpan>& seqs,
-                const KvStores& stores) const override;
+                const KvStores& stores, const ForwardPlan* plan) const override;
   at::Tensor attention(const at::Tensor& qkv, const AttentionDims& dims, const std::vector<SeqSpan>& seqs,
-                       const KvStores& stores) const override;
+                       const KvStores& stores, const ForwardPlan* plan) const override;
   at::Tensor silu_mul(const at::Tensor& gu) const override;
   at::Tensor linear(const at::Tensor& x, const Matrix& w, const at::Tensor& b) const override;
   void lora_add_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,

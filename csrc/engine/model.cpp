@@ -119,7 +119,8 @@ at::Tensor Model::project(int64_t layer, const at::Tensor& x, const Matrix& w, c
 }
 
 void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
-                            const std::vector<SeqSpan>& spans, const KvStores& stores, at::Tensor& ids) const {
+                            const std::vector<SeqSpan>& spans, const KvStores& stores, const ForwardPlan* plan,
+                            at::Tensor& ids) const {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[layer];
   const Backend& be = *backend_;
@@ -130,8 +131,8 @@ void Model::attention_block(int64_t layer, at::Tensor& h, const Batch& batch, co
   const AttentionDims dims{c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window};
   be.rope_qk(qkv, dims, positions, rope_table_);
   // Store the new keys and values, then attend over each sequence's store.
-  be.store_kv(qkv, dims, spans, stores);
-  const at::Tensor attn = be.attention(qkv, dims, spans, stores);  // [N, Q]
+  be.store_kv(qkv, dims, spans, stores, plan);
+  const at::Tensor attn = be.attention(qkv, dims, spans, stores, plan);  // [N, Q]
   h.add_(project(layer, attn, w.wo, at::Tensor(), {Target::o}, ids));
 }
 
@@ -176,11 +177,14 @@ at::Tensor Model::forward(const Batch& batch, KvCache* cache) const {
   }
   const at::Tensor tokens = at::from_blob(const_cast<int64_t*>(batch.tokens.data()), {N}, at::kLong).to(dev);
   at::Tensor h = backend_->embedding(weights_.embed, tokens, dtype_);  // [N, H]
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    KvStores stores{cache != nullptr ? cache->k[l] : at::Tensor(), cache != nullptr ? cache->v[l] : at::Tensor(),
+  const auto stores_of = [&](int64_t l) {
+    return KvStores{cache != nullptr ? cache->k[l] : at::Tensor(), cache != nullptr ? cache->v[l] : at::Tensor(),
                     scratch_k, scratch_v};
+  };
+  const std::unique_ptr<ForwardPlan> plan = backend_->plan(spans, stores_of(0));
+  for (int64_t l = 0; l < c.num_layers; ++l) {
     at::Tensor ids;  // [N] expert slot per token at this layer, set after routing
-    attention_block(l, h, batch, positions, spans, stores, ids);
+    attention_block(l, h, batch, positions, spans, stores_of(l), plan.get(), ids);
     mlp_block(l, h, ids);
   }
   if (!batch.want_logits) return at::Tensor();

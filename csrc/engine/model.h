@@ -83,7 +83,8 @@ class Model {
   void route(int64_t layer, const at::Tensor& xn, const Batch& batch) const;
   at::Tensor layer_expert_ids(int64_t layer, const Batch& batch) const;
   void attention_block(int64_t layer, at::Tensor& h, const Batch& batch, const at::Tensor& positions,
-                       const std::vector<SeqSpan>& spans, const KvStores& stores, at::Tensor& ids) const;
+                       const std::vector<SeqSpan>& spans, const KvStores& stores, const ForwardPlan* plan,
+                       at::Tensor& ids) const;
   void mlp_block(int64_t layer, at::Tensor& h, const at::Tensor& ids) const;
 
   ModelConfig config_;
