@@ -90,6 +90,7 @@ template <typename T>
 __global__ void store_kv_kernel(const T* qkv, int64_t ld, int64_t k_col, int64_t v_col, int64_t nkv, int64_t D,
                                 const int64_t* dst, int64_t head_stride, T* k, T* v) {
   const int64_t n = blockIdx.x / nkv, g = blockIdx.x % nkv;
+  if (dst[n] < 0) return;  // a row stored elsewhere (scoring's scratch)
   const T* src = qkv + n * ld;
   const int64_t off = dst[n] + g * head_stride;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {

@@ -33,7 +33,7 @@ void rope(T* x, int64_t ldx, int64_t rows, int64_t heads, int64_t D, const int64
 
 // For each row n, copies its nkv key heads (columns k_col + g*D) and value heads (v_col
 // + g*D) of qkv to k / v + dst[n] + g * head_stride: dst[n] is the element offset of the
-// row's (store, head 0, position) in the cache.
+// row's (store, head 0, position) in the cache, or -1 for a row that is not stored there.
 template <typename T>
 void store_kv(const T* qkv, int64_t ld, int64_t rows, int64_t k_col, int64_t v_col, int64_t nkv, int64_t D,
               const int64_t* dst, int64_t head_stride, T* k, T* v, cudaStream_t stream);
