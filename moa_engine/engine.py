@@ -147,7 +147,7 @@ class Engine:
             "q4_k" quantizes the float matrices on load (HF folder or .gguf file): the
             layers' projections in that type, the embedding and LM head in Q8_0; a .gguf
             file's quantized matrices keep their types. The default model is its Q4_1 file
-            ("auto") or that file's float32 conversion (None).
+            ("auto" on the CPU) or that file's float32 conversion (None, and "auto" on a GPU).
         dtype: "auto" (the checkpoint's), "float32" or "bfloat16" ("float16" on CUDA).
         device: "cpu", or "cuda" / "cuda:N" in a build with CUDA.
         backend: where the forward runs. "auto" (MOA_ENGINE_BACKEND when set, else "cpu"
@@ -181,6 +181,8 @@ class Engine:
             moa_dir = MoADir.load(experts)
             if model is None:
                 model = _base_model_of(moa_dir)
+        if model is None and quantization == "auto" and str(device).split(":")[0] != "cpu":
+            quantization = None  # GGML types are served on the CPU only: off it, the float conversion
         if model is None and quantization is not None:
             model = default_gguf_path()  # its shipped Q4_1 weights, as they are
         gguf = model is not None and Path(model).suffix.lower() == ".gguf" and Path(model).expanduser().is_file()
