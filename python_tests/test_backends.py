@@ -46,6 +46,7 @@ STRATEGIES = ["per_layer", "last", "vote"]
 
 
 def relative_error(got, ref):
+    got, ref = got.float().cpu(), ref.float().cpu()  # either may be on a GPU (test_engine_cuda.py)
     return float((got - ref).abs().max() / ref.abs().max())
 
 

@@ -18,12 +18,12 @@ import os
 
 import pytest
 import torch
+from test_backends import experts, make_request, relative_error  # noqa: F401  (experts: a fixture)
 from tiny_models import VARIANTS, tiny_dirs  # noqa: F401  (fixture)
 
 import moa_engine
 from moa_engine import _C
 from moa_engine.moa_format import MoAConfig, MoADir, RouterConfig
-from moa_engine.testing import make_random_peft_adapter
 
 pytestmark = [
     pytest.mark.cuda,
@@ -34,24 +34,6 @@ pytestmark = [
 ARCHS = list(VARIANTS)
 FLOAT32_REL_TOL = 1e-4
 MAX_SEQ_LEN = 1200  # room for the split-K case
-EXPERTS = {
-    "r4": dict(r=4, alpha=8),
-    "r16_rslora": dict(r=16, alpha=6, use_rslora=True),
-    "attn_r8": dict(r=8, alpha=32, target_modules=["q_proj", "v_proj", "o_proj"]),
-}
-
-
-def relative_error(got, ref):
-    return float((got.float().cpu() - ref.float().cpu()).abs().max() / ref.float().cpu().abs().max())
-
-
-def make_request(prompt, domain, max_new_tokens=10):
-    r = _C.GenerationRequest()
-    r.prompt = list(prompt)
-    r.max_new_tokens = max_new_tokens
-    r.ignore_eos = True
-    r.domain = domain
-    return r
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,25 +42,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.fixture(scope="module")
-def experts(tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda_experts")
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            from transformers import AutoModelForCausalLM
-
-            base = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], torch_dtype=torch.float32)
-            cache[arch] = {
-                name: make_random_peft_adapter(base, root / arch / name, seed=300 + k, init_scale=0.5, **spec)
-                for k, (name, spec) in enumerate(EXPERTS.items())
-            }
-        return cache[arch]
-
-    return get
 
 
 def engine(folder, device, **kw):

@@ -130,7 +130,7 @@ void ReferenceBackend::lora_add_(const at::Tensor& y, const at::Tensor& x, const
 
 at::Tensor ReferenceBackend::embedding(const Matrix& w, const at::Tensor& ids, at::ScalarType dtype) const {
   if (!w.quantized()) return w.dense.index_select(0, ids).to(dtype);
-  return dequantized(w).index_select(0, ids.to(at::kCPU)).to(dtype);
+  return engine::embedding(w, ids, dtype);  // the looked-up rows alone, dequantized (CPU)
 }
 
 std::shared_ptr<const Backend> make_reference_backend() { return std::make_shared<ReferenceBackend>(); }
