@@ -1,5 +1,5 @@
-"""What the int8 path costs in quality: held-out perplexity on the packaged domains and greedy
-agreement, for a GGUF file served three ways.
+"""What the paths that round activations cost in quality: held-out perplexity on the packaged
+domains and greedy agreement, for a GGUF file served four ways.
 
   float32      Engine(file, quantization=None): the file's weights dequantized to float32 (the
                gguf package's dequantizers); the reference.
@@ -10,6 +10,10 @@ agreement, for a GGUF file served three ways.
                with every matrix product of the forward on the int8 kernels (MOA_ENGINE_SMALL_M
                and MOA_ENGINE_INT8_M raised above the scored rows; in serving only decode rows
                take them), greedy decoding with the engine's other defaults.
+  bf16         Engine(file) with MOA_ENGINE_QUANT_ISA=avx512_bf16, the opt-in bfloat16 kernels:
+               activations and dequantized weights rounded to bfloat16, products by vdpbf16ps
+               in float. Scored with every product of more than 4 rows on them
+               (MOA_ENGINE_SMALL_M raised; in serving, decode steps of 5 to 32 rows).
 
 Perplexity: the val split of `moa data build` (--records per domain), each record encoded as in
 training (chat template, loss on the answer), exp(mean NLL) per domain; the change against
@@ -20,7 +24,8 @@ each; the share of tokens before each sequence's first difference from float32, 
 of sequences identical throughout.
 
 Each variant runs in its own process (the kernel choice and the limits are read once per
-process). Needs a CPU with AVX512-VNNI for the int8 rows (they are skipped otherwise).
+process). The int8 rows need a CPU with AVX512-VNNI, the bf16 rows one with AVX512-BF16 (each
+is skipped on a CPU without it).
 
     python benchmarks/quant_quality.py                       # the default model's Q4_1 file
     python benchmarks/quant_quality.py --model x.gguf --records 100 --quick
@@ -41,12 +46,16 @@ VARIANTS = {
     "float32": {},
     "weight_only": {"MOA_ENGINE_QUANT_ISA": "weight_only"},
     "int8": {"MOA_ENGINE_QUANT_ISA": "avx512_vnni", "MOA_ENGINE_SMALL_M": "1000000", "MOA_ENGINE_INT8_M": "1000000"},
+    "bf16": {"MOA_ENGINE_QUANT_ISA": "avx512_bf16", "MOA_ENGINE_SMALL_M": "1000000"},
 }
 GREEDY_ENV = {
     "float32": {},
     "weight_only": {"MOA_ENGINE_QUANT_ISA": "weight_only"},
     "int8": {"MOA_ENGINE_QUANT_ISA": "avx512_vnni"},
+    "bf16": {"MOA_ENGINE_QUANT_ISA": "avx512_bf16"},
 }
+# The variants that round activations, and the kernels each needs.
+ROUNDING = {"int8": "avx512_vnni", "bf16": "avx512_bf16"}
 GOAL_PCT = 0.5
 
 
@@ -141,12 +150,12 @@ def agreement(ours, ref):
     return {"prefix_share": sum(prefix) / len(prefix), "identical_share": same / len(ours)}
 
 
-def has_vnni():
+def has_isa(name):
     from moa_engine import _C
 
     previous = _C._quant_isa()
     try:
-        _C._set_quant_isa("avx512_vnni")
+        _C._set_quant_isa(name)
         return True
     except ValueError:
         return False
@@ -165,7 +174,7 @@ def main(argv=None):
     import _timing as timing
 
     started = time.perf_counter()
-    variants = [v for v in VARIANTS if v != "int8" or has_vnni()]
+    variants = [v for v in VARIANTS if v not in ROUNDING or has_isa(ROUNDING[v])]
     env = timing.environment("cpu")
     print(f"{env['cpu']}; flags {' '.join(env['cpu_flags'] or [])}; variants {', '.join(variants)}")
     with tempfile.TemporaryDirectory() as work:
@@ -201,10 +210,10 @@ def main(argv=None):
         else:
             tail = "   (reference)"
         print(f"{v:<12} {row['quant_isa']:<12} {cells}{tail}")
-    if "int8" in rows:
-        lo, hi = rows["int8"]["vs_float32"]["interval_pct"]
+    for v in (v for v in ROUNDING if v in rows):
+        lo, hi = rows[v]["vs_float32"]["interval_pct"]
         verdict = "met" if max(abs(lo), abs(hi)) <= GOAL_PCT else "NOT met"
-        print(f"\ngoal: int8 perplexity within {GOAL_PCT}% of float32 (the whole 95% interval): {verdict}")
+        print(f"goal: {v} perplexity within {GOAL_PCT}% of float32 (the whole 95% interval): {verdict}")
     payload = {
         "benchmark": "quant_quality",
         "model": model_file(args),

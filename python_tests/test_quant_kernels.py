@@ -121,7 +121,7 @@ def test_bad_input_is_named(gen):
     with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
         _C._quant_linear(torch.randn(2, 63), raw, Q.Q8_0.value, k)
     with pytest.raises(
-        ValueError, match="must be 'auto', 'portable', 'avx512', 'avx512_vnni' or 'weight_only', got 'avx9'"
+        ValueError, match="must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got 'avx9'"
     ):
         _C._set_quant_isa("avx9")
 
@@ -210,3 +210,76 @@ def test_int8_path_covers_only_its_types_and_sizes(vnni, gen):
         ref = x.double() @ reference(raw, qtype).double().T
         got = _C._quant_linear(x, raw, qtype.value, k)
         assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), (qtype, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bfloat16 path (AVX512-BF16): products of more than 4 rows with the activations and the
+# dequantized weights rounded to bfloat16, vdpbf16ps into float
+# ---------------------------------------------------------------------------------------------
+
+
+def has_bf16_dot():
+    previous = _C._quant_isa()
+    try:
+        _C._set_quant_isa("avx512_bf16")
+        return True
+    except ValueError:
+        return False
+    finally:
+        _C._set_quant_isa(previous)
+
+
+@pytest.fixture
+def bf16_dot():
+    if not has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: the bfloat16 path cannot run here")
+    previous = _C._quant_isa()
+    _C._set_quant_isa("avx512_bf16")
+    yield
+    _C._set_quant_isa(previous)
+
+
+@pytest.mark.parametrize("qtype", SERVED, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [5, 6, 19, 32])
+def test_bf16_path_equals_the_rounded_product(qtype, m, bf16_dot, gen):
+    """x and the dequantized W rounded to bfloat16 (to nearest even), their products summed in
+    float: equal to float64 arithmetic on the rounded operands up to the order of the float
+    additions. The dequantized values are the weight-only path's (tested against the gguf
+    package above); rows 45 and 131 leave partial 16-row tiles and 4-row groups."""
+    n = 45 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 131
+    blocks = 2 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 5
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        blocks = 160  # k = 160: whole 32-element chunks
+    raw, k = random_rows(qtype, n, blocks, gen)
+    w = _C._dequantize(raw, qtype.value, k)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4
+    bias = torch.randn(n, generator=gen)
+    ref = x.bfloat16().double() @ w.bfloat16().double().T + bias.double()
+    got = _C._quant_linear(x, raw, qtype.value, k, bias)
+    assert got.dtype == torch.float32
+    scale = ref.abs().max().item()
+    err = (got.double() - ref).abs().max().item()
+    assert err <= 1e-5 * scale
+    # The rounding is real: the float product differs by far more than the summation order.
+    exact = x.double() @ w.double().T + bias.double()
+    assert (got.double() - exact).abs().max().item() > 10 * max(err, 1e-7 * scale)
+    assert (got.double() - exact).abs().max().item() <= 2e-2 * scale
+
+
+def test_bf16_path_leaves_few_rows_and_prefill_weight_only(bf16_dot, gen):
+    """1 to 4 rows (bound by reading W) and more than MOA_ENGINE_SMALL_M rows (BLAS tiles) keep
+    float activations: x @ dequantize(W)^T to float rounding."""
+    for qtype, m in ((Q.Q4_1, 1), (Q.Q8_0, 4), (Q.Q4_K, 2), (Q.Q4_0, 33), (Q.Q6_K, 70)):
+        raw, k = random_rows(qtype, 40, 2, gen)
+        x = torch.randn(m, k, generator=gen)
+        ref = x.double() @ reference(raw, qtype).double().T
+        got = _C._quant_linear(x, raw, qtype.value, k)
+        assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), (qtype, m)
+
+
+def test_bf16_path_on_a_cpu_without_it_is_named():
+    if has_bf16_dot():
+        pytest.skip("this CPU has AVX512-BF16")
+    with pytest.raises(ValueError, match="avx512_bf16', but this CPU"):
+        _C._set_quant_isa("avx512_bf16")
+

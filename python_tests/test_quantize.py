@@ -463,3 +463,65 @@ def test_int8_path_with_experts_in_a_mixed_batch(quant_dirs, tmp_path, int8_kern
     for b, d in enumerate(domains):  # each row carries its own expert: not the others'
         other = engine.forward(ids[b : b + 1], domain="e1" if d != "e1" else "e0")
         assert rel(got[b : b + 1], other) > 2 * rel(got[b : b + 1], ref[b : b + 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The bfloat16 path in the engine (AVX512-BF16 CPUs: products of 5 to MOA_ENGINE_SMALL_M rows)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bf16_kernels():
+    previous = _C._quant_isa()
+    try:
+        _C._set_quant_isa("avx512_bf16")
+    except ValueError:
+        pytest.skip("this CPU has no AVX512-BF16: the bfloat16 path cannot run here")
+    yield
+    _C._set_quant_isa(previous)
+
+
+def test_bf16_path_on_the_default_model(bf16_kernels, gen):
+    """A 6- or 20-token forward takes the bfloat16 kernels: its logits differ from the
+    weight-only ones by the rounding (about 0.5% of their norm on this model) and pick the same
+    next token at most positions; 3 tokens stay weight-only, to float rounding. Greedy decoding
+    of a batch of 8 (decode steps of 8 rows) still answers the README's question."""
+    engine = Engine(max_batch=8, max_seq_len=128)
+    few = torch.randint(0, 49152, (1, 3), generator=gen)
+    for n in (6, 20):
+        ids = torch.randint(0, 49152, (1, n), generator=gen)
+        got = engine.forward(ids)
+        _C._set_quant_isa("weight_only")
+        ref = engine.forward(ids)
+        _C._set_quant_isa("avx512_bf16")
+        assert 0 < (got - ref).norm().item() <= 0.02 * ref.norm().item()
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.7
+    got_few = engine.forward(few)
+    _C._set_quant_isa("weight_only")
+    ref_few = engine.forward(few)
+    _C._set_quant_isa("avx512_bf16")
+    assert rel(got_few, ref_few) <= TOL
+    done = engine.generate(["What is the capital of France?"] * 8, max_new_tokens=12, chat=True)
+    assert all("Paris" in c.text for c in done), [c.text for c in done]
+
+
+def test_bf16_path_with_experts_in_a_mixed_batch(quant_dirs, tmp_path, bf16_kernels, gen):
+    """LoRA experts on a base served by the bfloat16 kernels: each request's logits stay within
+    2% of the weight-only engine's, with its own expert."""
+    from moa_engine.testing import make_random_peft_adapter
+
+    folder = quant_dirs[("llama_gqa", "fits")]
+    experts = {
+        f"e{i}": make_random_peft_adapter(folder, tmp_path / f"e{i}", r=8, seed=i, init_scale=0.2) for i in range(2)
+    }
+    engine = Engine(folder, quantization="q4_0", experts=experts, max_batch=4, max_seq_len=64)
+    ids = torch.randint(0, engine.config["vocab_size"], (3, 3), generator=gen)  # 9 rows: the bfloat16 kernels
+    domains = ["e0", "base", "e1"]
+    got = engine.forward(ids, domain=domains)
+    _C._set_quant_isa("weight_only")
+    ref = engine.forward(ids, domain=domains)
+    _C._set_quant_isa("avx512_bf16")
+    assert 0 < rel(got, ref) <= 0.02
+    for b, d in enumerate(domains):  # each row carries its own expert: not the others'
+        other = engine.forward(ids[b : b + 1], domain="e1" if d != "e1" else "e0")
+        assert rel(got[b : b + 1], other) > 2 * rel(got[b : b + 1], ref[b : b + 1])

@@ -74,10 +74,18 @@ void linear_blas(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, 
 
 constexpr int64_t kQuantBlasTile = 128;
 
-// y[:, col0 : col0 + run.rows] = x run^T, x float32 [M, k] contiguous, y float32. acts:
-// x quantized for the int8 kernels, made on first use and shared by the matrix's runs.
-void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor& y, int64_t col0,
-               std::optional<cpu::Int8Rows>& acts) {
+// x as the int8 and bfloat16 kernels take it, made on first use and shared by a matrix's runs.
+struct RoundedActs {
+  std::optional<cpu::Int8Rows> int8;
+  std::vector<uint16_t> bf16;
+};
+
+// Products of more rows than this take the bfloat16 kernels when they are in use; fewer are
+// bound by reading W, and the fused float kernels (dequantized in registers) read it once.
+constexpr int64_t kBf16MinM = 4;
+
+// y[:, col0 : col0 + run.rows] = x run^T, x float32 [M, k] contiguous, y float32.
+void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor& y, int64_t col0, RoundedActs& acts) {
   const int64_t M = x.size(0);
   const int64_t row_bytes = run.data.size(1);
   const uint8_t* W = run.data.data_ptr<uint8_t>();
@@ -91,10 +99,18 @@ void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor&
     // 16-row tiles, at least ~16 KB of quantized W per task.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 16 * row_bytes));
     if (M <= int8_m_limit() && cpu::int8_kernel(run.type, k)) {
-      if (!acts) cpu::quantize_activations(xs.data(), M, k, acts.emplace());
+      if (!acts.int8) cpu::quantize_activations(xs.data(), M, k, acts.int8.emplace());
       at::parallel_for(0, (run.rows + 15) / 16, grain, [&](int64_t t0, int64_t t1) {
-        cpu::quant_linear_rows_int8(run.type, W, row_bytes, k, t0 * 16, std::min(run.rows, t1 * 16), *acts, ys.data(),
-                                    nullptr);
+        cpu::quant_linear_rows_int8(run.type, W, row_bytes, k, t0 * 16, std::min(run.rows, t1 * 16), *acts.int8,
+                                    ys.data(), nullptr);
+      });
+      return;
+    }
+    if (M > kBf16MinM && cpu::bf16_kernel(run.type, k)) {
+      if (acts.bf16.empty()) cpu::round_activations_bf16(xs.data(), M, k, acts.bf16);
+      at::parallel_for(0, (run.rows + 15) / 16, grain, [&](int64_t t0, int64_t t1) {
+        cpu::quant_linear_rows_bf16(run.type, W, row_bytes, k, t0 * 16, std::min(run.rows, t1 * 16), acts.bf16.data(),
+                                    M, ys.data(), nullptr);
       });
       return;
     }
@@ -120,7 +136,7 @@ at::Tensor linear_quant(const at::Tensor& x, const Matrix& w, const at::Tensor& 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({x.size(0), w.n}, xf.options());
   int64_t col = 0;
-  std::optional<cpu::Int8Rows> acts;
+  RoundedActs acts;
   for (const QuantRows& run : w.quant) {
     quant_run(xf, run, w.k, y, col, acts);
     col += run.rows;

@@ -494,6 +494,114 @@ void dequantize_row(QuantIsa isa, QType type, const uint8_t* row, int64_t k, flo
   dequantize_row_portable(type, row, k, out);
 }
 
+#if MOA_HAVE_AVX512
+// ---------------------------------------------------------------------------
+// The bfloat16 path (AVX512-BF16): a tile of rows dequantized in float and rounded to
+// bfloat16 into L1, then RB rows by NT tokens of vdpbf16ps (32 products an instruction,
+// pairs summed into float lanes; products of two bfloat16 are exact in float).
+
+// 32 floats -> 32 bfloat16, round to nearest even (vcvtne2ps2bf16).
+MOA_AVX512_BF16 inline void store_bf16x32(uint16_t* dst, __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// Rows [j, j + rows) of W into tile (rows x k bfloat16): the 32-element types straight from
+// their blocks in registers, the others through one row of float scratch.
+template <QType Q>
+MOA_AVX512_BF16 void tile_bf16(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j, int64_t rows,
+                               uint16_t* tile, float* scratch) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = W + (j + r) * row_bytes;
+    uint16_t* out = tile + r * k;
+    if constexpr (Q == QType::Q8_0 || Q == QType::Q4_0 || Q == QType::Q4_1) {
+      constexpr int64_t kBytes = Q == QType::Q8_0 ? 34 : Q == QType::Q4_0 ? 18 : 20;
+      for (int64_t b = 0; b < k / 32; ++b) {
+        __m512 lo, hi;
+        block32<Q>(row + b * kBytes, lo, hi);
+        store_bf16x32(out + 32 * b, lo, hi);
+      }
+    } else {
+      row_avx512(type, row, k, scratch);
+      for (int64_t i = 0; i < k; i += 32)
+        store_bf16x32(out + i, _mm512_loadu_ps(scratch + i), _mm512_loadu_ps(scratch + i + 16));
+    }
+  }
+}
+
+// ys[t][j + rr] = dot(A row rr, X row t) (+ bias) for rr < RB, t < NT; A and X rows are k
+// bfloat16 apart, k a multiple of 32.
+template <int RB, int NT>
+MOA_AVX512_BF16 inline void bf16_tile(const uint16_t* A, int64_t k, const uint16_t* X, float* const* ys, int64_t j,
+                                      const float* bias) {
+  __m512 acc[RB][NT];
+#pragma GCC unroll 4
+  for (int rr = 0; rr < RB; ++rr)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) acc[rr][t] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 32) {
+    __m512bh xv[NT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(X + t * k + i);
+#pragma GCC unroll 4
+    for (int rr = 0; rr < RB; ++rr) {
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(A + rr * k + i);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[rr][t] = _mm512_dpbf16_ps(acc[rr][t], av, xv[t]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int rr = 0; rr < RB; ++rr)
+      ys[t][j + rr] = _mm512_reduce_add_ps(acc[rr][t]) + (bias != nullptr ? bias[j + rr] : 0.0f);
+}
+
+template <int RB>
+MOA_AVX512_BF16 inline void bf16_tokens(const uint16_t* A, int64_t k, const uint16_t* x, int64_t m, float* const* ys,
+                                        int64_t j, const float* bias) {
+  int64_t q = 0;
+  for (; q + 4 <= m; q += 4) bf16_tile<RB, 4>(A, k, x + q * k, ys + q, j, bias);
+  switch (m - q) {
+    case 1: bf16_tile<RB, 1>(A, k, x + q * k, ys + q, j, bias); break;
+    case 2: bf16_tile<RB, 2>(A, k, x + q * k, ys + q, j, bias); break;
+    case 3: bf16_tile<RB, 3>(A, k, x + q * k, ys + q, j, bias); break;
+    default: break;
+  }
+}
+
+template <QType Q>
+MOA_AVX512_BF16 void bf16_rows(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j0, int64_t j1,
+                               const uint16_t* x, int64_t m, float* const* ys, const float* bias) {
+  constexpr int64_t kRows = 16;
+  thread_local std::vector<uint16_t> tile;
+  thread_local std::vector<float> scratch;
+  tile.resize(static_cast<size_t>(kRows * k));
+  scratch.resize(static_cast<size_t>(k));
+  for (int64_t jt = j0; jt < j1; jt += kRows) {
+    const int64_t rows = std::min(kRows, j1 - jt);
+    tile_bf16<Q>(type, W, row_bytes, k, jt, rows, tile.data(), scratch.data());
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) bf16_tokens<4>(tile.data() + r * k, k, x, m, ys, jt + r, bias);
+    for (; r < rows; ++r) bf16_tokens<1>(tile.data() + r * k, k, x, m, ys, jt + r, bias);
+  }
+}
+
+MOA_AVX512_BF16 void round_activations_avx512_bf16(const float* const* xs, int64_t m, int64_t k, uint16_t* out) {
+  for (int64_t q = 0; q < m; ++q)
+    for (int64_t i = 0; i < k; i += 32)
+      store_bf16x32(out + q * k + i, _mm512_loadu_ps(xs[q] + i), _mm512_loadu_ps(xs[q] + i + 16));
+}
+#endif
+
+bool bf16_available() {
+#if MOA_HAVE_AVX512
+  static const bool ok = decode_avx512_available() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 bool vnni_available() {
 #if MOA_HAVE_AVX512
   static const bool ok = decode_avx512_available() && __builtin_cpu_supports("avx512vnni") &&
@@ -524,12 +632,17 @@ QuantIsa parse_isa(const std::string& name, const char* what) {
       throw_error<InvalidArgument>(what, "='avx512', but this CPU (or build) has no AVX-512 F/BW/VL/DQ");
     return QuantIsa::avx512;
   }
+  if (name == "avx512_bf16") {
+    if (!bf16_available())
+      throw_error<InvalidArgument>(what, "='avx512_bf16', but this CPU (or build) has no AVX512-BF16");
+    return QuantIsa::avx512_bf16;
+  }
   if (name == "avx512_vnni") {
     if (best != QuantIsa::avx512_vnni)
       throw_error<InvalidArgument>(what, "='avx512_vnni', but this CPU (or build) has no AVX512-VNNI");
     return QuantIsa::avx512_vnni;
   }
-  throw_error<InvalidArgument>(what, " must be 'auto', 'portable', 'avx512', 'avx512_vnni' or 'weight_only', got '",
+  throw_error<InvalidArgument>(what, " must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got '",
                                name, "'");
 }
 
@@ -548,7 +661,12 @@ constexpr int64_t kTileRows = 16;
 QuantIsa quant_isa() { return static_cast<QuantIsa>(isa_state().load(std::memory_order_relaxed)); }
 
 const char* quant_isa_name(QuantIsa isa) {
-  return isa == QuantIsa::avx512_vnni ? "avx512_vnni" : isa == QuantIsa::avx512 ? "avx512" : "portable";
+  switch (isa) {
+    case QuantIsa::avx512_vnni: return "avx512_vnni";
+    case QuantIsa::avx512_bf16: return "avx512_bf16";
+    case QuantIsa::avx512: return "avx512";
+    default: return "portable";
+  }
 }
 
 std::string set_quant_isa(const std::string& name) {
@@ -635,6 +753,39 @@ void quant_linear_rows_int8(QType type, const uint8_t* W, int64_t row_bytes, int
   }
 #endif
   throw_error<InvalidArgument>("quant_linear_rows_int8: no int8 kernel for ",
+                               ggml_type_name(static_cast<uint32_t>(type)), " with k=", k, " on the kernels in use (",
+                               quant_isa_name(quant_isa()), ")");
+}
+
+bool bf16_kernel(QType type, int64_t k) {
+  if (quant_isa() != QuantIsa::avx512_bf16 || k % 32 != 0) return false;
+  const auto info = qtype_info(static_cast<uint32_t>(type));
+  return info && k % info->block_elems == 0;
+}
+
+void round_activations_bf16(const float* const* xs, int64_t m, int64_t k, std::vector<uint16_t>& out) {
+  if (k % 32 != 0) throw_error<InvalidArgument>("round_activations_bf16: k must be a multiple of 32, got ", k);
+  out.resize(static_cast<size_t>(m * k));
+#if MOA_HAVE_AVX512
+  if (bf16_available()) return round_activations_avx512_bf16(xs, m, k, out.data());
+#endif
+  for (int64_t q = 0; q < m; ++q)
+    for (int64_t i = 0; i < k; ++i) out[q * k + i] = c10::BFloat16(xs[q][i]).x;
+}
+
+void quant_linear_rows_bf16(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
+                            const uint16_t* x, int64_t m, float* const* ys, const float* bias) {
+#if MOA_HAVE_AVX512
+  if (bf16_kernel(type, k)) {
+    switch (type) {
+      case QType::Q8_0: return bf16_rows<QType::Q8_0>(type, W, row_bytes, k, row0, row1, x, m, ys, bias);
+      case QType::Q4_0: return bf16_rows<QType::Q4_0>(type, W, row_bytes, k, row0, row1, x, m, ys, bias);
+      case QType::Q4_1: return bf16_rows<QType::Q4_1>(type, W, row_bytes, k, row0, row1, x, m, ys, bias);
+      default: return bf16_rows<QType::F32>(type, W, row_bytes, k, row0, row1, x, m, ys, bias);
+    }
+  }
+#endif
+  throw_error<InvalidArgument>("quant_linear_rows_bf16: no bfloat16 kernel for ",
                                ggml_type_name(static_cast<uint32_t>(type)), " with k=", k, " on the kernels in use (",
                                quant_isa_name(quant_isa()), ")");
 }

@@ -22,13 +22,14 @@
 
 namespace moa::cpu {
 
-enum class QuantIsa { portable, avx512, avx512_vnni };
+enum class QuantIsa { portable, avx512, avx512_vnni, avx512_bf16 };
 
 // The kernels in use: the best weight-only ones this CPU runs unless MOA_ENGINE_QUANT_ISA
 // (read once) or set_quant_isa() chose others.
 QuantIsa quant_isa();
 const char* quant_isa_name(QuantIsa isa);
 // Sets the kernels to `name` ("portable", "avx512", "avx512_vnni" (opt-in: the int8 path),
+// "avx512_bf16" (opt-in: the bfloat16 path),
 // or "auto" / "weight_only": the best this CPU has with float activations, the default);
 // returns the name now in use. Throws InvalidArgument for another name or one this CPU
 // lacks. Not thread-safe against running kernels: for tests and benchmarks.
@@ -58,6 +59,24 @@ void quantize_activations(const float* const* xs, int64_t m, int64_t k, Int8Rows
 // int8_kernel(type, k).
 void quant_linear_rows_int8(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
                             const Int8Rows& acts, float* const* ys, const float* bias);
+
+// The bfloat16 path (QuantIsa::avx512_bf16, AVX512-BF16): activations rounded to bfloat16
+// (to nearest even) once per product, each tile of 16 weight rows dequantized in float and
+// rounded to bfloat16 into L1, then bfloat16 pairs multiplied by vdpbf16ps into float
+// accumulators. Twice the products per instruction of the float kernels, for the products
+// of several rows (batched decode), where those kernels are bound by their FMAs.
+// Whether quant_linear_rows_bf16 runs `type` with the kernels in use (avx512_bf16; any
+// type whose rows are whole blocks of 32, k a multiple of 32).
+bool bf16_kernel(QType type, int64_t k);
+
+// xs[q][0 .. k) for q < m rounded to bfloat16 into out[q * k ..] (k a multiple of 32).
+void round_activations_bf16(const float* const* xs, int64_t m, int64_t k, std::vector<uint16_t>& out);
+
+// ys[q][j] = sum_i bf16(W[j][i]) bf16(x[q][i]) (+ bias[j]), accumulated in float, for j in
+// [row0, row1), q < m; x: m rows of k bfloat16 bits (round_activations_bf16). Requires
+// bf16_kernel(type, k).
+void quant_linear_rows_bf16(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
+                            const uint16_t* x, int64_t m, float* const* ys, const float* bias);
 
 // Rows [row0, row1) of a [*, k] matrix of `type` (k a multiple of its block size) whose
 // rows are `row_bytes` apart, dequantized into out (row1 - row0 rows of k floats).
