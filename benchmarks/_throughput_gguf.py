@@ -1,6 +1,9 @@
 """benchmarks/throughput.py: the GGUF modes. The engine serving a GGUF file natively (weight-only
 quantized kernels, or the file's bfloat16 matrices as they are) against, in the same run:
   ours_f32   the float32 engine on the same file dequantized (Engine(file, quantization=None)),
+  ours_bf16  (q4_1, q8_0, on CPUs with AVX512-BF16) the same engine with the opt-in bfloat16
+             kernels (MOA_ENGINE_QUANT_ISA=avx512_bf16: products of 5 to 32 rows with the
+             activations and dequantized weights rounded to bfloat16), set around each call,
   HF         transformers on those dequantized weights, in the mode's dtype,
   llama.cpp  on the same file with the same thread count, when its tools are found
              (--llama-cpp DIR, $LLAMA_CPP_BIN_DIR, or llama-bench / llama-batched-bench on PATH).
@@ -56,6 +59,45 @@ class F32Runner(OursRunner):
     label = "ours_f32"
 
 
+class Bf16KernelsRunner(OursRunner):
+    """The same engine with the opt-in bfloat16 kernels chosen for the duration of each call."""
+
+    label = "ours_bf16"
+
+    def generate_fn(self, *args, **kw):
+        return self._with_kernels(super().generate_fn(*args, **kw))
+
+    def forward_fn(self, ids):
+        return self._with_kernels(super().forward_fn(ids))
+
+    @staticmethod
+    def available():
+        from moa_engine import _C
+
+        previous = _C._quant_isa()
+        try:
+            _C._set_quant_isa("avx512_bf16")
+            return True
+        except ValueError:
+            return False
+        finally:
+            _C._set_quant_isa(previous)
+
+    @staticmethod
+    def _with_kernels(fn):
+        from moa_engine import _C
+
+        def run():
+            previous = _C._quant_isa()
+            _C._set_quant_isa("avx512_bf16")
+            try:
+                return fn()
+            finally:
+                _C._set_quant_isa(previous)
+
+        return run
+
+
 def gguf_file(qtype, args):
     """The GGUF file a mode serves."""
     if qtype == "q4_1":
@@ -94,7 +136,10 @@ def gguf_mode(qtype):
             folder = resolve_model(path)  # the file's float32 conversion: the weights ours_f32 holds
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]).eval()
             hf = HFRunner(model, hf_pad_id(model, engine))
-        sides = Sides(OursRunner(engine), hf, engine.weight_bytes, extra=[F32Runner(f32)])
+        extra = [F32Runner(f32)]
+        if qtype != "bf16" and Bf16KernelsRunner.available():
+            extra.append(Bf16KernelsRunner(engine))
+        sides = Sides(OursRunner(engine), hf, engine.weight_bytes, extra=extra)
         sides.mode, sides.gguf_path = qtype, path
         sides.f32_weight_bytes = f32.weight_bytes
         sides.llama_cpp = LlamaCpp.find(args)
@@ -115,6 +160,12 @@ def measure_gguf(sides, model_path, dtype, workload, args):
             mean_prompt = round(statistics.mean(map(len, prompts)))
             row["llama.cpp"] = sides.llama_cpp.decode(sides.gguf_path, batch, mean_prompt, args.new_tokens, args)
             row["ours_over_llama_cpp"] = ratio(row["ours"]["tokens_per_s"], row["llama.cpp"]["tokens_per_s"])
+            if "ours_bf16" in row:
+                row["ours_bf16_over_llama_cpp"] = ratio(
+                    row["ours_bf16"]["tokens_per_s"], row["llama.cpp"]["tokens_per_s"]
+                )
+        if "ours_bf16" in row:
+            row["ours_bf16_over_ours"] = ratio(row["ours_bf16"]["tokens_per_s"], row["ours"]["tokens_per_s"])
         if index == 0:
             row["memory"] = memory
         yield row

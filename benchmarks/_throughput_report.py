@@ -189,6 +189,13 @@ def print_gguf_goals(rows):
             value, goal = r.get("ours_over_llama_cpp"), goals(r["mode"])[name]
             verdict = "no llama.cpp" if value is None else ("met" if value >= goal else "NOT met")
             print(f"goal {r['mode']} {name}: ours/llama.cpp >= {goal:g}x: {_fmt(value, '.2f', 'x')} ({verdict}{noisy})")
+            bf16k = r.get("ours_bf16_over_llama_cpp")
+            if bf16k is not None and r["kind"] == "decode" and r["batch"] > 1:
+                verdict = "met" if bf16k >= goal else "NOT met"
+                print(
+                    f"goal {r['mode']} {name}, opt-in bfloat16 kernels: ours/llama.cpp >= {goal:g}x: "
+                    f"{_fmt(bf16k, '.2f', 'x')} ({verdict}{noisy})"
+                )
         if r["kind"] == "decode" and r["batch"] == 1:
             roof = r["ours"].get("roofline_fraction")
             verdict = "met" if roof is not None and roof >= ROOFLINE_GOAL else "NOT met"
@@ -223,6 +230,8 @@ def print_table(rows, copy, has_hf):
         "ours/f32",
         "llama.cpp tok/s",
         "ours/llama.cpp",
+        "bf16k tok/s",
+        "bf16k/llama.cpp",
         "agree",
         "others",
     ]
@@ -247,6 +256,8 @@ def print_table(rows, copy, has_hf):
                 _fmt(r.get("ours_over_f32"), ".2f", "x"),
                 _fmt(lcpp.get("tokens_per_s"), ".0f"),
                 _fmt(r.get("ours_over_llama_cpp"), ".2f", "x"),
+                _fmt(r.get("ours_bf16", {}).get("tokens_per_s"), ".0f"),
+                _fmt(r.get("ours_bf16_over_llama_cpp"), ".2f", "x"),
                 _fmt(r.get("agreement"), ".2f"),
                 _fmt(r["other_load_cores"], ".2f", " NOISY" if r["noisy"] else ""),
             ]
@@ -264,7 +275,8 @@ def print_table(rows, copy, has_hf):
         "GGUF modes (q4_1, q8_0, bf16): ours serves the file natively; f32 = the float32 engine on its "
         "float32 conversion, HF = transformers on that in the row's dtype; llama.cpp = llama-batched-bench S_TG (decode, -npp the "
         "mean prompt length) and llama-bench -p (prefill: one sequence of the row's tokens), run "
-        "after each row with the same threads.\n"
+        "after each row with the same threads; bf16k = the same engine with the opt-in bfloat16 kernels "
+        "(MOA_ENGINE_QUANT_ISA=avx512_bf16), timed interleaved with it.\n"
         f"others: CPU cores other processes kept busy; NOISY above {NOISY_LOAD_CORES} or when a "
         f"timing's IQR exceeds {NOISY_SPREAD:.0%} of its median: rerun on a quiet machine."
         + ("" if has_hf else "\n--no-hf: HF was not run, so there are no ratios.")

@@ -11,7 +11,9 @@
 //   otherwise: tiles of 128 rows dequantized, then BLAS;
 // except that with the int8 kernels chosen (cpu::quant_isa() == avx512_vnni, opt-in),
 // Q8_0 / Q4_0 / Q4_1 at M <= int8_m_limit() take them: x quantized per block of 32 as
-// llama.cpp does, integer dot products.
+// llama.cpp does, integer dot products; and with the bfloat16 kernels chosen
+// (cpu::quant_isa() == avx512_bf16, opt-in), 4 < M <= small_m_limit() rows of any type take
+// them: x and the dequantized tiles rounded to bfloat16, vdpbf16ps into float.
 // Dimension legend: M rows of x, K input features, N output features.
 #pragma once
 

@@ -87,8 +87,10 @@ void bind_quant(py::module_& m) {
       py::arg("raw"), py::arg("type_id"), py::arg("k"), py::arg("ids"));
   m.def(
       "_quant_isa", []() { return std::string(moa::cpu::quant_isa_name(moa::cpu::quant_isa())); },
-      "The quantized kernels in use: 'avx512_vnni' (the int8 path), 'avx512' or 'portable'.");
+      "The quantized kernels in use: 'avx512_vnni' (the int8 path), 'avx512_bf16' (the bfloat16 path), "
+      "'avx512' or 'portable'.");
   m.def("_set_quant_isa", &moa::cpu::set_quant_isa, py::arg("name"),
-        "Sets the quantized kernels to 'portable', 'avx512', 'avx512_vnni' or 'auto' / 'weight_only'; "
+        "Sets the quantized kernels to 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'auto' / "
+        "'weight_only'; "
         "returns the choice now in use.");
 }

@@ -8,8 +8,10 @@
 // Kernels by instruction set, chosen once at run time (quant_isa()): AVX-512 for the
 // 32-element block types (Q8_0, Q4_0, Q4_1) and the float ones, the portable C++ for the
 // rest and on every other CPU. Opt-in on AVX512-VNNI CPUs, the int8 path below
-// (activations quantized per block of 32, as llama.cpp does; it costs held-out perplexity).
-// MOA_ENGINE_QUANT_ISA (portable, avx512, avx512_vnni, weight_only, auto) sets the choice
+// (activations quantized per block of 32, as llama.cpp does; it costs held-out perplexity);
+// opt-in on AVX512-BF16 CPUs, the bfloat16 path (activations and dequantized weights rounded
+// to bfloat16 for products of several rows; twice the products per instruction).
+// MOA_ENGINE_QUANT_ISA (portable, avx512, avx512_vnni, avx512_bf16, weight_only, auto) sets the choice
 // (tests run every path the CPU has); set_quant_isa() does the same at run time.
 // Kernels tier (csrc/kernels/README.md): arithmetic only, no model knowledge.
 #pragma once
