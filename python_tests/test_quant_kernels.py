@@ -121,7 +121,8 @@ def test_bad_input_is_named(gen):
     with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
         _C._quant_linear(torch.randn(2, 63), raw, Q.Q8_0.value, k)
     with pytest.raises(
-        ValueError, match="must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got 'avx9'"
+        ValueError,
+        match="must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got 'avx9'",
     ):
         _C._set_quant_isa("avx9")
 
@@ -282,4 +283,3 @@ def test_bf16_path_on_a_cpu_without_it_is_named():
         pytest.skip("this CPU has AVX512-BF16")
     with pytest.raises(ValueError, match="avx512_bf16', but this CPU"):
         _C._set_quant_isa("avx512_bf16")
-

@@ -642,8 +642,8 @@ QuantIsa parse_isa(const std::string& name, const char* what) {
       throw_error<InvalidArgument>(what, "='avx512_vnni', but this CPU (or build) has no AVX512-VNNI");
     return QuantIsa::avx512_vnni;
   }
-  throw_error<InvalidArgument>(what, " must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got '",
-                               name, "'");
+  throw_error<InvalidArgument>(
+      what, " must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got '", name, "'");
 }
 
 std::atomic<int>& isa_state() {
