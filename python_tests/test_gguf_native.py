@@ -4,7 +4,8 @@ kernels, float activations), against the same file converted to float32 safetens
 
 Logits must agree to 1e-4 relative and greedy tokens must be identical, on tiny llama
 (Q/K permuted, tied and untied) and qwen2 (biases) files holding every served type, and
-on the default model's own Q4_1 file.
+on the default model's own Q4_1 file, with every weight-only kernel level this CPU runs
+(portable, avx2, avx512).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from test_gguf_conversion import VOCAB, tokenizer_fields, write_tiny_gguf  # noqa: F401
+from test_quant_kernels import isa, isas  # noqa: F401
 
 from moa_engine import Engine, models
 
@@ -56,7 +58,7 @@ KINDS = {
 
 @pytest.mark.parametrize("kinds", list(KINDS), ids=str)
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False)])
-def test_native_equals_dequantized_float32(tmp_path, cache, tokenizer_fields, rng, gen, arch, tied, kinds):  # noqa: F811
+def test_native_equals_dequantized_float32(tmp_path, cache, tokenizer_fields, rng, gen, arch, tied, kinds, isa):  # noqa: F811
     path = write_tiny_gguf(
         tmp_path / f"tiny-{arch}.gguf",
         arch,
@@ -82,7 +84,7 @@ def test_native_equals_dequantized_float32(tmp_path, cache, tokenizer_fields, rn
     assert native._core.weight_bytes < ref._core.weight_bytes
 
 
-def test_default_model_served_from_its_q4_1_file(gen):
+def test_default_model_served_from_its_q4_1_file(gen, isa):  # noqa: F811
     path = models.default_gguf_path()
     native = Engine(path, max_batch=4, max_seq_len=128)
     ref = Engine(quantization=None, max_batch=4, max_seq_len=128)  # its float32 conversion

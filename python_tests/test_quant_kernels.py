@@ -23,17 +23,18 @@ FP16_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q4_K: [0, 2], Q.Q5_K:
 
 
 def isas():
-    """The weight-only kernel paths this CPU runs: portable always, avx512 where the CPU has it
-    (the int8 path, avx512_vnni, has its own tests below)."""
+    """The weight-only kernel paths this CPU runs: portable always, avx2 and avx512 where the
+    CPU has them (the int8 and bfloat16 paths have their own tests below)."""
     previous = _C._quant_isa()
     found = ["portable"]
-    try:
-        _C._set_quant_isa("avx512")
-        found.append("avx512")
-    except ValueError:
-        pass
-    finally:
-        _C._set_quant_isa(previous)
+    for name in ("avx2", "avx512"):
+        try:
+            _C._set_quant_isa(name)
+            found.append(name)
+        except ValueError:
+            pass
+        finally:
+            _C._set_quant_isa(previous)
     return found
 
 
@@ -122,7 +123,7 @@ def test_bad_input_is_named(gen):
         _C._quant_linear(torch.randn(2, 63), raw, Q.Q8_0.value, k)
     with pytest.raises(
         ValueError,
-        match="must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got 'avx9'",
+        match="must be 'auto', 'portable', 'avx2', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got 'avx9'",
     ):
         _C._set_quant_isa("avx9")
 

@@ -8,7 +8,8 @@
 // float activations (weight-only: x is never quantized):
 //   M <= small_m_limit(): tiles of 16 rows dequantized into L1, then the SIMD kernel (Q8_0,
 //       Q4_0, Q4_1: dequantized in registers for up to 4 rows);
-//   otherwise: tiles of 128 rows dequantized, then BLAS;
+//   otherwise, and at any M with the portable kernels (no AVX2 / AVX-512): tiles of 128 rows
+//   dequantized, then BLAS;
 // except that with the int8 kernels chosen (cpu::quant_isa() == avx512_vnni, opt-in),
 // Q8_0 / Q4_0 / Q4_1 at M <= int8_m_limit() take them: x quantized per block of 32 as
 // llama.cpp does, integer dot products; and with the bfloat16 kernels chosen

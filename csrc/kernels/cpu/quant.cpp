@@ -487,9 +487,203 @@ MOA_VNNI void quantize_activations_vnni(const float* const* xs, int64_t m, int64
 }
 #endif
 
+#if MOA_HAVE_AVX512
+// ---------------------------------------------------------------------------
+// AVX2 kernels (AVX2, FMA, F16C; CPUs without AVX-512): the 32-element block types and the
+// float types, 8 lanes at a time, with the same float operations as the AVX-512 ones. (Under
+// MOA_HAVE_AVX512, which means an x86-64 GCC / Clang build: it emits either by target attribute.)
+
+#define MOA_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+MOA_AVX2 inline __m256 fp16x8(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(h)));
+}
+
+MOA_AVX2 inline float hsum_avx2(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// One 32-element block as four vectors of 8 floats, in element order.
+template <QType Q>
+MOA_AVX2 inline void block32_avx2(const uint8_t* b, __m256 v[4]) {
+  if constexpr (Q == QType::Q8_0) {
+    const __m256 d = fp16x8(b);
+    for (int c = 0; c < 4; ++c) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * c));
+      v[c] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+  } else {
+    const __m256 d = fp16x8(b);
+    const __m256 m = Q == QType::Q4_0 ? _mm256_mul_ps(_mm256_set1_ps(-8.0f), d) : fp16x8(b + 2);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == QType::Q4_0 ? 2 : 4)));
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int c = 0; c < 4; ++c) v[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[c])), m);
+  }
+}
+
+MOA_AVX2 void row_avx2(QType type, const uint8_t* row, int64_t k, float* out) {
+  __m256 v[4];
+  switch (type) {
+    case QType::Q8_0:
+    case QType::Q4_0:
+    case QType::Q4_1: {
+      const int64_t bytes = type == QType::Q8_0 ? 34 : type == QType::Q4_0 ? 18 : 20;
+      for (int64_t b = 0; b < k / 32; ++b, row += bytes, out += 32) {
+        if (type == QType::Q8_0)
+          block32_avx2<QType::Q8_0>(row, v);
+        else if (type == QType::Q4_0)
+          block32_avx2<QType::Q4_0>(row, v);
+        else
+          block32_avx2<QType::Q4_1>(row, v);
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + 8 * c, v[c]);
+      }
+      return;
+    }
+    case QType::F16: {
+      int64_t i = 0;
+      for (; i + 8 <= k; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i))));
+      for (; i < k; ++i) out[i] = fp16(row + 2 * i);
+      return;
+    }
+    case QType::BF16: {
+      int64_t i = 0;
+      for (; i + 8 <= k; i += 8) {
+        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i)));
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+      }
+      for (; i < k; ++i) out[i] = bf16(row + 2 * i);
+      return;
+    }
+    default: dequantize_row_portable(type, row, k, out);
+  }
+}
+
+// ys[t][j] = dot(row j, xs[t]) (+ bias) for t < NT, rows one at a time (one stream): each
+// block dequantized in registers once for the NT tokens.
+template <QType Q, int NT>
+MOA_AVX2 void fused_rows_avx2(const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j0, int64_t j1,
+                              const float* const* xs, float* const* ys, const float* bias) {
+  constexpr int64_t kBytes = Q == QType::Q8_0 ? 34 : Q == QType::Q4_0 ? 18 : 20;
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = W + j * row_bytes;
+    __m256 acc[NT][2];
+    for (int t = 0; t < NT; ++t) acc[t][0] = _mm256_setzero_ps(), acc[t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < k / 32; ++b) {
+      __m256 v[4];
+      block32_avx2<Q>(row + b * kBytes, v);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const float* x = xs[t] + 32 * b;
+        acc[t][0] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(x), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + 8), acc[t][1]);
+        acc[t][0] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(x + 16), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + 24), acc[t][1]);
+      }
+    }
+    for (int t = 0; t < NT; ++t)
+      ys[t][j] = hsum_avx2(_mm256_add_ps(acc[t][0], acc[t][1])) + (bias != nullptr ? bias[j] : 0.0f);
+  }
+}
+
+template <QType Q>
+MOA_AVX2 void fused_tokens_avx2(const uint8_t* W, int64_t row_bytes, int64_t k, int64_t j0, int64_t j1,
+                                const float* const* xs, float* const* ys, int64_t m, const float* bias) {
+  switch (m) {
+    case 1: return fused_rows_avx2<Q, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    case 2: return fused_rows_avx2<Q, 2>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    case 3: return fused_rows_avx2<Q, 3>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    default: return fused_rows_avx2<Q, 4>(W, row_bytes, k, j0, j1, xs, ys, bias);
+  }
+}
+
+// The fused kernels for 1 to 4 tokens of the 32-element types; true when used.
+bool fused_avx2(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
+                const float* const* xs, float* const* ys, int64_t m, const float* bias) {
+  if (m > 4 || m < 1) return false;
+  switch (type) {
+    case QType::Q8_0: fused_tokens_avx2<QType::Q8_0>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
+    case QType::Q4_0: fused_tokens_avx2<QType::Q4_0>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
+    case QType::Q4_1: fused_tokens_avx2<QType::Q4_1>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
+    default: return false;
+  }
+}
+
+// ys[t][r] = dot(A row r, xs[t]) (+ bias[r]) for r < RB, t < NT over a float tile; k of any
+// size (a scalar tail).
+template <int RB, int NT>
+MOA_AVX2 inline void dot_tile_avx2(const float* A, int64_t k, const float* const* xs, float* const* ys, int64_t r0,
+                                   const float* bias) {
+  __m256 acc[RB][NT];
+  for (int rr = 0; rr < RB; ++rr)
+    for (int t = 0; t < NT; ++t) acc[rr][t] = _mm256_setzero_ps();
+  const int64_t k8 = k / 8 * 8;
+  for (int64_t i = 0; i < k8; i += 8) {
+    __m256 xv[NT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(xs[t] + i);
+#pragma GCC unroll 4
+    for (int rr = 0; rr < RB; ++rr) {
+      const __m256 av = _mm256_loadu_ps(A + (r0 + rr) * k + i);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[rr][t] = _mm256_fmadd_ps(av, xv[t], acc[rr][t]);
+    }
+  }
+  for (int rr = 0; rr < RB; ++rr)
+    for (int t = 0; t < NT; ++t) {
+      float sum = hsum_avx2(acc[rr][t]);
+      for (int64_t i = k8; i < k; ++i) sum += A[(r0 + rr) * k + i] * xs[t][i];
+      ys[t][r0 + rr] = sum + (bias != nullptr ? bias[r0 + rr] : 0.0f);
+    }
+}
+
+template <int RB>
+MOA_AVX2 void dot_tokens_avx2(const float* A, int64_t k, const float* const* xs, float* const* ys, int64_t m,
+                              int64_t r0, const float* bias) {
+  int64_t q = 0;
+  for (; q + 4 <= m; q += 4) dot_tile_avx2<RB, 4>(A, k, xs + q, ys + q, r0, bias);
+  switch (m - q) {
+    case 1: dot_tile_avx2<RB, 1>(A, k, xs + q, ys + q, r0, bias); break;
+    case 2: dot_tile_avx2<RB, 2>(A, k, xs + q, ys + q, r0, bias); break;
+    case 3: dot_tile_avx2<RB, 3>(A, k, xs + q, ys + q, r0, bias); break;
+    default: break;
+  }
+}
+
+// ys[t][r] for r < rows of a dequantized tile, t < m.
+MOA_AVX2 void tile_linear_avx2(const float* A, int64_t k, int64_t rows, const float* const* xs, float* const* ys,
+                               int64_t m, const float* bias) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dot_tokens_avx2<4>(A, k, xs, ys, m, r, bias);
+  for (; r < rows; ++r) dot_tokens_avx2<1>(A, k, xs, ys, m, r, bias);
+}
+#endif
+
+bool avx2_available() {
+#if MOA_HAVE_AVX512
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The AVX-512 levels (the weight-only kernels of avx512 also serve the opt-in ones' other rows).
+bool avx512_level(QuantIsa isa) {
+  return isa == QuantIsa::avx512 || isa == QuantIsa::avx512_vnni || isa == QuantIsa::avx512_bf16;
+}
+
 void dequantize_row(QuantIsa isa, QType type, const uint8_t* row, int64_t k, float* out) {
 #if MOA_HAVE_AVX512
-  if (isa != QuantIsa::portable) return row_avx512(type, row, k, out);
+  if (avx512_level(isa)) return row_avx512(type, row, k, out);
+  if (isa == QuantIsa::avx2) return row_avx2(type, row, k, out);
 #endif
   dequantize_row_portable(type, row, k, out);
 }
@@ -617,6 +811,7 @@ QuantIsa best_isa() {
   if (vnni_available()) return QuantIsa::avx512_vnni;
   if (decode_avx512_available()) return QuantIsa::avx512;
 #endif
+  if (avx2_available()) return QuantIsa::avx2;
   return QuantIsa::portable;
 }
 
@@ -624,11 +819,15 @@ QuantIsa parse_isa(const std::string& name, const char* what) {
   const QuantIsa best = best_isa();
   // The default: the best weight-only kernels. The int8 path quantizes activations, which
   // costs held-out perplexity (benchmarks/quant_quality.py), so it is opt-in.
-  if (name == "auto" || name.empty() || name == "weight_only")
-    return best == QuantIsa::portable ? best : QuantIsa::avx512;
+  if (name == "auto" || name.empty() || name == "weight_only") return avx512_level(best) ? QuantIsa::avx512 : best;
   if (name == "portable") return QuantIsa::portable;
+  if (name == "avx2") {
+    if (!avx2_available())
+      throw_error<InvalidArgument>(what, "='avx2', but this CPU (or build) has no AVX2, FMA and F16C");
+    return QuantIsa::avx2;
+  }
   if (name == "avx512") {
-    if (best == QuantIsa::portable)
+    if (!avx512_level(best))
       throw_error<InvalidArgument>(what, "='avx512', but this CPU (or build) has no AVX-512 F/BW/VL/DQ");
     return QuantIsa::avx512;
   }
@@ -643,7 +842,8 @@ QuantIsa parse_isa(const std::string& name, const char* what) {
     return QuantIsa::avx512_vnni;
   }
   throw_error<InvalidArgument>(
-      what, " must be 'auto', 'portable', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got '", name, "'");
+      what, " must be 'auto', 'portable', 'avx2', 'avx512', 'avx512_vnni', 'avx512_bf16' or 'weight_only', got '", name,
+      "'");
 }
 
 std::atomic<int>& isa_state() {
@@ -665,6 +865,7 @@ const char* quant_isa_name(QuantIsa isa) {
     case QuantIsa::avx512_vnni: return "avx512_vnni";
     case QuantIsa::avx512_bf16: return "avx512_bf16";
     case QuantIsa::avx512: return "avx512";
+    case QuantIsa::avx2: return "avx2";
     default: return "portable";
   }
 }
@@ -684,7 +885,8 @@ void quant_linear_rows(QType type, const uint8_t* W, int64_t row_bytes, int64_t 
                        const float* const* xs, float* const* ys, int64_t m, const float* bias) {
   const QuantIsa isa = quant_isa();
 #if MOA_HAVE_AVX512
-  if (isa != QuantIsa::portable && fused_avx512(type, W, row_bytes, k, row0, row1, xs, ys, m, bias)) return;
+  if (avx512_level(isa) && fused_avx512(type, W, row_bytes, k, row0, row1, xs, ys, m, bias)) return;
+  if (isa == QuantIsa::avx2 && fused_avx2(type, W, row_bytes, k, row0, row1, xs, ys, m, bias)) return;
 #endif
   thread_local std::vector<float> tile;
   tile.resize(static_cast<size_t>(kTileRows * k));
@@ -694,10 +896,16 @@ void quant_linear_rows(QType type, const uint8_t* W, int64_t row_bytes, int64_t 
     for (int64_t r = 0; r < rows; ++r) dequantize_row(isa, type, W + (j0 + r) * row_bytes, k, tile.data() + r * k);
     for (int64_t q = 0; q < m; ++q) shifted[q] = ys[q] + j0;
     const float* b = bias != nullptr ? bias + j0 : nullptr;
-    if (isa != QuantIsa::portable) {
+#if MOA_HAVE_AVX512
+    if (avx512_level(isa)) {
       linear_rows_avx512<float>(tile.data(), k, 0, rows, xs, shifted.data(), m, b);
       continue;
     }
+    if (isa == QuantIsa::avx2) {
+      tile_linear_avx2(tile.data(), k, rows, xs, shifted.data(), m, b);
+      continue;
+    }
+#endif
     for (int64_t q = 0; q < m; ++q)
       for (int64_t r = 0; r < rows; ++r) {
         const float* w = tile.data() + r * k;

@@ -6,12 +6,14 @@
 //   quant_linear:     y[q][j] = sum_i W[j][i] * x[q][i] (+ bias[j])
 //
 // Kernels by instruction set, chosen once at run time (quant_isa()): AVX-512 for the
-// 32-element block types (Q8_0, Q4_0, Q4_1) and the float ones, the portable C++ for the
-// rest and on every other CPU. Opt-in on AVX512-VNNI CPUs, the int8 path below
+// 32-element block types (Q8_0, Q4_0, Q4_1) and the float ones; on a CPU with AVX2, FMA and
+// F16C but not AVX-512, their 256-bit counterparts; the portable C++ for the rest and on every
+// other CPU. Opt-in on AVX512-VNNI CPUs, the int8 path below
 // (activations quantized per block of 32, as llama.cpp does; it costs held-out perplexity);
 // opt-in on AVX512-BF16 CPUs, the bfloat16 path (activations and dequantized weights rounded
 // to bfloat16 for products of several rows; twice the products per instruction).
-// MOA_ENGINE_QUANT_ISA (portable, avx512, avx512_vnni, avx512_bf16, weight_only, auto) sets the choice
+// MOA_ENGINE_QUANT_ISA (portable, avx2, avx512, avx512_vnni, avx512_bf16, weight_only, auto) sets
+// the choice
 // (tests run every path the CPU has); set_quant_isa() does the same at run time.
 // Kernels tier (csrc/kernels/README.md): arithmetic only, no model knowledge.
 #pragma once
@@ -24,13 +26,13 @@
 
 namespace moa::cpu {
 
-enum class QuantIsa { portable, avx512, avx512_vnni, avx512_bf16 };
+enum class QuantIsa { portable, avx512, avx512_vnni, avx512_bf16, avx2 };
 
 // The kernels in use: the best weight-only ones this CPU runs unless MOA_ENGINE_QUANT_ISA
 // (read once) or set_quant_isa() chose others.
 QuantIsa quant_isa();
 const char* quant_isa_name(QuantIsa isa);
-// Sets the kernels to `name` ("portable", "avx512", "avx512_vnni" (opt-in: the int8 path),
+// Sets the kernels to `name` ("portable", "avx2", "avx512", "avx512_vnni" (opt-in: the int8 path),
 // "avx512_bf16" (opt-in: the bfloat16 path),
 // or "auto" / "weight_only": the best this CPU has with float activations, the default);
 // returns the name now in use. Throws InvalidArgument for another name or one this CPU
