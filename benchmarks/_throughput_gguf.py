@@ -33,9 +33,11 @@ import sys
 import time
 
 if __package__:
+    from . import _timing as timing
     from ._throughput_measure import measure_decode, measure_prefill, ratio
     from ._throughput_sides import DTYPES, HFRunner, OursRunner, Sides, hf_pad_id, quantized_base
 else:
+    import _timing as timing
     from _throughput_measure import measure_decode, measure_prefill, ratio
     from _throughput_sides import DTYPES, HFRunner, OursRunner, Sides, hf_pad_id, quantized_base
 
@@ -69,19 +71,6 @@ class Bf16KernelsRunner(OursRunner):
 
     def forward_fn(self, ids):
         return self._with_kernels(super().forward_fn(ids))
-
-    @staticmethod
-    def available():
-        from moa_engine import _C
-
-        previous = _C._quant_isa()
-        try:
-            _C._set_quant_isa("avx512_bf16")
-            return True
-        except ValueError:
-            return False
-        finally:
-            _C._set_quant_isa(previous)
 
     @staticmethod
     def _with_kernels(fn):
@@ -137,7 +126,7 @@ def gguf_mode(qtype):
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]).eval()
             hf = HFRunner(model, hf_pad_id(model, engine))
         extra = [F32Runner(f32)]
-        if qtype != "bf16" and Bf16KernelsRunner.available():
+        if qtype != "bf16" and timing.quant_isa_available("avx512_bf16"):
             extra.append(Bf16KernelsRunner(engine))
         sides = Sides(OursRunner(engine), hf, engine.weight_bytes, extra=extra)
         sides.mode, sides.gguf_path = qtype, path

@@ -341,6 +341,21 @@ def _quant_isa():
         return None
 
 
+def quant_isa_available(name):
+    """Whether this CPU runs the quantized kernel level `name` (MOA_ENGINE_QUANT_ISA's values);
+    the choice in use is kept."""
+    from moa_engine import _C
+
+    previous = _C._quant_isa()
+    try:
+        _C._set_quant_isa(name)
+        return True
+    except ValueError:
+        return False
+    finally:
+        _C._set_quant_isa(previous)
+
+
 def write_json_atomic(path, payload):
     """Write `payload` as JSON to `path` atomically (moa_engine._io); creates the folder."""
     from moa_engine._io import atomic_write_json

@@ -150,19 +150,6 @@ def agreement(ours, ref):
     return {"prefix_share": sum(prefix) / len(prefix), "identical_share": same / len(ours)}
 
 
-def has_isa(name):
-    from moa_engine import _C
-
-    previous = _C._quant_isa()
-    try:
-        _C._set_quant_isa(name)
-        return True
-    except ValueError:
-        return False
-    finally:
-        _C._set_quant_isa(previous)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.variant:
@@ -174,7 +161,7 @@ def main(argv=None):
     import _timing as timing
 
     started = time.perf_counter()
-    variants = [v for v in VARIANTS if v not in ROUNDING or has_isa(ROUNDING[v])]
+    variants = [v for v in VARIANTS if v not in ROUNDING or timing.quant_isa_available(ROUNDING[v])]
     env = timing.environment("cpu")
     print(f"{env['cpu']}; flags {' '.join(env['cpu_flags'] or [])}; variants {', '.join(variants)}")
     with tempfile.TemporaryDirectory() as work:

@@ -22,20 +22,32 @@ SERVED = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 FP16_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
 
 
+def has_isa(name):
+    """Whether this CPU runs the quantized kernel level `name` (the choice in use is kept)."""
+    previous = _C._quant_isa()
+    try:
+        _C._set_quant_isa(name)
+        return True
+    except ValueError:
+        return False
+    finally:
+        _C._set_quant_isa(previous)
+
+
+def kernels_in_use(name, lacking):
+    """A fixture body: the kernel level `name` for the test, or a skip naming what the CPU lacks."""
+    if not has_isa(name):
+        pytest.skip(f"this CPU has no {lacking}: the {name} kernels cannot run here")
+    previous = _C._quant_isa()
+    _C._set_quant_isa(name)
+    yield
+    _C._set_quant_isa(previous)
+
+
 def isas():
     """The weight-only kernel paths this CPU runs: portable always, avx2 and avx512 where the
     CPU has them (the int8 and bfloat16 paths have their own tests below)."""
-    previous = _C._quant_isa()
-    found = ["portable"]
-    for name in ("avx2", "avx512"):
-        try:
-            _C._set_quant_isa(name)
-            found.append(name)
-        except ValueError:
-            pass
-        finally:
-            _C._set_quant_isa(previous)
-    return found
+    return ["portable"] + [name for name in ("avx2", "avx512") if has_isa(name)]
 
 
 @pytest.fixture(params=isas())
@@ -136,24 +148,12 @@ INT8_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
 
 
 def has_vnni():
-    previous = _C._quant_isa()
-    try:
-        _C._set_quant_isa("avx512_vnni")
-        return True
-    except ValueError:
-        return False
-    finally:
-        _C._set_quant_isa(previous)
+    return has_isa("avx512_vnni")
 
 
 @pytest.fixture
 def vnni():
-    if not has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI: the int8 path cannot run here")
-    previous = _C._quant_isa()
-    _C._set_quant_isa("avx512_vnni")
-    yield
-    _C._set_quant_isa(previous)
+    yield from kernels_in_use("avx512_vnni", "AVX512-VNNI")
 
 
 def roundf(v):
@@ -221,24 +221,12 @@ def test_int8_path_covers_only_its_types_and_sizes(vnni, gen):
 
 
 def has_bf16_dot():
-    previous = _C._quant_isa()
-    try:
-        _C._set_quant_isa("avx512_bf16")
-        return True
-    except ValueError:
-        return False
-    finally:
-        _C._set_quant_isa(previous)
+    return has_isa("avx512_bf16")
 
 
 @pytest.fixture
 def bf16_dot():
-    if not has_bf16_dot():
-        pytest.skip("this CPU has no AVX512-BF16: the bfloat16 path cannot run here")
-    previous = _C._quant_isa()
-    _C._set_quant_isa("avx512_bf16")
-    yield
-    _C._set_quant_isa(previous)
+    yield from kernels_in_use("avx512_bf16", "AVX512-BF16")
 
 
 @pytest.mark.parametrize("qtype", SERVED, ids=lambda t: t.name)

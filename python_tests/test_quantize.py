@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from test_quant_kernels import kernels_in_use
 from tiny_models import build_model, save_model
 
 from moa_engine import _C, Engine, models
@@ -415,13 +416,7 @@ def test_llama_cpp_generates_our_greedy_text_from_the_exported_file(tmp_path):
 
 @pytest.fixture
 def int8_kernels():
-    previous = _C._quant_isa()
-    try:
-        _C._set_quant_isa("avx512_vnni")
-    except ValueError:
-        pytest.skip("this CPU has no AVX512-VNNI: the int8 path cannot run here")
-    yield
-    _C._set_quant_isa(previous)
+    yield from kernels_in_use("avx512_vnni", "AVX512-VNNI")
 
 
 def test_int8_path_on_the_default_model(int8_kernels, gen):
@@ -472,13 +467,7 @@ def test_int8_path_with_experts_in_a_mixed_batch(quant_dirs, tmp_path, int8_kern
 
 @pytest.fixture
 def bf16_kernels():
-    previous = _C._quant_isa()
-    try:
-        _C._set_quant_isa("avx512_bf16")
-    except ValueError:
-        pytest.skip("this CPU has no AVX512-BF16: the bfloat16 path cannot run here")
-    yield
-    _C._set_quant_isa(previous)
+    yield from kernels_in_use("avx512_bf16", "AVX512-BF16")
 
 
 def test_bf16_path_on_the_default_model(bf16_kernels, gen):

@@ -326,8 +326,6 @@ void expand_block_avx512(const T*, int64_t, int64_t, int64_t, const T* const*, T
 
 #endif
 
-namespace {
-
 bool bf16_dot_available() {
 #if MOA_HAVE_AVX512
   static const bool ok = decode_avx512_available() && __builtin_cpu_supports("avx512bf16");
@@ -336,6 +334,8 @@ bool bf16_dot_available() {
   return false;
 #endif
 }
+
+namespace {
 
 Bf16Isa parse_bf16_isa(const std::string& name, const char* what) {
   if (name == "auto" || name.empty()) return bf16_dot_available() ? Bf16Isa::avx512_bf16 : Bf16Isa::avx512;

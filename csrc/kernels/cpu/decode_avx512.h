@@ -26,6 +26,8 @@ bool decode_avx512_available();
 // set_bf16_isa() sets it at run time (tests and benchmarks; not thread-safe against running
 // kernels) and returns the name in use. Naming a level this CPU lacks is InvalidArgument.
 enum class Bf16Isa { avx512, avx512_bf16 };
+// True when this CPU has AVX512-BF16 (vdpbf16ps) on top of decode_avx512_available().
+bool bf16_dot_available();
 Bf16Isa bf16_isa();
 const char* bf16_isa_name(Bf16Isa isa);
 std::string set_bf16_isa(const std::string& name);

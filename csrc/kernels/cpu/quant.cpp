@@ -787,15 +787,6 @@ MOA_AVX512_BF16 void round_activations_avx512_bf16(const float* const* xs, int64
 }
 #endif
 
-bool bf16_available() {
-#if MOA_HAVE_AVX512
-  static const bool ok = decode_avx512_available() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 bool vnni_available() {
 #if MOA_HAVE_AVX512
   static const bool ok = decode_avx512_available() && __builtin_cpu_supports("avx512vnni") &&
@@ -832,7 +823,7 @@ QuantIsa parse_isa(const std::string& name, const char* what) {
     return QuantIsa::avx512;
   }
   if (name == "avx512_bf16") {
-    if (!bf16_available())
+    if (!bf16_dot_available())
       throw_error<InvalidArgument>(what, "='avx512_bf16', but this CPU (or build) has no AVX512-BF16");
     return QuantIsa::avx512_bf16;
   }
@@ -975,7 +966,7 @@ void round_activations_bf16(const float* const* xs, int64_t m, int64_t k, std::v
   if (k % 32 != 0) throw_error<InvalidArgument>("round_activations_bf16: k must be a multiple of 32, got ", k);
   out.resize(static_cast<size_t>(m * k));
 #if MOA_HAVE_AVX512
-  if (bf16_available()) return round_activations_avx512_bf16(xs, m, k, out.data());
+  if (bf16_dot_available()) return round_activations_avx512_bf16(xs, m, k, out.data());
 #endif
   for (int64_t q = 0; q < m; ++q)
     for (int64_t i = 0; i < k; ++i) out[q * k + i] = c10::BFloat16(xs[q][i]).x;
