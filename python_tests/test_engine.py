@@ -394,6 +394,45 @@ def test_sampler_with_a_wrong_temperature_fails_the_check(engines, hf_models, ge
     assert chi_square_p_value(counts, probs, n) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_sizes_forward_and_greedy_matches_hf(dtype, tmp_path, gen):
+    """Sizes that are multiples of neither 8 nor 16 (hidden 84, head_dim 14, so a RoPE half of
+    7, intermediate 150, vocab 301), so every SIMD kernel level runs its tails: logits against
+    HF, and greedy decoding of batches of 3 and 9 (each linear's token tiles and their rest)."""
+    from tiny_models import build_model, save_model
+
+    sizes = dict(vocab_size=301, hidden_size=84, intermediate_size=150, num_attention_heads=6, head_dim=14)
+    folder = save_model(build_model("llama_gqa", seed=11, **sizes), tmp_path / "odd")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager").eval()
+    engine = moa_engine.Engine(folder, max_batch=9, max_seq_len=MAX_SEQ_LEN, dtype=str(dtype).split(".")[1])
+    ids = random_ids(gen, 301, 3, 29)
+    if dtype == torch.float32:
+        assert relative_error(engine.forward(ids), hf_logits(hf, ids)) <= FLOAT32_REL_TOL
+        for lengths in ([5, 17, 1], [3, 9, 2, 30, 7, 12, 1, 4, 21]):
+            prompts = random_prompts(gen, 301, lengths)
+            out = engine.generate(prompts, max_new_tokens=10, ignore_eos=True)
+            for prompt, completion in zip(prompts, out):
+                assert completion.token_ids == hf_greedy(hf, prompt, 10), f"prompt of {len(prompt)} tokens"
+    else:
+        hf64 = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64, attn_implementation="eager")
+        ref64 = hf_logits(hf64.eval(), ids).double()
+        err, hf_err = relative_error(engine.forward(ids), ref64), relative_error(hf_logits(hf, ids), ref64)
+        assert err <= max(2 * hf_err, 5e-3), f"bf16 error {err:.2e}, HF bf16 error {hf_err:.2e}"
+        # Decoding in batches of 3 and 9: each step's logits through the decode kernels, scored
+        # against float64 HF teacher-forced on the engine's own tokens.
+        for lengths in ([5, 17, 1], [3, 9, 2, 30, 7, 12, 1, 4, 21]):
+            prompts = random_prompts(gen, 301, lengths)
+            out = engine.generate(prompts, max_new_tokens=6, ignore_eos=True)
+            for prompt, completion in zip(prompts, out):
+                seq = torch.tensor([prompt + completion.token_ids])
+                ref = hf_logits(hf64, seq)[0, len(prompt) - 1 : -1].double()
+                chosen = ref.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+                # Each chosen token is within bfloat16 noise of float64's best.
+                assert (ref.max(dim=1).values - chosen).max() <= 0.1 * ref.abs().max(), prompt
+
+
 # ---------------------------------------------------------------------------------------------
 # bfloat16
 # ---------------------------------------------------------------------------------------------

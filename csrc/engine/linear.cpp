@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/dispatch.h"
+#include "kernels/cpu/decode_avx2.h"
 #include "kernels/cpu/decode_avx512.h"
 #include "kernels/cpu/grouped_lora_cpu.h"  // native_matmul
 #include "kernels/cpu/quant.h"
@@ -48,8 +49,13 @@ void linear_small_m(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   // Blocks of 8 rows of W per task, at least ~32 KB of W each.
   const int64_t rows_per_task = std::max<int64_t>(8, (32768 / (K * int64_t(sizeof(T))) + 7) / 8 * 8);
   const int64_t blocks = (N + 7) / 8;
+  const bool avx512 = cpu::cpu_isa() == cpu::CpuIsa::avx512;
   at::parallel_for(0, blocks, rows_per_task / 8, [&](int64_t b0, int64_t b1) {
-    cpu::linear_rows_avx512(W, K, b0 * 8, std::min(N, b1 * 8), xs.data(), ys.data(), M, bias);
+    if (avx512) {
+      cpu::linear_rows_avx512(W, K, b0 * 8, std::min(N, b1 * 8), xs.data(), ys.data(), M, bias);
+    } else {
+      cpu::linear_rows_avx2(W, K, b0 * 8, std::min(N, b1 * 8), xs.data(), ys.data(), M, bias);
+    }
   });
 }
 
@@ -191,7 +197,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, w.size(0)}, x.options());
   if (M == 0) return y;
-  if (x.is_cpu() && M <= small_m_limit() && cpu::decode_avx512_available() && x.stride(1) == 1) {
+  if (x.is_cpu() && M <= small_m_limit() && cpu::cpu_isa() != cpu::CpuIsa::portable && x.stride(1) == 1) {
     MOA_DISPATCH_ENGINE_TYPES(x.scalar_type(), "moa_linear", [&] { linear_small_m<scalar_t>(x, w, b, y); });
   } else {
     linear_blas(x, w, b, y);

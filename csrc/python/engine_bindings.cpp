@@ -11,6 +11,7 @@
 #include <string>
 
 #include "engine/linear.h"
+#include "kernels/cpu/decode_avx2.h"
 #include "kernels/cpu/decode_avx512.h"
 #include "moa/engine.h"
 
@@ -304,6 +305,9 @@ void bind_internals(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::call_guard<py::gil_scoped_release>(),
       "Internal (tests, benchmarks): the engine's dense linear, x [M, K] @ w [N, K]^T (+ b).");
+  m.def(
+      "_cpu_isa", []() { return std::string(moa::cpu::cpu_isa_name(moa::cpu::cpu_isa())); },
+      "The level of the CPU decode kernels in use: 'avx512', 'avx2' or 'portable' (MOA_ENGINE_CPU_ISA).");
   m.def(
       "_bf16_isa", []() { return std::string(moa::cpu::bf16_isa_name(moa::cpu::bf16_isa())); },
       "How the decode kernels multiply bfloat16: 'avx512_bf16' (vdpbf16ps) or 'avx512' (widened to float).");

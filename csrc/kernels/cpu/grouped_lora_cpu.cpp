@@ -5,6 +5,7 @@
 // CPU kernels may use ATen's BLAS and at::parallel_for.
 #include "kernels/cpu/grouped_lora_cpu.h"
 
+#include "kernels/cpu/decode_avx2.h"
 #include "kernels/cpu/decode_avx512.h"
 
 #include <ATen/ATen.h>
@@ -154,12 +155,12 @@ struct SmallArgs {
   const T* weight;  // shrink: A [E, r, in]   expand: B [E, out, r]
   T* dst;           // shrink: V [T, r]       expand: y [T, out]
   int64_t ld_dst;
-  int64_t rows;             // weight rows per expert: r (shrink) or out (expand)
-  int64_t k;                // dot length: in (shrink) or r (expand)
-  const float* scales;      // expand only
-  int64_t slice;            // weight rows per item
-  int64_t splits;           // items per group
-  bool use_avx512 = false;  // take the AVX-512 kernels (decode_avx512.h)
+  int64_t rows;                   // weight rows per expert: r (shrink) or out (expand)
+  int64_t k;                      // dot length: in (shrink) or r (expand)
+  const float* scales;            // expand only
+  int64_t slice;                  // weight rows per item
+  int64_t splits;                 // items per group
+  CpuIsa isa = CpuIsa::portable;  // avx512 / avx2: the kernels of decode_avx512.h / decode_avx2.h
 };
 
 // out[q] = dot(w, xs[q]) for q < NT; w and xs[q] have k elements.
@@ -215,11 +216,19 @@ MOA_INLINE void small_items_impl(const SmallArgs<T>& a, int64_t begin, int64_t e
         dsts[q] = a.dst + tok * a.ld_dst;
       }
       if constexpr (!std::is_same_v<T, double>) {
-        if (a.use_avx512) {
+        if (a.isa == CpuIsa::avx512) {
           if constexpr (kExpand) {
             expand_block_avx512(w_expert, a.k, row0, row1, srcs, dsts, nt, scale);
           } else {
             shrink_block_avx512(w_expert, a.k, row0, row1, srcs, dsts, nt);
+          }
+          continue;
+        }
+        if (a.isa == CpuIsa::avx2) {
+          if constexpr (kExpand) {
+            expand_block_avx2(w_expert, a.k, row0, row1, srcs, dsts, nt, scale);
+          } else {
+            shrink_block_avx2(w_expert, a.k, row0, row1, srcs, dsts, nt);
           }
           continue;
         }
@@ -280,7 +289,9 @@ void run_small_groups(SmallArgs<T> a) {
   const int64_t groups = static_cast<int64_t>(a.plan->small_groups.size());
   if (groups == 0 || a.rows == 0) return;
   const int64_t splits = pick_splits(groups, a.rows, a.k * static_cast<int64_t>(sizeof(T)));
-  a.use_avx512 = use_avx512_kernels() && (!kExpand || a.k <= kDecodeAvx512MaxRank);
+  const CpuIsa isa = cpu_isa();
+  const int64_t max_rank = isa == CpuIsa::avx512 ? kDecodeAvx512MaxRank : kDecodeAvx2MaxRank;
+  a.isa = !kExpand || a.k <= max_rank ? isa : CpuIsa::portable;
   a.slice = (a.rows + splits - 1) / splits;
   a.splits = (a.rows + a.slice - 1) / a.slice;
   at::parallel_for(0, groups * a.splits, 1, [&](int64_t begin, int64_t end) { small_items<kExpand>(a, begin, end); });
@@ -288,10 +299,7 @@ void run_small_groups(SmallArgs<T> a) {
 
 }  // namespace
 
-bool use_avx512_kernels() {
-  static const bool use = decode_avx512_available() && env_int("MOA_ENGINE_CPU_AVX512", 1, 0) != 0;
-  return use;
-}
+bool use_avx512_kernels() { return cpu_isa() == CpuIsa::avx512; }
 
 // ---------------------------------------------------------------------------
 // Planning: runs, then a counting sort of the remaining tokens by expert.
@@ -317,7 +325,7 @@ template <typename scalar_t>
 PlanOptions plan_options() {
   static const PlanOptions options = [] {
     PlanOptions o;
-    const bool simd = use_avx512_kernels() && !std::is_same_v<scalar_t, double>;
+    const bool simd = cpu_isa() != CpuIsa::portable && !std::is_same_v<scalar_t, double>;
     if (simd && !native_matmul<scalar_t>()) o.min_gemm_group = std::numeric_limits<int64_t>::max();
     o.min_run = env_int("MOA_ENGINE_CPU_MIN_RUN", o.min_run);
     o.min_gemm_group = env_int("MOA_ENGINE_CPU_MIN_GATHER", o.min_gemm_group);

@@ -64,8 +64,8 @@ struct Plan {
   std::vector<int64_t> perm;  // scattered tokens, grouped by expert, ascending within one
 };
 
-// Whether the AVX-512 kernels run: the CPU has them and MOA_ENGINE_CPU_AVX512 is not 0
-// (read once). Also the choice of the attention and elementwise kernels (transformer_cpu).
+// Whether the AVX-512 kernels run: cpu_isa() (decode_avx2.h) is avx512. Also the choice of
+// the attention and elementwise kernels (transformer_cpu).
 bool use_avx512_kernels();
 
 // Whether this CPU multiplies T natively (AMX, AVX512-BF16 / -FP16): then BLAS GEMMs

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cpu/avx2_util.h"
 #include "kernels/cpu/avx512_util.h"
 #include "kernels/cpu/decode_avx512.h"
 #include "moa/errors.h"
@@ -493,18 +494,10 @@ MOA_VNNI void quantize_activations_vnni(const float* const* xs, int64_t m, int64
 // float types, 8 lanes at a time, with the same float operations as the AVX-512 ones. (Under
 // MOA_HAVE_AVX512, which means an x86-64 GCC / Clang build: it emits either by target attribute.)
 
-#define MOA_AVX2 __attribute__((target("avx2,fma,f16c")))
-
 MOA_AVX2 inline __m256 fp16x8(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(h)));
-}
-
-MOA_AVX2 inline float hsum_avx2(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
 // One 32-element block as four vectors of 8 floats, in element order.
@@ -588,7 +581,7 @@ MOA_AVX2 void fused_rows_avx2(const uint8_t* W, int64_t row_bytes, int64_t k, in
       }
     }
     for (int t = 0; t < NT; ++t)
-      ys[t][j] = hsum_avx2(_mm256_add_ps(acc[t][0], acc[t][1])) + (bias != nullptr ? bias[j] : 0.0f);
+      ys[t][j] = avx2::hsum8(_mm256_add_ps(acc[t][0], acc[t][1])) + (bias != nullptr ? bias[j] : 0.0f);
   }
 }
 
@@ -637,7 +630,7 @@ MOA_AVX2 inline void dot_tile_avx2(const float* A, int64_t k, const float* const
   }
   for (int rr = 0; rr < RB; ++rr)
     for (int t = 0; t < NT; ++t) {
-      float sum = hsum_avx2(acc[rr][t]);
+      float sum = avx2::hsum8(acc[rr][t]);
       for (int64_t i = k8; i < k; ++i) sum += A[(r0 + rr) * k + i] * xs[t][i];
       ys[t][r0 + rr] = sum + (bias != nullptr ? bias[r0 + rr] : 0.0f);
     }
@@ -664,16 +657,6 @@ MOA_AVX2 void tile_linear_avx2(const float* A, int64_t k, int64_t rows, const fl
   for (; r < rows; ++r) dot_tokens_avx2<1>(A, k, xs, ys, m, r, bias);
 }
 #endif
-
-bool avx2_available() {
-#if MOA_HAVE_AVX512
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // The AVX-512 levels (the weight-only kernels of avx512 also serve the opt-in ones' other rows).
 bool avx512_level(QuantIsa isa) {
