@@ -18,12 +18,12 @@
 //   small groups  the rest (decode: one or a few tokens per expert): a SIMD kernel
 //                 that reads each used expert's A and B once and the tokens' rows in
 //                 place, parallel over experts, chunks of tokens and slices of r / out.
-// plan_options<T>() picks the thresholds for the dtype and the CPU: with the AVX-512
+// plan_options<T>() picks the thresholds for the dtype and the CPU: with the AVX-512 or AVX2
 // kernels, scattered tokens of any count take the SIMD path (no gather), unless the CPU
 // multiplies T natively (AMX / AVX512-BF16 / AVX512-FP16), where GEMMs win.
 // Environment overrides, read once per process (tuning and tests):
-//   MOA_ENGINE_CPU_AVX512=0      use the portable SIMD kernels even on AVX-512 CPUs (and
-//                                the portable attention and elementwise kernels)
+//   MOA_ENGINE_CPU_ISA=L         the kernel level (portable, avx2, avx512; cpu_isa() in
+//                                decode_avx2.h), also of attention and the elementwise kernels
 //   MOA_ENGINE_CPU_MIN_RUN=N     min_run
 //   MOA_ENGINE_CPU_MIN_GATHER=N  min_gemm_group
 // Tokens with expert id -1 are on no path: their rows of V are not written and their
