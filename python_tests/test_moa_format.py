@@ -430,14 +430,29 @@ def test_adapter_for_another_base(adapter_dir, base_config, tmp_path):
 
 
 def test_overlapping_rank_patterns_that_peft_cannot_reload(base_model, tmp_path):
-    """PEFT applies rank_pattern keys in the given order but saves them sorted, so overlapping
-    patterns can give a file PEFT itself cannot load. We refuse it with a clear message."""
+    """PEFT gives a module the rank of the first rank_pattern key that matches it, in the
+    config's order. PEFT before 0.22 saved the keys sorted, so overlapping patterns gave a file
+    whose config disagrees with its weights, which PEFT itself cannot load: we refuse it with a
+    clear message. Where the saved order is the order PEFT applied, the file loads, with PEFT's
+    ranks."""
     folder = make_random_peft_adapter(
         base_model,
         tmp_path / "overlap",
         target_modules=["q_proj"],
         rank_pattern={"q_proj": 2, "layers.1.self_attn.q_proj": 6},
     )
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    # The order PEFT applied: "q_proj" matches layer 1 first, so its rank is 2.
+    config["rank_pattern"] = {"q_proj": 2, "layers.1.self_attn.q_proj": 6}
+    config_path.write_text(json.dumps(config))
+    reference = peft_load(base_model, folder).base_model.model.model.layers[1].self_attn.q_proj
+    assert tuple(reference.lora_A["default"].weight.shape) == (2, 64)
+    ours = load_peft_adapter(folder)
+    assert tuple(ours.targets[(1, "q_proj")][0].shape) == (2, 64)
+    # The sorted order older PEFT wrote: layer 1's key now matches first and says 6.
+    config["rank_pattern"] = dict(sorted(config["rank_pattern"].items()))
+    config_path.write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="size mismatch"):
         peft_load(base_model, folder)
     message = r"layers.1.self_attn.q_proj: adapter_config.json gives rank 6 .* lora_A is \[2, 64\]"
