@@ -113,7 +113,10 @@ MOA_AVX2 inline void dot_row(const T* a, int64_t k, const T* const* xs, float* o
 template <int NT, typename T>
 MOA_AVX2 void rows_one_by_one(const T* W, int64_t k, int64_t row0, int64_t row1, const T* const* xs, T* const* ys,
                               const T* bias) {
-  constexpr int CH = NT <= 2 ? 4 : NT <= 4 ? 2 : 1;  // at most 8 accumulators
+  // One or two tokens: 4 chunks in flight per token. Three or more: one accumulator chain per
+  // token, the order of the tiles (rows_times_tokens), so a token's result does not depend on
+  // how many others share its step once there are three (as on the AVX-512 level).
+  constexpr int CH = NT <= 2 ? 4 : 1;
   for (int64_t j = row0; j < row1; ++j) {
     float out[NT];
     dot_row<NT, CH>(W + j * k, k, xs, out);
