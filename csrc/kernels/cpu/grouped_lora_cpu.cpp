@@ -299,8 +299,6 @@ void run_small_groups(SmallArgs<T> a) {
 
 }  // namespace
 
-bool use_avx512_kernels() { return cpu_isa() == CpuIsa::avx512; }
-
 // ---------------------------------------------------------------------------
 // Planning: runs, then a counting sort of the remaining tokens by expert.
 

@@ -64,10 +64,6 @@ struct Plan {
   std::vector<int64_t> perm;  // scattered tokens, grouped by expert, ascending within one
 };
 
-// Whether the AVX-512 kernels run: cpu_isa() (decode_avx2.h) is avx512. Also the choice of
-// the attention and elementwise kernels (transformer_cpu).
-bool use_avx512_kernels();
-
 // Whether this CPU multiplies T natively (AMX, AVX512-BF16 / -FP16): then BLAS GEMMs
 // beat the FMA kernels. Always false for float and double.
 template <typename T>
