@@ -88,7 +88,7 @@ def test_dequantize_equals_gguf(qtype, n, blocks, isa, gen):
 
 
 @pytest.mark.parametrize("qtype", SERVED, ids=lambda t: t.name)
-@pytest.mark.parametrize("m", [1, 3, 5, 32, 33, 70])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 32, 33, 70])
 def test_linear_equals_dequantized_matmul(qtype, m, isa, gen):
     n = 45 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 131
     blocks = 2 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 5
