@@ -90,6 +90,22 @@ struct RoundedActs {
 // bound by reading W, and the fused float kernels (dequantized in registers) read it once.
 constexpr int64_t kBf16MinM = 4;
 
+// On the AVX2 level the SIMD tiles of a quantized matrix lose to BLAS on dequantized tiles
+// from about 16 rows: 16 registers of 8 lanes leave them well below the FMA peak that BLAS's
+// packed GEMM reaches (on a Zen 3, batch-32 decode of the Q4_1 file 1.25x faster through
+// BLAS, batch 16 1.05x; batch 8 1.3x slower). Unless MOA_ENGINE_SMALL_M is set, products of
+// more rows than this take BLAS there.
+constexpr int64_t kAvx2QuantSmallM = 12;
+
+int64_t quant_small_m_limit() {
+  static const bool chosen = [] {
+    const char* value = std::getenv("MOA_ENGINE_SMALL_M");
+    return value != nullptr && *value != '\0';
+  }();
+  if (chosen || cpu::quant_isa() != cpu::QuantIsa::avx2) return small_m_limit();
+  return std::min(small_m_limit(), kAvx2QuantSmallM);
+}
+
 // y[:, col0 : col0 + run.rows] = x run^T, x float32 [M, k] contiguous, y float32.
 void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor& y, int64_t col0, RoundedActs& acts) {
   const int64_t M = x.size(0);
@@ -98,7 +114,7 @@ void quant_run(const at::Tensor& x, const QuantRows& run, int64_t k, at::Tensor&
   // Without SIMD kernels (QuantIsa::portable: no AVX2 / AVX-512, e.g. aarch64) every product
   // takes the BLAS tiles: dequantizing in portable C++, then BLAS, is ~10x faster there than
   // the portable SIMD-tile fallback's scalar dot products.
-  if (M <= small_m_limit() && cpu::quant_isa() != cpu::QuantIsa::portable) {
+  if (M <= quant_small_m_limit() && cpu::quant_isa() != cpu::QuantIsa::portable) {
     std::vector<const float*> xs(M);
     std::vector<float*> ys(M);
     for (int64_t m = 0; m < M; ++m) {

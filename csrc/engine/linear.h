@@ -6,8 +6,9 @@
 //       instructions for them, in float32 (the same products, rounded once).
 // A quantized W (GGML block types, kernels/cpu/quant.h) is multiplied in float32 with
 // float activations (weight-only: x is never quantized):
-//   M <= small_m_limit(): tiles of 16 rows dequantized into L1, then the SIMD kernel (Q8_0,
-//       Q4_0, Q4_1: dequantized in registers for up to 4 rows);
+//   M <= small_m_limit() (on the AVX2 level 12 unless MOA_ENGINE_SMALL_M is set): tiles of
+//       16 rows dequantized into L1, then the SIMD kernel (Q8_0, Q4_0, Q4_1: dequantized in
+//       registers for up to 8 rows (AVX2) or 4 (AVX-512));
 //   otherwise, and at any M with the portable kernels (no AVX2 / AVX-512): tiles of 128 rows
 //   dequantized, then BLAS;
 // except that with the int8 kernels chosen (cpu::quant_isa() == avx512_vnni, opt-in),

@@ -717,7 +717,7 @@ MOA_AVX2 void fused_rows_avx2(const uint8_t* W, int64_t row_bytes, int64_t k, in
     }
     fused_group_avx2<Q, NT, R, A>(W, row_bytes, nb, j, xs, ys, bias);
   }
-  for (; j < j1; ++j) fused_group_avx2<Q, NT, 1, 2>(W, row_bytes, nb, j, xs, ys, bias);
+  for (; j < j1; ++j) fused_group_avx2<Q, NT, 1, (NT <= 2 ? 2 : 1)>(W, row_bytes, nb, j, xs, ys, bias);
 }
 
 template <QType Q>
@@ -729,14 +729,18 @@ MOA_AVX2 void fused_tokens_avx2(const uint8_t* W, int64_t row_bytes, int64_t k, 
       return fused_rows_avx2<Q, 1, 4, 2>(W, row_bytes, k, j0, j1, xs, ys, bias);
     case 2: return fused_rows_avx2<Q, 2, 4, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
     case 3: return fused_rows_avx2<Q, 3, 2, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
-    default: return fused_rows_avx2<Q, 4, 2, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    case 4: return fused_rows_avx2<Q, 4, 2, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    case 5: return fused_rows_avx2<Q, 5, 1, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    case 6: return fused_rows_avx2<Q, 6, 1, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    case 7: return fused_rows_avx2<Q, 7, 1, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
+    default: return fused_rows_avx2<Q, 8, 1, 1>(W, row_bytes, k, j0, j1, xs, ys, bias);
   }
 }
 
-// The fused kernels for 1 to 4 tokens of the 32-element types; true when used.
+// The fused kernels for 1 to 8 tokens of the 32-element types; true when used.
 bool fused_avx2(QType type, const uint8_t* W, int64_t row_bytes, int64_t k, int64_t row0, int64_t row1,
                 const float* const* xs, float* const* ys, int64_t m, const float* bias) {
-  if (m > 4 || m < 1) return false;
+  if (m > 8 || m < 1) return false;
   switch (type) {
     case QType::Q8_0: fused_tokens_avx2<QType::Q8_0>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
     case QType::Q4_0: fused_tokens_avx2<QType::Q4_0>(W, row_bytes, k, row0, row1, xs, ys, m, bias); return true;
