@@ -571,7 +571,7 @@ MOA_AVX2 inline void block_scales_avx2(const uint8_t* b, __m256& d, __m256& m) {
     m = _mm256_mul_ps(_mm256_set1_ps(-8.0f), d);
 }
 
-// A block's quants as four vectors of 8 floats, elements 0-7, 8-15, 16-24, 24-31 (Q4_0 and
+// A block's quants as four vectors of 8 floats, elements 0-7, 8-15, 16-23, 24-31 (Q4_0 and
 // Q4_1: 0-15 are the low nibbles of the 16 bytes, 16-31 the high ones). Two widening loads
 // of 8 bytes for the nibble types (each byte's two nibbles split after widening), four for Q8_0.
 template <QType Q>
@@ -673,9 +673,9 @@ MOA_AVX2 inline void q4_1_group_avx2(const uint8_t* W, int64_t row_bytes, int64_
     }
   }
   for (int r = 0; r < R; ++r) {
-    alignas(32) float m[8];
+    alignas(32) float m[8];  // [.., m sum(x), ..]: the odd lanes are equal
     _mm256_store_ps(m, macc[r]);
-    y[j + r] = avx2::hsum8(acc[r]) + ((m[1] + m[3]) + (m[5] + m[7])) * 0.25f + (bias != nullptr ? bias[j + r] : 0.0f);
+    y[j + r] = avx2::hsum8(acc[r]) + m[1] + (bias != nullptr ? bias[j + r] : 0.0f);
   }
 }
 
