@@ -97,13 +97,15 @@ constexpr int64_t kBf16MinM = 4;
 // more rows than this take BLAS there.
 constexpr int64_t kAvx2QuantSmallM = 12;
 
+// MOA_ENGINE_SMALL_M, or -1 when it is unset.
+int64_t small_m_env() {
+  static const int64_t value = read_limit("MOA_ENGINE_SMALL_M", -1, "always BLAS");
+  return value;
+}
+
 int64_t quant_small_m_limit() {
-  static const bool chosen = [] {
-    const char* value = std::getenv("MOA_ENGINE_SMALL_M");
-    return value != nullptr && *value != '\0';
-  }();
-  if (chosen || cpu::quant_isa() != cpu::QuantIsa::avx2) return small_m_limit();
-  return std::min(small_m_limit(), kAvx2QuantSmallM);
+  if (small_m_env() >= 0) return small_m_env();
+  return cpu::quant_isa() == cpu::QuantIsa::avx2 ? kAvx2QuantSmallM : kDefaultSmallM;
 }
 
 // y[:, col0 : col0 + run.rows] = x run^T, x float32 [M, k] contiguous, y float32.
@@ -199,10 +201,7 @@ at::Tensor embedding(const Matrix& w, const at::Tensor& ids, at::ScalarType dtyp
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
-int64_t small_m_limit() {
-  static const int64_t limit = read_limit("MOA_ENGINE_SMALL_M", kDefaultSmallM, "always BLAS");
-  return limit;
-}
+int64_t small_m_limit() { return small_m_env() >= 0 ? small_m_env() : kDefaultSmallM; }
 
 int64_t int8_m_limit() {
   static const int64_t limit = read_limit("MOA_ENGINE_INT8_M", kDefaultInt8M, "never the int8 kernels");
